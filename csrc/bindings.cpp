@@ -1,0 +1,263 @@
+// fastsoup._core: the one Python binding of the native core. Plain values only (addresses, byte
+// counts, dtype codes); no torch. Every entry point releases the GIL around the native work.
+#include <pybind11/functional.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "fastsoup/io.h"
+#include "fastsoup/kernels.h"
+
+namespace py = pybind11;
+using namespace fastsoup;
+
+#ifndef FASTSOUP_VERSION
+#define FASTSOUP_VERSION "0.0.0"
+#endif
+
+namespace {
+
+void check(const Status& s) {
+  if (!s.ok) throw std::invalid_argument(s.message);
+}
+
+DType to_dtype(const char* op, const std::string& what, int code) {
+  if (!valid_dtype_code(code))
+    throw std::invalid_argument(std::string(op) + ": " + what + " has dtype code " + std::to_string(code) +
+                                ", expected 0 (float16), 1 (bfloat16), 2 (float32) or 3 (float64)");
+  return static_cast<DType>(code);
+}
+
+struct Inputs {
+  std::vector<const void*> ptrs;
+  std::vector<DType> dtypes;
+};
+
+Inputs make_inputs(const char* op, const std::vector<uintptr_t>& addrs, const std::vector<int>& codes) {
+  if (addrs.size() != codes.size())
+    throw std::invalid_argument(std::string(op) + ": got " + std::to_string(addrs.size()) + " input addresses and " +
+                                std::to_string(codes.size()) + " dtypes");
+  Inputs in;
+  for (size_t k = 0; k < addrs.size(); ++k) {
+    in.ptrs.push_back(reinterpret_cast<const void*>(addrs[k]));
+    in.dtypes.push_back(to_dtype(op, "inputs[" + std::to_string(k) + "]", codes[k]));
+  }
+  return in;
+}
+
+void check_threads(const char* op, int threads) {
+  if (threads < 0) throw std::invalid_argument(std::string(op) + ": threads must be >= 0 (0 = all cores)");
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "fastsoup native core: mapped files, fused CPU kernels, the streaming merge executor (no torch).";
+  m.attr("__version__") = FASTSOUP_VERSION;
+
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const OsError& e) {
+      py::object err = py::module_::import("builtins").attr("OSError")(e.err, e.what(), e.path);
+      PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(err.ptr())), err.ptr());
+    }
+  });
+
+  py::class_<MappedFile, std::shared_ptr<MappedFile>>(m, "MappedFile", py::buffer_protocol(),
+                                                      "A file mapped read-only (page cache, no copy).")
+      .def(py::init<std::string>(), py::arg("path"), py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("path", &MappedFile::path)
+      .def_property_readonly("address", &MappedFile::address, "Address of byte 0 (0 for an empty file).")
+      .def_property_readonly("size", &MappedFile::size)
+      .def(
+          "advise",
+          [](const MappedFile& f, size_t offset, size_t length, const std::string& advice) {
+            Advice a;
+            if (advice == "normal") a = Advice::kNormal;
+            else if (advice == "sequential") a = Advice::kSequential;
+            else if (advice == "willneed") a = Advice::kWillNeed;
+            else if (advice == "dontneed") a = Advice::kDontNeed;
+            else throw std::invalid_argument("advise: advice must be normal, sequential, willneed or dontneed");
+            py::gil_scoped_release release;
+            f.advise(offset, length, a);
+          },
+          py::arg("offset"), py::arg("length"), py::arg("advice"))
+      .def_buffer([](MappedFile& f) -> py::buffer_info {
+        static const char empty = 0;
+        void* ptr = f.size() ? reinterpret_cast<void*>(f.address()) : const_cast<char*>(&empty);
+        return py::buffer_info(ptr, 1, py::format_descriptor<uint8_t>::format(), 1, {static_cast<py::ssize_t>(f.size())},
+                               {static_cast<py::ssize_t>(1)}, /*readonly=*/true);
+      });
+
+  m.def(
+      "weighted_sum",
+      [](const std::vector<uintptr_t>& inputs, const std::vector<int>& dtypes, const std::vector<float>& weights,
+         int64_t n, uintptr_t out, int out_dtype, bool accumulate, int threads) {
+        Inputs in = make_inputs("weighted_sum", inputs, dtypes);
+        if (weights.size() != inputs.size())
+          throw std::invalid_argument("weighted_sum: got " + std::to_string(inputs.size()) + " inputs and " +
+                                      std::to_string(weights.size()) + " weights");
+        check_threads("weighted_sum", threads);
+        WeightedSumParams p;
+        p.inputs = in.ptrs.data();
+        p.input_dtypes = in.dtypes.data();
+        p.weights = weights.data();
+        p.num_inputs = static_cast<int64_t>(inputs.size());
+        p.out = reinterpret_cast<void*>(out);
+        p.out_dtype = to_dtype("weighted_sum", "out", out_dtype);
+        p.n = n;
+        p.accumulate = accumulate;
+        p.threads = threads;
+        check(weighted_sum_cpu(p));
+      },
+      py::arg("inputs"), py::arg("dtypes"), py::arg("weights"), py::arg("n"), py::arg("out"), py::arg("out_dtype"),
+      py::arg("accumulate") = false, py::arg("threads") = 0, py::call_guard<py::gil_scoped_release>(),
+      "out[i] = cast(sum_k weights[k] * float(inputs[k][i])) over n elements at raw addresses.");
+
+  m.def(
+      "multi_dot",
+      [](const std::vector<uintptr_t>& inputs, const std::vector<int>& dtypes, uintptr_t g, int g_dtype, int64_t n,
+         int threads) {
+        Inputs in = make_inputs("multi_dot", inputs, dtypes);
+        check_threads("multi_dot", threads);
+        std::vector<double> out(inputs.size());
+        MultiDotParams p;
+        p.inputs = in.ptrs.data();
+        p.input_dtypes = in.dtypes.data();
+        p.num_inputs = static_cast<int64_t>(inputs.size());
+        p.g = reinterpret_cast<const void*>(g);
+        p.g_dtype = to_dtype("multi_dot", "g", g_dtype);
+        p.n = n;
+        p.out = out.data();
+        p.threads = threads;
+        check(multi_dot_cpu(p));
+        return out;
+      },
+      py::arg("inputs"), py::arg("dtypes"), py::arg("g"), py::arg("g_dtype"), py::arg("n"), py::arg("threads") = 0,
+      py::call_guard<py::gil_scoped_release>(), "[sum_i g[i] * inputs[k][i] for each k] (float64 results).");
+
+  m.def(
+      "gram",
+      [](const std::vector<uintptr_t>& inputs, const std::vector<int>& dtypes, int64_t n, int threads) {
+        Inputs in = make_inputs("gram", inputs, dtypes);
+        check_threads("gram", threads);
+        const size_t K = inputs.size();
+        std::vector<double> flat(K * K);
+        GramParams p;
+        p.inputs = in.ptrs.data();
+        p.input_dtypes = in.dtypes.data();
+        p.num_inputs = static_cast<int64_t>(K);
+        p.n = n;
+        p.out = flat.data();
+        p.threads = threads;
+        check(gram_cpu(p));
+        std::vector<std::vector<double>> out(K, std::vector<double>(K));
+        for (size_t a = 0; a < K; ++a)
+          for (size_t b = 0; b < K; ++b) out[a][b] = flat[a * K + b];
+        return out;
+      },
+      py::arg("inputs"), py::arg("dtypes"), py::arg("n"), py::arg("threads") = 0,
+      py::call_guard<py::gil_scoped_release>(), "K x K matrix of pairwise dot products, one pass.");
+
+  m.def(
+      "copy",
+      [](uintptr_t dst, uintptr_t src, int64_t nbytes) {
+        if (nbytes < 0) throw std::invalid_argument("copy: nbytes must be >= 0");
+        if (nbytes > 0 && (dst == 0 || src == 0)) throw std::invalid_argument("copy: null address");
+        if (nbytes > 0) std::memcpy(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), static_cast<size_t>(nbytes));
+      },
+      py::arg("dst"), py::arg("src"), py::arg("nbytes"), py::call_guard<py::gil_scoped_release>());
+
+  m.def(
+      "pwrite",
+      [](int fd, int64_t offset, uintptr_t addr, int64_t nbytes, const std::string& what) {
+        if (nbytes < 0 || offset < 0) throw std::invalid_argument("pwrite: offset and nbytes must be >= 0");
+        if (nbytes > 0 && addr == 0) throw std::invalid_argument("pwrite: null address");
+        pwrite_all(fd, reinterpret_cast<const void*>(addr), static_cast<size_t>(nbytes), offset, what);
+        add_counters(0, nbytes);
+      },
+      py::arg("fd"), py::arg("offset"), py::arg("addr"), py::arg("nbytes"), py::arg("what") = "output file",
+      py::call_guard<py::gil_scoped_release>(), "Write nbytes at addr to fd at offset (all of it, or OSError).");
+
+  m.def(
+      "merge",
+      [](const std::vector<float>& weights, const std::vector<int64_t>& seg_n, const std::vector<int>& seg_kind,
+         const std::vector<int>& seg_out_file, const std::vector<int64_t>& seg_out_offset,
+         const std::vector<int>& seg_out_dtype, const std::vector<uintptr_t>& in_addr, const std::vector<int>& in_dtype,
+         const std::vector<uint8_t>& in_mapped, const std::vector<int>& fds, int threads, int64_t window_bytes,
+         int64_t buffer_bytes, int nbuffers, const py::object& progress) {
+        const size_t S = seg_n.size();
+        if (seg_kind.size() != S || seg_out_file.size() != S || seg_out_offset.size() != S || seg_out_dtype.size() != S)
+          throw std::invalid_argument("merge: the seg_* lists must have equal lengths");
+        check_threads("merge", threads);
+        MergePlan plan;
+        plan.num_inputs = static_cast<int64_t>(weights.size());
+        plan.weights = weights;
+        plan.segments.resize(S);
+        for (size_t s = 0; s < S; ++s) {
+          MergeSegment& g = plan.segments[s];
+          g.n = seg_n[s];
+          if (seg_kind[s] != 0 && seg_kind[s] != 1) throw std::invalid_argument("merge: segment kind must be 0 or 1");
+          g.kind = static_cast<SegmentKind>(seg_kind[s]);
+          g.out_file = seg_out_file[s];
+          g.out_offset = seg_out_offset[s];
+          g.out_dtype = seg_kind[s] == 1 ? DType::kFloat32 : to_dtype("merge", "segment " + std::to_string(s) + " output", seg_out_dtype[s]);
+        }
+        plan.in_addr = in_addr;
+        plan.in_dtype = in_dtype;
+        plan.in_mapped = in_mapped;
+        plan.fds = fds;
+        plan.threads = threads;
+        plan.window_bytes = window_bytes;
+        plan.buffer_bytes = buffer_bytes;
+        plan.nbuffers = nbuffers;
+        // After every step: give Python a chance to see Ctrl-C, and report progress.
+        MergeProgress cb = [&progress](int64_t bytes_in, int64_t bytes_out) {
+          py::gil_scoped_acquire gil;
+          if (PyErr_CheckSignals() != 0) throw py::error_already_set();
+          if (!progress.is_none()) progress(bytes_in, bytes_out);
+        };
+        py::gil_scoped_release release;
+        run_merge(plan, cb);
+      },
+      py::arg("weights"), py::arg("seg_n"), py::arg("seg_kind"), py::arg("seg_out_file"), py::arg("seg_out_offset"),
+      py::arg("seg_out_dtype"), py::arg("in_addr"), py::arg("in_dtype"), py::arg("in_mapped"), py::arg("fds"),
+      py::arg("threads") = 0, py::arg("window_bytes") = int64_t(64) << 20, py::arg("buffer_bytes") = int64_t(16) << 20,
+      py::arg("nbuffers") = 4, py::arg("progress") = py::none(),
+      "Run a streaming merge plan (built by fastsoup.engine); see csrc/include/fastsoup/io.h.");
+
+  m.def("isa", [] { return std::string(isa_name(current_isa())); }, "The CPU instruction set the kernels use now.");
+  m.def("best_isa", [] { return std::string(isa_name(best_supported_isa())); });
+  m.def("supported_isas", [] {
+    std::vector<std::string> r;
+    for (Isa i : {Isa::kScalar, Isa::kAvx2, Isa::kAvx512})
+      if (isa_supported(i)) r.emplace_back(isa_name(i));
+    return r;
+  });
+  m.def(
+      "set_isa",
+      [](const std::string& name) {
+        for (Isa i : {Isa::kScalar, Isa::kAvx2, Isa::kAvx512})
+          if (name == isa_name(i)) return set_isa(i);
+        throw std::invalid_argument("set_isa: unknown ISA '" + name + "', expected scalar, avx2 or avx512");
+      },
+      py::arg("name"));
+  m.def("default_threads", &default_threads);
+  m.def("counters", [] {
+    Counters c = counters();
+    py::dict d;
+    d["bytes_read"] = c.bytes_read;
+    d["bytes_written"] = c.bytes_written;
+    d["calls"] = c.calls;
+    return d;
+  });
+  m.def("reset_counters", &reset_counters);
+  m.attr("cuda_compiled") = false;
+}

@@ -1,0 +1,314 @@
+// CPU drivers: split the elements over threads, walk each thread's range in L1-sized blocks, and
+// inside a block read every input once (a group of up to kGroup inputs summed in registers per
+// pass over the block's binary32 accumulator). Arithmetic comes from the ISA table chosen at run time.
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "fastsoup/kernels.h"
+#include "kernel_table.h"
+#include "threadpool.h"
+
+namespace fastsoup {
+
+// ---------------------------------------------------------------------------------------------
+// ISA selection
+
+namespace {
+
+bool cpu_has(Isa isa) {
+#if defined(__x86_64__) || defined(_M_X64)
+  __builtin_cpu_init();
+  switch (isa) {
+    case Isa::kScalar:
+      return true;
+    case Isa::kAvx2:
+      return cpu::avx2_table() && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+    case Isa::kAvx512:
+      return cpu::avx512_table() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("f16c");
+  }
+  return false;
+#else
+  return isa == Isa::kScalar;
+#endif
+}
+
+Isa detect_isa() {
+  Isa best = Isa::kScalar;
+  if (cpu_has(Isa::kAvx2)) best = Isa::kAvx2;
+  if (cpu_has(Isa::kAvx512)) best = Isa::kAvx512;
+  if (const char* env = std::getenv("FASTSOUP_ISA")) {
+    const std::string s(env);
+    Isa cap = best;
+    if (s == "scalar") cap = Isa::kScalar;
+    else if (s == "avx2") cap = Isa::kAvx2;
+    else if (s == "avx512") cap = Isa::kAvx512;
+    if (static_cast<int>(cap) < static_cast<int>(best)) best = cap;
+  }
+  return best;
+}
+
+// The table of an ISA with the holes (float64) filled from the scalar table.
+cpu::KernelTable complete(const cpu::KernelTable* t) {
+  const cpu::KernelTable& s = cpu::scalar_table();
+  cpu::KernelTable r = t ? *t : s;
+  for (int d = 0; d < kNumDTypes; ++d) {
+    if (!r.accumulate[d]) r.accumulate[d] = s.accumulate[d];
+    if (!r.store[d]) r.store[d] = s.store[d];
+    if (!r.load[d]) r.load[d] = s.load[d];
+  }
+  if (!r.dot) r.dot = s.dot;
+  return r;
+}
+
+struct IsaState {
+  cpu::KernelTable tables[3];
+  std::atomic<int> current;
+  IsaState() {
+    tables[0] = complete(nullptr);
+    tables[1] = complete(cpu::avx2_table());
+    tables[2] = complete(cpu::avx512_table());
+    current.store(static_cast<int>(detect_isa()));
+  }
+};
+
+IsaState& isa_state() {
+  static IsaState s;
+  return s;
+}
+
+const cpu::KernelTable& table() {
+  IsaState& s = isa_state();
+  return s.tables[s.current.load(std::memory_order_relaxed)];
+}
+
+std::atomic<int64_t> g_read{0}, g_written{0}, g_calls{0};
+
+}  // namespace
+
+Isa current_isa() { return static_cast<Isa>(isa_state().current.load()); }
+Isa best_supported_isa() { return detect_isa(); }
+bool isa_supported(Isa isa) { return cpu_has(isa); }
+
+void set_isa(Isa isa) {
+  if (!cpu_has(isa)) throw std::invalid_argument(std::string("set_isa: this CPU (or build) has no ") + isa_name(isa));
+  isa_state().current.store(static_cast<int>(isa));
+}
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::kScalar:
+      return "scalar";
+    case Isa::kAvx2:
+      return "avx2";
+    case Isa::kAvx512:
+      return "avx512";
+  }
+  return "unknown";
+}
+
+int default_threads() { return cpu::available_threads(); }
+
+Counters counters() { return {g_read.load(), g_written.load(), g_calls.load()}; }
+void reset_counters() {
+  g_read.store(0);
+  g_written.store(0);
+  g_calls.store(0);
+}
+void add_counters(int64_t read, int64_t written) {
+  g_read.fetch_add(read, std::memory_order_relaxed);
+  g_written.fetch_add(written, std::memory_order_relaxed);
+  g_calls.fetch_add(1, std::memory_order_relaxed);
+}
+
+// ---------------------------------------------------------------------------------------------
+// weighted_sum
+
+namespace {
+
+const char* ptr_at(const void* base, int64_t elem, DType d) {
+  return static_cast<const char*>(base) + elem * static_cast<int64_t>(itemsize(d));
+}
+
+// Elements per parallel task: whole blocks, at least ~64K elements, about 4 tasks per thread.
+int64_t task_size(int64_t n, int threads, int64_t min_elems) {
+  int64_t t = (n + 4 * threads - 1) / (4 * threads);
+  t = std::max(t, min_elems);
+  return (t + cpu::kBlock - 1) / cpu::kBlock * cpu::kBlock;
+}
+
+void weighted_sum_range(const WeightedSumParams& p, const cpu::KernelTable& tab, int64_t begin, int64_t end) {
+  const int64_t K = p.num_inputs;
+  alignas(64) float scratch[cpu::kBlock];
+  const void* ptrs[cpu::kGroup];
+  const bool direct = p.out_dtype == DType::kFloat32;  // accumulate straight into the output
+  for (int64_t b = begin; b < end; b += cpu::kBlock) {
+    const int64_t n = std::min(cpu::kBlock, end - b);
+    float* acc = direct ? static_cast<float*>(p.out) + b : scratch;
+    bool init = !p.accumulate;
+    for (int64_t k = 0; k < K;) {
+      // A group: consecutive inputs of one dtype, at most kGroup of them (summation order kept).
+      const DType d = p.input_dtypes[k];
+      int g = 0;
+      while (k + g < K && g < cpu::kGroup && p.input_dtypes[k + g] == d) {
+        ptrs[g] = ptr_at(p.inputs[k + g], b, d);
+        ++g;
+      }
+      tab.accumulate[static_cast<int>(d)](acc, init, ptrs, p.weights + k, g, n);
+      init = false;
+      k += g;
+    }
+    if (!direct) tab.store[static_cast<int>(p.out_dtype)](acc, static_cast<char*>(p.out) + b * itemsize(p.out_dtype), n);
+  }
+}
+
+}  // namespace
+
+Status weighted_sum_cpu(const WeightedSumParams& p) {
+  if (p.n < 0) return Status::Error("weighted_sum: n must be >= 0");
+  if (p.accumulate && p.out_dtype != DType::kFloat32)
+    return Status::Error("weighted_sum: accumulate=True needs a float32 output");
+  if (p.n == 0) return Status::Ok();
+  if (p.out == nullptr) return Status::Error("weighted_sum: out is a null address");
+  for (int64_t k = 0; k < p.num_inputs; ++k)
+    if (p.inputs[k] == nullptr) return Status::Error("weighted_sum: inputs[" + std::to_string(k) + "] is a null address");
+  int64_t in_bytes = 0;
+  for (int64_t k = 0; k < p.num_inputs; ++k) in_bytes += p.n * static_cast<int64_t>(itemsize(p.input_dtypes[k]));
+  const int64_t out_bytes = p.n * static_cast<int64_t>(itemsize(p.out_dtype));
+
+  if (p.num_inputs == 0) {
+    if (!p.accumulate) std::memset(p.out, 0, static_cast<size_t>(out_bytes));
+    add_counters(0, p.accumulate ? 0 : out_bytes);
+    return Status::Ok();
+  }
+  const cpu::KernelTable& tab = table();
+  const int threads = p.threads > 0 ? p.threads : cpu::available_threads();
+  const int64_t chunk = task_size(p.n, threads, 16 * cpu::kBlock);
+  const int64_t ntasks = (p.n + chunk - 1) / chunk;
+  cpu::parallel_for(ntasks, threads, [&](int64_t t) {
+    const int64_t begin = t * chunk;
+    weighted_sum_range(p, tab, begin, std::min(p.n, begin + chunk));
+  });
+  add_counters(in_bytes, out_bytes);
+  return Status::Ok();
+}
+
+// ---------------------------------------------------------------------------------------------
+// multi_dot and gram: fixed super-chunks (a function of n only), block partials in binary64,
+// super-chunk partials added in order.
+
+namespace {
+
+int64_t super_chunk(int64_t n) {
+  // At most 256 super-chunks, each a whole number of blocks, at least 32 blocks.
+  int64_t s = (n + 255) / 256;
+  s = std::max<int64_t>(s, 32 * cpu::kBlock);
+  return (s + cpu::kBlock - 1) / cpu::kBlock * cpu::kBlock;
+}
+
+Status check_inputs(const char* op, const void* const* inputs, const DType* dtypes, int64_t K, int64_t n) {
+  if (n < 0) return Status::Error(std::string(op) + ": n must be >= 0");
+  if (n == 0) return Status::Ok();
+  for (int64_t k = 0; k < K; ++k) {
+    if (inputs[k] == nullptr) return Status::Error(std::string(op) + ": inputs[" + std::to_string(k) + "] is a null address");
+    if (!valid_dtype_code(static_cast<int>(dtypes[k])))
+      return Status::Error(std::string(op) + ": inputs[" + std::to_string(k) + "] has an invalid dtype code");
+  }
+  return Status::Ok();
+}
+
+}  // namespace
+
+Status multi_dot_cpu(const MultiDotParams& p) {
+  Status st = check_inputs("multi_dot", p.inputs, p.input_dtypes, p.num_inputs, p.n);
+  if (!st.ok) return st;
+  const int64_t K = p.num_inputs;
+  for (int64_t k = 0; k < K; ++k) p.out[k] = 0.0;
+  if (p.n == 0 || K == 0) return Status::Ok();
+  if (p.g == nullptr) return Status::Error("multi_dot: g is a null address");
+  const cpu::KernelTable& tab = table();
+  const int threads = p.threads > 0 ? p.threads : cpu::available_threads();
+  const int64_t sc = super_chunk(p.n);
+  const int64_t nsc = (p.n + sc - 1) / sc;
+  std::vector<double> partial(static_cast<size_t>(nsc * K), 0.0);
+  cpu::parallel_for(nsc, threads, [&](int64_t s) {
+    alignas(64) float gbuf[cpu::kBlock];
+    alignas(64) float xbuf[cpu::kBlock];
+    double* part = partial.data() + s * K;
+    const int64_t end = std::min(p.n, (s + 1) * sc);
+    for (int64_t b = s * sc; b < end; b += cpu::kBlock) {
+      const int64_t n = std::min(cpu::kBlock, end - b);
+      const float* gv = gbuf;
+      if (p.g_dtype == DType::kFloat32) gv = static_cast<const float*>(p.g) + b;
+      else tab.load[static_cast<int>(p.g_dtype)](ptr_at(p.g, b, p.g_dtype), gbuf, n);
+      for (int64_t k = 0; k < K; ++k) {
+        const DType d = p.input_dtypes[k];
+        const float* xv = xbuf;
+        if (d == DType::kFloat32) xv = static_cast<const float*>(p.inputs[k]) + b;
+        else tab.load[static_cast<int>(d)](ptr_at(p.inputs[k], b, d), xbuf, n);
+        part[k] += tab.dot(gv, xv, n);
+      }
+    }
+  });
+  for (int64_t s = 0; s < nsc; ++s)
+    for (int64_t k = 0; k < K; ++k) p.out[k] += partial[s * K + k];
+  int64_t in_bytes = p.n * static_cast<int64_t>(itemsize(p.g_dtype));
+  for (int64_t k = 0; k < K; ++k) in_bytes += p.n * static_cast<int64_t>(itemsize(p.input_dtypes[k]));
+  add_counters(in_bytes, 0);
+  return Status::Ok();
+}
+
+Status gram_cpu(const GramParams& p) {
+  Status st = check_inputs("gram", p.inputs, p.input_dtypes, p.num_inputs, p.n);
+  if (!st.ok) return st;
+  const int64_t K = p.num_inputs;
+  for (int64_t i = 0; i < K * K; ++i) p.out[i] = 0.0;
+  if (p.n == 0 || K == 0) return Status::Ok();
+  const cpu::KernelTable& tab = table();
+  const int threads = p.threads > 0 ? p.threads : cpu::available_threads();
+  constexpr int64_t kGramBlock = 512;  // K blocks of binary32 must stay near L1/L2
+  const int64_t sc = super_chunk(p.n);
+  const int64_t nsc = (p.n + sc - 1) / sc;
+  const int64_t npairs = K * (K + 1) / 2;
+  std::vector<double> partial(static_cast<size_t>(nsc * npairs), 0.0);
+  cpu::parallel_for(nsc, threads, [&](int64_t s) {
+    std::vector<float> buf(static_cast<size_t>(K * kGramBlock));
+    std::vector<const float*> view(static_cast<size_t>(K));
+    double* part = partial.data() + s * npairs;
+    const int64_t end = std::min(p.n, (s + 1) * sc);
+    for (int64_t b = s * sc; b < end; b += kGramBlock) {
+      const int64_t n = std::min(kGramBlock, end - b);
+      for (int64_t k = 0; k < K; ++k) {
+        const DType d = p.input_dtypes[k];
+        if (d == DType::kFloat32) {
+          view[k] = static_cast<const float*>(p.inputs[k]) + b;
+        } else {
+          tab.load[static_cast<int>(d)](ptr_at(p.inputs[k], b, d), buf.data() + k * kGramBlock, n);
+          view[k] = buf.data() + k * kGramBlock;
+        }
+      }
+      int64_t pair = 0;
+      for (int64_t a = 0; a < K; ++a)
+        for (int64_t c = a; c < K; ++c) part[pair++] += tab.dot(view[a], view[c], n);
+    }
+  });
+  int64_t pair = 0;
+  for (int64_t a = 0; a < K; ++a)
+    for (int64_t c = a; c < K; ++c, ++pair) {
+      double v = 0.0;
+      for (int64_t s = 0; s < nsc; ++s) v += partial[s * npairs + pair];
+      p.out[a * K + c] = v;
+      p.out[c * K + a] = v;
+    }
+  int64_t in_bytes = 0;
+  for (int64_t k = 0; k < K; ++k) in_bytes += p.n * static_cast<int64_t>(itemsize(p.input_dtypes[k]));
+  add_counters(in_bytes, 0);
+  return Status::Ok();
+}
+
+}  // namespace fastsoup

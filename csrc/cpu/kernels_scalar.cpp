@@ -1,0 +1,51 @@
+// Portable scalar building blocks: the reference every vector path is tested against, and the
+// path for CPUs without AVX2/F16C (and for float64, which the vector paths hand here).
+#include "kernel_table.h"
+
+namespace fastsoup {
+namespace cpu {
+namespace {
+
+template <DType D>
+void accumulate(float* acc, bool init, const void* const* x, const float* w, int g, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    float a = init ? -0.0f : acc[j];
+    for (int i = 0; i < g; ++i) a = a + w[i] * load_float(x[i], j, D);
+    acc[j] = a;
+  }
+}
+
+template <DType D>
+void store(const float* acc, void* out, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) store_float(out, j, D, acc[j]);
+}
+
+template <DType D>
+void load(const void* x, float* acc, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) acc[j] = load_float(x, j, D);
+}
+
+double dot(const float* a, const float* b, int64_t n) {
+  // 64 binary32 lanes (lane = j mod 64), added in binary64 in lane order: the vector paths keep
+  // the same lanes, so every ISA gives the same bits.
+  float lane[64] = {0};
+  for (int64_t j = 0; j < n; ++j) lane[j & 63] = lane[j & 63] + a[j] * b[j];
+  double s = 0.0;
+  for (int l = 0; l < 64; ++l) s += lane[l];
+  return s;
+}
+
+const KernelTable kTable = {
+    {accumulate<DType::kFloat16>, accumulate<DType::kBFloat16>, accumulate<DType::kFloat32>,
+     accumulate<DType::kFloat64>},
+    {store<DType::kFloat16>, store<DType::kBFloat16>, store<DType::kFloat32>, store<DType::kFloat64>},
+    {load<DType::kFloat16>, load<DType::kBFloat16>, load<DType::kFloat32>, load<DType::kFloat64>},
+    dot,
+};
+
+}  // namespace
+
+const KernelTable& scalar_table() { return kTable; }
+
+}  // namespace cpu
+}  // namespace fastsoup
