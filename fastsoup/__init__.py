@@ -1,0 +1,45 @@
+"""fastsoup: fast, memory-bounded model soups.
+
+Averages the weights of many fine-tuned checkpoints (Wortsman et al., ICML 2022) by streaming them
+from memory-mapped files through fused native kernels. ``import fastsoup`` and merges of safetensors
+files never import torch; torch is imported where tensors are.
+"""
+
+from ._native import _core
+from ._version import __version__
+from ._errors import CheckpointError, FastsoupError, OutputExistsError
+from .engine import average, weighted_sum
+from .io import Checkpoint, TensorRef, check_compatible, open_checkpoint, save
+
+
+def native_info() -> dict:
+    """What the native core is doing on this machine.
+
+    Returns:
+        ``{"version", "isa" (CPU instruction set in use), "supported_isas", "threads" (default CPU
+        threads), "cuda_compiled", "cuda_available"}``.
+    """
+    return {
+        "version": _core.__version__,
+        "isa": _core.isa(),
+        "supported_isas": list(_core.supported_isas()),
+        "threads": _core.default_threads(),
+        "cuda_compiled": bool(_core.cuda_compiled),
+        "cuda_available": False,
+    }
+
+
+__all__ = [
+    "Checkpoint",
+    "CheckpointError",
+    "FastsoupError",
+    "OutputExistsError",
+    "TensorRef",
+    "__version__",
+    "average",
+    "check_compatible",
+    "native_info",
+    "open_checkpoint",
+    "save",
+    "weighted_sum",
+]

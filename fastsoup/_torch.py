@@ -1,0 +1,157 @@
+"""The one module that knows torch: tensors <-> addresses and dtype codes, torch files, and the
+tensor-level entry points of the native kernels.
+
+Imported on first use only; ``import fastsoup`` and merges of safetensors files never import it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ._dtypes import BY_NAME, FLOAT_NAMES, info
+from ._native import _core
+
+_TORCH_DTYPES = {name: getattr(torch, name) for name in BY_NAME if isinstance(getattr(torch, name, None), torch.dtype)}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.float16 -> "float16"."""
+    return str(dtype).replace("torch.", "")
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    try:
+        return _TORCH_DTYPES[name]
+    except KeyError:
+        raise ValueError(f"dtype {name} has no torch equivalent in torch {torch.__version__}") from None
+
+
+def load_file(path: str):
+    """``torch.load`` of a .pt/.bin file: memory-mapped and weights-only where the format allows."""
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e):  # legacy (non-zip) files cannot be mapped: load them whole
+            raise
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def host_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous CPU tensor with t's data: t itself when it already is one, else a copy."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    if not t.is_contiguous():
+        t = t.contiguous()
+    return t
+
+
+def as_tensor(x) -> torch.Tensor:
+    """A torch tensor from a torch tensor (detached) or a numpy array (shared memory)."""
+    if isinstance(x, torch.Tensor):
+        return x.detach()
+    return torch.from_numpy(x)
+
+
+def empty(shape: Sequence[int], dtype: str) -> torch.Tensor:
+    return torch.empty(tuple(shape), dtype=torch_dtype(dtype))
+
+
+def tensor_from_address(addr: int, dtype: str, shape: Sequence[int]) -> torch.Tensor:
+    """A new tensor holding a copy of the bytes at ``addr`` (data of the given dtype and shape)."""
+    out = empty(shape, dtype)
+    nbytes = out.numel() * out.element_size()
+    if nbytes:
+        _core.copy(out.data_ptr(), addr, nbytes)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tensor-level kernels (CPU). Arguments are checked here, at the boundary, with messages that name
+# the op and the argument; the native core checks addresses and codes again.
+
+
+def _float_code(op: str, what: str, t: torch.Tensor) -> int:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {what} is a {type(t).__name__}, expected a torch.Tensor")
+    if t.device.type != "cpu":
+        raise ValueError(f"{op}: {what} is on {t.device}; these kernels take CPU tensors")
+    name = dtype_name(t.dtype)
+    if name not in FLOAT_NAMES:
+        raise ValueError(f"{op}: {what} has dtype {name}, expected float16, bfloat16, float32 or float64")
+    if not t.is_contiguous():
+        raise ValueError(f"{op}: {what} is not contiguous; pass t.contiguous()")
+    return info(name).code
+
+
+def _inputs(op: str, tensors: Sequence[torch.Tensor], numel: int | None):
+    addrs, codes = [], []
+    for k, t in enumerate(tensors):
+        codes.append(_float_code(op, f"inputs[{k}]", t))
+        if numel is not None and t.numel() != numel:
+            raise ValueError(f"{op}: inputs[{k}] has {t.numel()} elements, expected {numel}")
+        addrs.append(t.data_ptr())
+    return addrs, codes
+
+
+def weighted_sum(
+    tensors: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    out: torch.Tensor | None = None,
+    dtype: str | torch.dtype | None = None,
+    accumulate: bool = False,
+    threads: int = 0,
+) -> torch.Tensor:
+    """``out = cast(sum_k weights[k] * float32(tensors[k]))`` in one fused pass (native kernel).
+
+    Args:
+        tensors: K contiguous CPU tensors with the same number of elements (float16, bfloat16,
+            float32 or float64, mixed freely).
+        weights: K numbers (applied in float32).
+        out: where to write (same number of elements, contiguous); a new tensor shaped like
+            ``tensors[0]`` when None.
+        dtype: dtype of a new ``out`` (default: that of ``tensors[0]``).
+        accumulate: add into ``out`` (float32) instead of overwriting it.
+        threads: CPU threads (0 = all).
+
+    Returns:
+        ``out``.
+    """
+    from ._dtypes import parse_float_dtype
+
+    op = "weighted_sum"
+    if len(weights) != len(tensors):
+        raise ValueError(f"{op}: got {len(tensors)} tensors and {len(weights)} weights")
+    if out is None:
+        if accumulate:
+            raise ValueError(f"{op}: accumulate=True needs out")
+        if not tensors:
+            raise ValueError(f"{op}: with no tensors, pass out")
+        name = parse_float_dtype(dtype) if dtype is not None else dtype_name(tensors[0].dtype)
+        out = torch.empty(tensors[0].shape, dtype=torch_dtype(name), device=tensors[0].device)
+    out_code = _float_code(op, "out", out)
+    if accumulate and out.dtype != torch.float32:
+        raise ValueError(f"{op}: accumulate=True needs a float32 out, got {dtype_name(out.dtype)}")
+    addrs, codes = _inputs(op, tensors, out.numel())
+    _core.weighted_sum(addrs, codes, [float(w) for w in weights], out.numel(), out.data_ptr(), out_code, accumulate, threads)
+    return out
+
+
+def multi_dot(tensors: Sequence[torch.Tensor], g: torch.Tensor, *, threads: int = 0) -> torch.Tensor:
+    """``[sum_i g[i] * tensors[k][i] for k]`` in one pass; a float64 tensor of K values."""
+    op = "multi_dot"
+    g_code = _float_code(op, "g", g)
+    addrs, codes = _inputs(op, tensors, g.numel())
+    return torch.tensor(_core.multi_dot(addrs, codes, g.data_ptr(), g_code, g.numel(), threads), dtype=torch.float64)
+
+
+def gram(tensors: Sequence[torch.Tensor], *, threads: int = 0) -> torch.Tensor:
+    """The K x K matrix of pairwise dot products of K tensors, in one pass (float64)."""
+    op = "gram"
+    numel = tensors[0].numel() if tensors else 0
+    addrs, codes = _inputs(op, tensors, numel)
+    K = len(tensors)
+    return torch.tensor(_core.gram(addrs, codes, numel, threads), dtype=torch.float64).reshape(K, K)

@@ -1,0 +1,278 @@
+"""The merge engine: plans a weighted combination of K checkpoints and drives the native executor.
+
+Plan: validate the ingredients (:func:`~fastsoup.check_compatible`), lay the output out (memory, or
+the shards of the writer), and turn every output tensor into a *segment*: its destination and the
+K input addresses (file mappings or in-memory tensors). Consecutive tensors that sit back to back
+in every input and in the output are fused into one segment, so checkpoints written alike (as
+safetensors writes them) need one kernel stream per shard, not one per tensor. The native executor
+then streams the segments in steps of bounded size: prefetch ahead, fused one-pass kernel, release
+what was read, and a writer thread for file output.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from ._dtypes import info as dtype_info
+from ._dtypes import parse_float_dtype
+from ._native import _core
+from .io.checkpoint import Checkpoint, check_compatible, open_checkpoint
+from .io.writer import AtomicOutput, TensorSpec, plan_output
+
+WINDOW_BYTES = 64 << 20  # input bytes per step, all K inputs together: bounds resident memory
+BUFFER_BYTES = 16 << 20  # one staging buffer of file output
+NBUFFERS = 4
+AUTO_PROGRESS_BYTES = 256 << 20  # progress=None shows a bar on a terminal from this much input
+
+
+def average(
+    ingredients: Sequence[Any],
+    weights: Sequence[float] | None = None,
+    *,
+    out: str | os.PathLike | None = None,
+    dtype: Any = None,
+    device: str = "cpu",
+    threads: int | None = None,
+    shard_size: int | str | None = None,
+    progress: bool | None = None,
+    overwrite: bool = False,
+    fsync: bool = False,
+):
+    """Averages checkpoints: ``sum_k w_k * theta_k / sum_k w_k`` for every float tensor.
+
+    A drop-in for the hand-written averaging loop, streaming from memory-mapped files with one
+    fused pass over the inputs (float32 accumulation) and memory that does not grow with K.
+
+    Args:
+        ingredients: what :func:`~fastsoup.open_checkpoint` takes (paths of files, folders or index
+            files, state dicts, modules), mixed freely.
+        weights: one number per ingredient, like ``numpy.average``; None for the uniform soup.
+            Negative weights are allowed; their sum must not be zero.
+        out: None to return ``dict[str, torch.Tensor]``; a path to write safetensors there (one file
+            if it ends in ``.safetensors``, else a sharded folder) and return the path.
+        dtype: output dtype ("fp16", "bf16", "fp32", or a torch dtype); default: each tensor's dtype
+            in the first ingredient. Integer and bool tensors are copied from the first ingredient.
+        device: "cpu".
+        threads: CPU threads (default: every core this process may use).
+        shard_size: largest output shard (bytes or e.g. "5GB"); default: shard like the first
+            ingredient.
+        progress: show a progress bar (default: on a terminal, for merges of 256 MB or more).
+        overwrite: replace an existing ``out`` (only once the new soup is complete).
+        fsync: flush the output to disk before it is renamed into place.
+
+    Returns:
+        The state dict (``out=None``) or ``out``.
+
+    Raises:
+        CheckpointError: an ingredient is unreadable or does not match the others.
+        ValueError: bad weights or options.
+        OutputExistsError: ``out`` exists and ``overwrite`` is False.
+
+    Example:
+        >>> fastsoup.average(["a.safetensors", "b.safetensors"], out="soup.safetensors")  # doctest: +SKIP
+        >>> soup = fastsoup.average([model_a.state_dict(), model_b.state_dict()])  # doctest: +SKIP
+    """
+    ingredients = list(ingredients)
+    k = len(ingredients)
+    if weights is None:
+        ws = [1.0 / k] * k if k else []
+    else:
+        ws = _check_weights(weights, k)
+        total = math.fsum(ws)
+        if total == 0.0:
+            raise ValueError(f"weights sum to zero ({list(weights)}): cannot normalize; use fastsoup.weighted_sum")
+        ws = [w / total for w in ws]
+    return _merge(ingredients, ws, out=out, dtype=dtype, device=device, threads=threads, shard_size=shard_size,
+                  progress=progress, overwrite=overwrite, fsync=fsync, desc="average")
+
+
+def weighted_sum(
+    ingredients: Sequence[Any],
+    weights: Sequence[float],
+    *,
+    out: str | os.PathLike | None = None,
+    dtype: Any = None,
+    device: str = "cpu",
+    threads: int | None = None,
+    shard_size: int | str | None = None,
+    progress: bool | None = None,
+    overwrite: bool = False,
+    fsync: bool = False,
+):
+    """The raw linear combination ``sum_k w_k * theta_k`` (no normalization), e.g. for task
+    arithmetic (``theta_0 + lambda * (theta_1 - theta_0)`` is ``weights=[1 - lambda, lambda]``).
+
+    Arguments, returns and errors as :func:`average`, with ``weights`` required.
+    """
+    ingredients = list(ingredients)
+    ws = _check_weights(weights, len(ingredients))
+    return _merge(ingredients, ws, out=out, dtype=dtype, device=device, threads=threads, shard_size=shard_size,
+                  progress=progress, overwrite=overwrite, fsync=fsync, desc="weighted_sum")
+
+
+def _check_weights(weights: Sequence[float], k: int) -> list[float]:
+    try:
+        ws = [float(w) for w in weights]
+    except (TypeError, ValueError):
+        raise ValueError(f"weights must be numbers, got {weights!r}") from None
+    if len(ws) != k:
+        raise ValueError(f"got {len(ws)} weights for {k} ingredients")
+    if not all(math.isfinite(w) for w in ws):
+        raise ValueError(f"weights must be finite, got {ws}")
+    return ws
+
+
+def _merge(ingredients, weights, *, out, dtype, device, threads, shard_size, progress, overwrite, fsync, desc):
+    if device not in (None, "cpu"):
+        raise ValueError(f"device={device!r}: this build of fastsoup merges on 'cpu' only")
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be a positive integer, got {threads!r}")
+    out_override = parse_float_dtype(dtype) if dtype is not None else None
+    opened = [open_checkpoint(src) for src in ingredients]
+    try:
+        check_compatible(opened)
+        return _run(opened, weights, out, out_override, threads or 0, shard_size, progress, overwrite, fsync, desc)
+    finally:
+        for src, ck in zip(ingredients, opened):
+            if ck is not src:
+                ck.close()
+
+
+def _output_dtype(ref, override):
+    kind = dtype_info(ref.dtype).kind
+    if kind == "float":
+        return override or ref.dtype, True
+    return ref.dtype, False
+
+
+def _run(ckpts: list[Checkpoint], weights, out, override, threads, shard_size, progress, overwrite, fsync, desc):
+    first = ckpts[0]
+    K = len(ckpts)
+    names = list(first)
+    keep: list[Any] = []  # objects whose memory the native plan points into
+
+    # Destinations.
+    result = None
+    writer = None
+    if out is None:
+        from . import _torch
+
+        result = {}
+        dests = []
+        for name in names:
+            od, _ = _output_dtype(first[name], override)
+            t = _torch.empty(first[name].shape, od)
+            result[name] = t
+            dests.append((-1, t.data_ptr()))
+    else:
+        specs, groups = [], []
+        shard_index = {f: i for i, f in enumerate(first.files)}
+        for name in names:
+            ref = first[name]
+            od, _ = _output_dtype(ref, override)
+            specs.append(TensorSpec(name, od, ref.shape, ref.numel * dtype_info(od).itemsize))
+            groups.append(shard_index.get(ref.file, 0))
+        metadata = first.metadata if first.metadata is not None else {"format": "pt"}
+        plan = plan_output(specs, out, shard_size=shard_size, groups=groups if len(first.files) > 1 else None,
+                           metadata=metadata)
+        locations = plan.locations()
+        dests = [locations[name] for name in names]
+        writer = AtomicOutput(plan, overwrite=overwrite, fsync=fsync)
+
+    # Segments, fused where contiguous in every input and in the output.
+    seg_n, seg_kind, seg_file, seg_off, seg_dtype = [], [], [], [], []
+    in_addr, in_dtype, in_mapped = [], [], []
+    total_in = 0
+    last = None  # (kind, file, out_end, out_code, input ends, input codes, mapped)
+    for name, (dfile, doff) in zip(names, dests):
+        ref0 = first[name]
+        od, is_float = _output_dtype(ref0, override)
+        if ref0.nbytes == 0:
+            continue
+        addrs, codes, mapped = [], [], []
+        if is_float:
+            n = ref0.numel
+            for ck in ckpts:
+                ref = ck[name]
+                addr, is_mapped, obj = ck.buffer(ref)
+                if not is_mapped:
+                    keep.append(obj)
+                addrs.append(addr)
+                codes.append(dtype_info(ref.dtype).code)
+                mapped.append(1 if is_mapped else 0)
+            kind, out_code, out_len = 0, dtype_info(od).code, n * dtype_info(od).itemsize
+            ends = [a + ref0.numel * dtype_info(ck[name].dtype).itemsize for a, ck in zip(addrs, ckpts)]
+            total_in += sum(e - a for a, e in zip(addrs, ends))
+        else:
+            n = ref0.nbytes
+            addr, is_mapped, obj = first.buffer(ref0)
+            if not is_mapped:
+                keep.append(obj)
+            addrs, codes, mapped = [addr] + [0] * (K - 1), [0] * K, [1 if is_mapped else 0] + [0] * (K - 1)
+            kind, out_code, out_len = 1, 0, n
+            ends = [addr + n] + [0] * (K - 1)
+            total_in += n
+        if (
+            last is not None
+            and last[0] == kind
+            and last[1] == dfile
+            and last[2] == doff
+            and last[3] == out_code
+            and last[4] == addrs
+            and last[5] == codes
+            and last[6] == mapped
+        ):
+            seg_n[-1] += n
+        else:
+            seg_n.append(n)
+            seg_kind.append(kind)
+            seg_file.append(dfile)
+            seg_off.append(doff)
+            seg_dtype.append(out_code)
+            in_addr.extend(addrs)
+            in_dtype.extend(codes)
+            in_mapped.extend(mapped)
+        last = (kind, dfile, doff + out_len, out_code, ends if kind == 0 else [ends[0]] + [0] * (K - 1), codes, mapped)
+
+    bar = _progress_bar(progress, total_in, desc)
+    callback = None
+    if bar is not None:
+        def callback(done_in, _done_out):
+            bar.update(done_in - bar.n)
+
+    try:
+        if writer is not None:
+            writer.open()
+        try:
+            _core.merge(
+                weights, seg_n, seg_kind, seg_file, seg_off, seg_dtype, in_addr, in_dtype, in_mapped,
+                writer.fds if writer is not None else [], threads, WINDOW_BYTES, BUFFER_BYTES, NBUFFERS, callback,
+            )
+        except BaseException:
+            if writer is not None:
+                writer.abort()
+            raise
+        if writer is not None:
+            writer.commit()
+    finally:
+        if bar is not None:
+            bar.close()
+        del keep
+    return result if out is None else os.fspath(out)
+
+
+def _progress_bar(progress: bool | None, total: int, desc: str):
+    if progress is None:
+        progress = total >= AUTO_PROGRESS_BYTES and sys.stderr is not None and sys.stderr.isatty()
+    if not progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc=desc, dynamic_ncols=True, leave=False)
+
+
+__all__ = ["average", "weighted_sum"]

@@ -1,0 +1,17 @@
+"""Checkpoint I/O: readers for every source, and the atomic sharded safetensors writer."""
+
+from .checkpoint import Checkpoint, TensorRef, check_compatible, open_checkpoint
+from .writer import AtomicOutput, OutputPlan, TensorSpec, parse_size, plan_output, save
+
+__all__ = [
+    "AtomicOutput",
+    "Checkpoint",
+    "OutputPlan",
+    "TensorRef",
+    "TensorSpec",
+    "check_compatible",
+    "open_checkpoint",
+    "parse_size",
+    "plan_output",
+    "save",
+]

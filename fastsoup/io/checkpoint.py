@@ -1,0 +1,421 @@
+"""Checkpoint readers: every source becomes an ordered mapping name -> :class:`TensorRef`.
+
+File sources are mapped read-only by the native core (no copy, no torch); in-memory sources keep a
+reference to their tensors (torch tensors or numpy arrays).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+from .._dtypes import info as dtype_info
+from .._errors import CheckpointError
+from .._native import _core
+from ._safetensors import parse_header
+
+TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """Where one tensor of a checkpoint lives.
+
+    Attributes:
+        name: the tensor's key in the state dict.
+        dtype: canonical dtype name ("float16", "bfloat16", "float32", "int64", ...).
+        shape: the tensor's shape.
+        nbytes: bytes of data.
+        file: the file that holds the bytes (None for in-memory sources).
+        offset: byte offset of the data in ``file`` (None for in-memory sources).
+        tensor: the in-memory tensor or array (None for file sources).
+    """
+
+    name: str
+    dtype: str
+    shape: tuple
+    nbytes: int
+    file: str | None = None
+    offset: int | None = None
+    tensor: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+class Checkpoint(Mapping):
+    """An opened checkpoint: an ordered, read-only mapping ``name -> TensorRef``.
+
+    The order is the file order (for sharded checkpoints: shard by shard), or the dict's order for
+    in-memory sources. ``source`` names the checkpoint in every message.
+    """
+
+    def __init__(
+        self,
+        refs: dict[str, TensorRef],
+        *,
+        source: str,
+        files: Sequence[str] = (),
+        metadata: dict | None = None,
+        maps: dict | None = None,
+    ):
+        self._refs = refs
+        self.source = source
+        self.files = list(files)
+        self.metadata = metadata
+        self._maps = maps or {}
+
+    def __getitem__(self, name: str) -> TensorRef:
+        return self._refs[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._refs)
+
+    def __len__(self) -> int:
+        return len(self._refs)
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({self.source!r}, {len(self)} tensors, {self.nbytes / 1e9:.3f} GB)"
+
+    @property
+    def nbytes(self) -> int:
+        return sum(r.nbytes for r in self._refs.values())
+
+    @property
+    def is_file(self) -> bool:
+        """True when every tensor lives in a file that fastsoup mapped."""
+        return bool(self._maps)
+
+    def where(self, name: str) -> str:
+        """``source: tensor 'name'`` (with the shard file when the source is a folder)."""
+        ref = self._refs.get(name)
+        if ref is not None and ref.file is not None and ref.file != self.source:
+            return f"{self.source} ({os.path.basename(ref.file)}): tensor {name!r}"
+        return f"{self.source}: tensor {name!r}"
+
+    def buffer(self, ref: TensorRef) -> tuple[int, bool, Any]:
+        """(address of the data, whether it is a native file mapping, object to keep alive).
+
+        In-memory tensors on another device or not contiguous are copied to a contiguous CPU
+        tensor here; keep the returned object alive while the address is used.
+        """
+        if ref.file is not None:
+            m = self._maps[ref.file]
+            return m.address + ref.offset, True, m
+        addr, keep = _host_buffer(ref.tensor)
+        return addr, False, keep
+
+    def tensor(self, name: str):
+        """A torch tensor holding a copy of one tensor (imports torch)."""
+        from .. import _torch
+
+        ref = self._refs[name]
+        if ref.file is None:
+            return _torch.as_tensor(ref.tensor).clone()
+        return _torch.tensor_from_address(self._maps[ref.file].address + ref.offset, ref.dtype, ref.shape)
+
+    def close(self) -> None:
+        """Drops this checkpoint's mappings (they are unmapped once nothing else uses them)."""
+        self._maps = {}
+
+
+Source = Union[str, os.PathLike, Checkpoint, Mapping, Any]
+
+
+def open_checkpoint(src: Source) -> Checkpoint:
+    """Opens a checkpoint from any source fastsoup reads.
+
+    Args:
+        src: a ``.safetensors`` file; a sharded folder or its ``*.safetensors.index.json``; a torch
+            ``.pt``/``.bin`` file (or a folder with one, or with ``pytorch_model.bin.index.json``);
+            a state dict (``dict[str, Tensor]``, torch tensors or numpy arrays, also wrapped as
+            ``{"state_dict": ...}`` or ``{"model": ...}``); an ``nn.Module``; or a Checkpoint.
+
+    Returns:
+        The :class:`Checkpoint`.
+
+    Raises:
+        CheckpointError: the source is missing, malformed or of an unknown kind (the message names it).
+
+    Example:
+        >>> ckpt = fastsoup.open_checkpoint("runs/lr3e-5/model.safetensors")  # doctest: +SKIP
+        >>> ckpt["head.weight"].shape  # doctest: +SKIP
+    """
+    if isinstance(src, Checkpoint):
+        return src
+    if isinstance(src, (str, os.PathLike)):
+        return _open_path(os.fspath(src))
+    if isinstance(src, Mapping):
+        return _from_state_dict(src, "<state dict>")
+    state_dict = getattr(src, "state_dict", None)
+    if callable(state_dict):  # an nn.Module (or anything with a state dict)
+        return _from_state_dict(state_dict(), f"<{type(src).__name__} state dict>")
+    raise CheckpointError(
+        f"cannot open a checkpoint from {type(src).__name__}: give a path, a state dict, an nn.Module or a Checkpoint"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Files
+
+
+def _open_path(path: str) -> Checkpoint:
+    if os.path.isdir(path):
+        return _open_folder(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such file or folder")
+    if path.endswith(".index.json"):
+        return _open_index(path)
+    if path.endswith(".safetensors"):
+        return _open_safetensors(path)
+    if path.endswith(TORCH_SUFFIXES):
+        return _open_torch_file(path)
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+        return _open_torch_file(path)
+    if len(head) == 9 and head[8:9] == b"{":
+        return _open_safetensors(path)
+    raise CheckpointError(f"{path}: not a safetensors file, a safetensors index or a torch checkpoint")
+
+
+def _open_folder(path: str) -> Checkpoint:
+    names = sorted(os.listdir(path))
+    indexes = [n for n in names if n.endswith(".safetensors.index.json")]
+    if len(indexes) > 1:
+        indexes = [n for n in indexes if n == "model.safetensors.index.json"] or indexes
+    if len(indexes) > 1:
+        raise CheckpointError(f"{path}: several safetensors index files ({', '.join(indexes)}); pass the one to use")
+    if indexes:
+        return _open_index(os.path.join(path, indexes[0]))
+    files = [n for n in names if n.endswith(".safetensors")]
+    if len(files) == 1:
+        return _open_safetensors(os.path.join(path, files[0]))
+    if len(files) > 1:
+        raise CheckpointError(
+            f"{path}: {len(files)} .safetensors files but no *.safetensors.index.json to say how they form one "
+            "checkpoint; pass the files one by one if they are separate checkpoints"
+        )
+    torch_indexes = [n for n in names if n.endswith(".bin.index.json")]
+    if len(torch_indexes) == 1:
+        return _open_index(os.path.join(path, torch_indexes[0]))
+    torch_files = [n for n in names if n.endswith(TORCH_SUFFIXES)]
+    if len(torch_files) == 1:
+        return _open_torch_file(os.path.join(path, torch_files[0]))
+    raise CheckpointError(f"{path}: no checkpoint in this folder (no .safetensors, index or torch file)")
+
+
+def _map(path: str):
+    try:
+        return _core.MappedFile(path)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
+
+
+def _read_safetensors(path: str):
+    mapped = _map(path)
+    entries, metadata = parse_header(path, memoryview(mapped))
+    return mapped, entries, metadata
+
+
+def _open_safetensors(path: str) -> Checkpoint:
+    mapped, entries, metadata = _read_safetensors(path)
+    refs = {e.name: TensorRef(e.name, e.dtype, e.shape, e.nbytes, path, e.offset) for e in entries}
+    return Checkpoint(refs, source=path, files=[path], metadata=metadata, maps={path: mapped})
+
+
+def _open_index(index_path: str) -> Checkpoint:
+    folder = os.path.dirname(index_path) or "."
+    try:
+        with open(index_path, encoding="utf-8") as f:
+            index = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{index_path}: cannot read the index: {e}") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index_path}: not a sharded-checkpoint index (no \"weight_map\" of tensor name -> shard file)")
+    by_shard: dict[str, set] = {}
+    for name, shard in weight_map.items():
+        by_shard.setdefault(shard, set()).add(name)
+    shards = sorted(by_shard)
+    for shard in shards:
+        if os.path.basename(shard) != shard:
+            raise CheckpointError(f"{index_path}: shard name {shard!r} is not a file name in the index's folder")
+        if not os.path.isfile(os.path.join(folder, shard)):
+            raise CheckpointError(f"{index_path}: lists shard {shard!r}, which does not exist in {folder}")
+
+    source = folder if os.path.basename(index_path).startswith(("model.", "pytorch_model.")) else index_path
+    refs: dict[str, TensorRef] = {}
+    seen_in: dict[str, str] = {}
+    maps = {}
+    metadata = None
+    files = []
+    for shard in shards:
+        path = os.path.join(folder, shard)
+        files.append(path)
+        if shard.endswith(".safetensors"):
+            mapped, entries, meta = _read_safetensors(path)
+            maps[path] = mapped
+            metadata = metadata if metadata is not None else meta
+            shard_refs = [TensorRef(e.name, e.dtype, e.shape, e.nbytes, path, e.offset) for e in entries]
+        else:
+            sd = _load_torch_state_dict(path)
+            shard_refs = list(_memory_refs(sd, path).values())
+        names = set()
+        for ref in shard_refs:
+            if ref.name in seen_in:
+                raise CheckpointError(f"{index_path}: tensor {ref.name!r} is in both {seen_in[ref.name]!r} and {shard!r}")
+            seen_in[ref.name] = shard
+            names.add(ref.name)
+            refs[ref.name] = ref
+        extra = sorted(names - by_shard[shard])
+        if extra:
+            raise CheckpointError(
+                f"{path}: shard has tensors the index {os.path.basename(index_path)} does not list: {_some(extra)}"
+            )
+        missing = sorted(by_shard[shard] - names)
+        if missing:
+            raise CheckpointError(f"{index_path}: maps {_some(missing)} to shard {shard!r}, which does not contain them")
+    return Checkpoint(refs, source=source, files=files, metadata=metadata, maps=maps)
+
+
+# ---------------------------------------------------------------------------------------------------
+# torch files and in-memory state dicts
+
+
+def _load_torch_state_dict(path: str) -> Mapping:
+    from .. import _torch
+
+    try:
+        obj = _torch.load_file(path)
+    except Exception as e:  # torch raises many types for a bad file
+        raise CheckpointError(f"{path}: cannot load as a torch checkpoint: {type(e).__name__}: {e}") from None
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict")
+    return obj
+
+
+def _open_torch_file(path: str) -> Checkpoint:
+    sd = _load_torch_state_dict(path)
+    return Checkpoint(_memory_refs(sd, path), source=path)
+
+
+def _from_state_dict(sd: Mapping, source: str) -> Checkpoint:
+    return Checkpoint(_memory_refs(sd, source), source=source)
+
+
+def _is_array(x: Any) -> bool:
+    mod = type(x).__module__
+    return (mod.startswith("torch") and hasattr(x, "data_ptr")) or (mod == "numpy" and hasattr(x, "__array_interface__"))
+
+
+def _unwrap(sd: Mapping, source: str) -> Mapping:
+    """Unwraps ``{"state_dict": ...}`` / ``{"model": ...}`` (as training loops save them)."""
+    while not all(_is_array(v) for v in sd.values()):
+        for key in ("state_dict", "model"):
+            inner = sd.get(key)
+            if isinstance(inner, Mapping):
+                sd = inner
+                break
+        else:
+            bad = next(k for k, v in sd.items() if not _is_array(v))
+            raise CheckpointError(
+                f"{source}: entry {bad!r} is a {type(sd[bad]).__name__}, not a tensor "
+                "(expected a state dict, or one wrapped as {'state_dict': ...} or {'model': ...})"
+            )
+    return sd
+
+
+def _memory_refs(sd: Mapping, source: str) -> dict[str, TensorRef]:
+    sd = _unwrap(sd, source)
+    refs = {}
+    for name, t in sd.items():
+        if not isinstance(name, str):
+            raise CheckpointError(f"{source}: key {name!r} is not a string")
+        dtype, shape, nbytes = _array_meta(t)
+        refs[name] = TensorRef(name, dtype, shape, nbytes, tensor=t)
+    return refs
+
+
+def _array_meta(t: Any) -> tuple[str, tuple, int]:
+    if type(t).__module__ == "numpy":
+        return t.dtype.name, tuple(t.shape), int(t.nbytes)
+    dtype = str(t.dtype)
+    dtype = dtype[len("torch."):] if dtype.startswith("torch.") else dtype
+    return dtype, tuple(t.shape), t.numel() * t.element_size()
+
+
+def _host_buffer(t: Any) -> tuple[int, Any]:
+    """(address, keep-alive) of a contiguous CPU copy or view of an in-memory tensor."""
+    if type(t).__module__ == "numpy":
+        import numpy as np
+
+        a = np.ascontiguousarray(t)
+        return a.__array_interface__["data"][0], a
+    from .. import _torch
+
+    h = _torch.host_contiguous(t)
+    return h.data_ptr(), h
+
+
+def _some(names: Sequence[str], limit: int = 10) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def check_compatible(checkpoints: Sequence[Checkpoint]) -> None:
+    """Checks that checkpoints can be averaged, before any work is done.
+
+    Same key set (the missing and extra names of each checkpoint are listed, at most 10 each), same
+    shapes, and the same kind of tensor (float, or integer/bool which is copied from the first);
+    float types that cannot be averaged (fp8, complex) are refused.
+
+    Raises:
+        CheckpointError: listing every problem found, each naming the file and the tensor.
+    """
+    if not checkpoints:
+        raise CheckpointError("no ingredients: give at least one checkpoint")
+    first = checkpoints[0]
+    problems: list[str] = []
+    for ck in checkpoints:
+        for name, ref in ck.items():
+            if dtype_info(ref.dtype).kind == "unsupported":
+                problems.append(
+                    f"{ck.where(name)}: dtype {ref.dtype} is not supported (float16, bfloat16, float32 and float64 are "
+                    "averaged; integer and bool tensors are copied from the first ingredient)"
+                )
+    for ck in checkpoints[1:]:
+        missing = [n for n in first if n not in ck]
+        extra = [n for n in ck if n not in first]
+        if missing or extra:
+            parts = []
+            if missing:
+                parts.append(f"missing {len(missing)}: {_some(missing)}")
+            if extra:
+                parts.append(f"extra {len(extra)}: {_some(extra)}")
+            problems.append(f"{ck.source}: tensor names differ from {first.source}: " + "; ".join(parts))
+        shown = 0
+        for name, ref in ck.items():
+            ref0 = first._refs.get(name)
+            if ref0 is None or shown >= 10:
+                continue
+            if ref.shape != ref0.shape:
+                problems.append(f"{ck.where(name)}: shape {list(ref.shape)}, but {list(ref0.shape)} in {first.source}")
+                shown += 1
+                continue
+            k0, k1 = dtype_info(ref0.dtype).kind, dtype_info(ref.dtype).kind
+            if "unsupported" not in (k0, k1) and k0 != k1:
+                problems.append(f"{ck.where(name)}: dtype {ref.dtype}, but {ref0.dtype} in {first.source} (float vs non-float)")
+                shown += 1
+    if problems:
+        more = f"\n  ... and {len(problems) - 30} more" if len(problems) > 30 else ""
+        raise CheckpointError(
+            f"the {len(checkpoints)} checkpoints cannot be averaged:\n  " + "\n  ".join(problems[:30]) + more
+        )
