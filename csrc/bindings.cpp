@@ -192,7 +192,7 @@ PYBIND11_MODULE(_core, m) {
          const std::vector<int>& seg_out_file, const std::vector<int64_t>& seg_out_offset,
          const std::vector<int>& seg_out_dtype, const std::vector<uintptr_t>& in_addr, const std::vector<int>& in_dtype,
          const std::vector<uint8_t>& in_mapped, const std::vector<int>& fds, int threads, int64_t window_bytes,
-         int64_t buffer_bytes, int nbuffers, const py::object& progress) {
+         int64_t buffer_bytes, int nbuffers, const py::object& progress, int prefetch_steps, bool release) {
         const size_t S = seg_n.size();
         if (seg_kind.size() != S || seg_out_file.size() != S || seg_out_offset.size() != S || seg_out_dtype.size() != S)
           throw std::invalid_argument("merge: the seg_* lists must have equal lengths");
@@ -218,19 +218,21 @@ PYBIND11_MODULE(_core, m) {
         plan.window_bytes = window_bytes;
         plan.buffer_bytes = buffer_bytes;
         plan.nbuffers = nbuffers;
+        plan.prefetch_steps = prefetch_steps;
+        plan.release = release;
         // After every step: give Python a chance to see Ctrl-C, and report progress.
         MergeProgress cb = [&progress](int64_t bytes_in, int64_t bytes_out) {
           py::gil_scoped_acquire gil;
           if (PyErr_CheckSignals() != 0) throw py::error_already_set();
           if (!progress.is_none()) progress(bytes_in, bytes_out);
         };
-        py::gil_scoped_release release;
+        py::gil_scoped_release nogil;
         run_merge(plan, cb);
       },
       py::arg("weights"), py::arg("seg_n"), py::arg("seg_kind"), py::arg("seg_out_file"), py::arg("seg_out_offset"),
       py::arg("seg_out_dtype"), py::arg("in_addr"), py::arg("in_dtype"), py::arg("in_mapped"), py::arg("fds"),
       py::arg("threads") = 0, py::arg("window_bytes") = int64_t(64) << 20, py::arg("buffer_bytes") = int64_t(16) << 20,
-      py::arg("nbuffers") = 4, py::arg("progress") = py::none(),
+      py::arg("nbuffers") = 4, py::arg("progress") = py::none(), py::arg("prefetch_steps") = 2, py::arg("release") = true,
       "Run a streaming merge plan (built by fastsoup.engine); see csrc/include/fastsoup/io.h.");
 
   m.def("isa", [] { return std::string(isa_name(current_isa())); }, "The CPU instruction set the kernels use now.");

@@ -52,6 +52,8 @@ def as_tensor(x) -> torch.Tensor:
     """A torch tensor from a torch tensor (detached) or a numpy array (shared memory)."""
     if isinstance(x, torch.Tensor):
         return x.detach()
+    if not x.dtype.isnative:
+        x = x.astype(x.dtype.newbyteorder("="))
     return torch.from_numpy(x)
 
 

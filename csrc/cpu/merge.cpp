@@ -300,7 +300,7 @@ void run_merge(const MergePlan& p, const MergeProgress& progress) {
     for (int64_t k = 0; k < K; ++k) {
       const void* a;
       size_t len;
-      if (input_range(st, k, &a, &len)) advise_range(a, len, Advice::kDontNeed);
+      if (p.release && input_range(st, k, &a, &len)) advise_range(a, len, Advice::kDontNeed);
     }
     done_in += step_in;
     done_out += out_len;

@@ -44,7 +44,7 @@ def parse_header(path: str, buf: memoryview) -> tuple[list[Entry], dict | None]:
         raise CheckpointError(f"{path}: header length {n} exceeds the safetensors limit of {MAX_HEADER_BYTES} bytes")
     try:
         header = json.loads(bytes(buf[8 : 8 + n]).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
         raise CheckpointError(f"{path}: garbled safetensors header (not UTF-8 JSON): {e}") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: garbled safetensors header: expected a JSON object, got {type(header).__name__}")
@@ -62,7 +62,7 @@ def parse_header(path: str, buf: memoryview) -> tuple[list[Entry], dict | None]:
         if not isinstance(spec, dict):
             raise CheckpointError(f"{where}: expected an object with dtype, shape and data_offsets")
         st = spec.get("dtype")
-        if st not in BY_ST:
+        if not isinstance(st, str) or st not in BY_ST:
             raise CheckpointError(f"{where}: unknown dtype {st!r}")
         shape = spec.get("shape")
         if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):

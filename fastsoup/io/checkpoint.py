@@ -236,7 +236,7 @@ def _open_index(index_path: str) -> Checkpoint:
     try:
         with open(index_path, encoding="utf-8") as f:
             index = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
         raise CheckpointError(f"{index_path}: cannot read the index: {e}") from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
@@ -358,6 +358,8 @@ def _host_buffer(t: Any) -> tuple[int, Any]:
         import numpy as np
 
         a = np.ascontiguousarray(t)
+        if not a.dtype.isnative:  # stored little-endian, as safetensors and the kernels read it
+            a = a.astype(a.dtype.newbyteorder("="))
         return a.__array_interface__["data"][0], a
     from .. import _torch
 

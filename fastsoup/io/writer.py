@@ -8,6 +8,7 @@ target and is renamed into place at the end: on any error nothing is left at the
 
 from __future__ import annotations
 
+import decimal
 import json
 import os
 import re
@@ -35,7 +36,7 @@ def parse_size(size: int | str) -> int:
         m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(size))
         if not m or m.group(2).upper() not in _UNITS:
             raise ValueError(f"cannot read size {size!r}: use bytes or a number with KB, MB, GB, TB, KiB, MiB, GiB or TiB")
-        value = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+        value = int(decimal.Decimal(m.group(1)) * _UNITS[m.group(2).upper()])
     if value <= 0:
         raise ValueError(f"size {size!r} must be positive")
     return value
@@ -104,6 +105,8 @@ def plan_output(
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if names.count(n) > 1})
         raise ValueError(f"duplicate tensor names: {dup[:10]}")
+    if "__metadata__" in names:
+        raise ValueError("a tensor cannot be named '__metadata__': safetensors reserves that key for the metadata")
     single = path.endswith(".safetensors")
     buckets: list[list[TensorSpec]] = []
     if single:
@@ -340,6 +343,7 @@ def save(
                 continue
             shard, offset = locations[name]
             addr, keep = buffer(value)
-            _core.pwrite(out.fds[shard], offset, addr, spec.nbytes, os.path.join(plan.path, plan.shards[shard].filename))
+            where = plan.path if plan.single else os.path.join(plan.path, plan.shards[shard].filename)
+            _core.pwrite(out.fds[shard], offset, addr, spec.nbytes, where)
             del keep
     return os.fspath(path)

@@ -80,6 +80,7 @@ struct MergePlan {
   int64_t buffer_bytes = 16ll << 20;      // one staging buffer for file output
   int nbuffers = 4;                       // staging buffers in the ring
   int prefetch_steps = 2;                 // steps whose input is requested ahead (MADV_WILLNEED)
+  bool release = true;                    // MADV_DONTNEED the input of each finished step
 };
 
 // Called after each step with the input bytes consumed and the output bytes produced so far;

@@ -1,0 +1,43 @@
+# The two commands of the README:
+#   make demo   set up .venv (torch first, then fastsoup with its native core) and run the main job
+#   make test   set up .venv and run the test suites (C++ ctest + pytest)
+# Both work on a fresh machine with Python >= 3.9 and a C++17 compiler. Override PYTHON, VENV or
+# TORCH (the pip requirement for torch, e.g. TORCH=torch to take the newest) on the command line.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.fastsoup-installed
+NATIVE_SOURCES := $(shell find csrc -type f) CMakeLists.txt setup.py pyproject.toml
+
+.PHONY: setup demo test test-cpp test-py bench clean
+
+setup: $(STAMP)
+
+$(STAMP): $(NATIVE_SOURCES)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	# torch before anything that depends on it: a bare "torch" requirement pulls a multi-GB CUDA build
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH)"
+	$(PY) -m pip install -e ".[test]"
+	touch $(STAMP)
+
+demo: setup
+	$(PY) -m benchmarks.demo_average --out demo_out
+
+test: test-cpp test-py
+
+test-py: setup
+	$(PY) -m pytest tests -q
+
+test-cpp: setup
+	mkdir -p build && $(VENV)/bin/cmake -S . -B build/ctest -G Ninja -DFASTSOUP_CUDA=OFF -DPython_EXECUTABLE=$(abspath $(PY)) > build/ctest-configure.log 2>&1 || (cat build/ctest-configure.log; exit 1)
+	$(VENV)/bin/cmake --build build/ctest --target fastsoup_tests
+	$(VENV)/bin/ctest --test-dir build/ctest --output-on-failure
+
+bench: setup
+	$(PY) -m benchmarks.bench_merge
+
+clean:
+	rm -rf build demo_out fastsoup/_core*.so

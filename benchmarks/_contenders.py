@@ -1,0 +1,86 @@
+"""One benchmark contender per process (so each has its own peak RSS), driven by bench_merge.py.
+
+    python -m benchmarks._contenders NAME OUT IN [IN ...]
+
+Prints one JSON line: {"seconds": time of the timed region, "maxrss_mb": peak RSS of the process}.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+
+
+def naive_safetensors(paths, out):
+    # The recipe people write: load each state dict, sum in float32, divide, cast, save.
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    acc, dtypes = None, None
+    for p in paths:
+        sd = load_file(p)
+        if acc is None:
+            acc = {k: v.float() for k, v in sd.items()}
+            dtypes = {k: v.dtype for k, v in sd.items()}
+        else:
+            for k, v in sd.items():
+                acc[k] += v.float()
+        del sd
+    soup = {k: (v / len(paths)).to(dtypes[k]) for k, v in acc.items()}
+    save_file(soup, out, metadata={"format": "pt"})
+
+
+def naive_torch_load(paths, out, mmap=False):
+    import torch
+    from safetensors.torch import save_file
+
+    acc, dtypes = None, None
+    for p in paths:
+        sd = torch.load(p, map_location="cpu", weights_only=True, mmap=mmap)
+        if acc is None:
+            acc = {k: v.float() for k, v in sd.items()}
+            dtypes = {k: v.dtype for k, v in sd.items()}
+        else:
+            for k, v in sd.items():
+                acc[k] += v.float()
+        del sd
+    soup = {k: (v / len(paths)).to(dtypes[k]) for k, v in acc.items()}
+    save_file(soup, out, metadata={"format": "pt"})
+
+
+def fastsoup_api(paths, out):
+    import fastsoup
+
+    fastsoup.average(paths, out=out, progress=False)
+
+
+def import_only(paths, out):
+    import fastsoup  # noqa: F401
+
+
+CONTENDERS = {
+    "naive_safetensors": naive_safetensors,
+    "naive_torch_load": naive_torch_load,
+    "naive_torch_load_mmap": lambda p, o: naive_torch_load(p, o, mmap=True),
+    "fastsoup_api": fastsoup_api,
+    "import_fastsoup": import_only,
+}
+
+
+def main() -> None:
+    name, out, *paths = sys.argv[1:]
+    fn = CONTENDERS[name]
+    if name.startswith("naive"):
+        import torch  # noqa: F401  (imported before the clock, as a script that uses torch anyway would)
+    t0 = time.perf_counter()
+    fn(paths, out)
+    seconds = time.perf_counter() - t0
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"seconds": seconds, "maxrss_mb": rss, "pid": os.getpid()}))
+
+
+if __name__ == "__main__":
+    main()
