@@ -14,14 +14,26 @@ import sys
 import time
 
 
+def load_safetensors(path):
+    """A whole state dict from a .safetensors file or a sharded folder (every shard, in order)."""
+    from safetensors.torch import load_file
+
+    if not os.path.isdir(path):
+        return load_file(path)
+    sd = {}
+    for f in sorted(os.listdir(path)):
+        if f.endswith(".safetensors"):
+            sd.update(load_file(os.path.join(path, f)))
+    return sd
+
+
 def naive_safetensors(paths, out):
     # The recipe people write: load each state dict, sum in float32, divide, cast, save.
-    import torch
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     acc, dtypes = None, None
     for p in paths:
-        sd = load_file(p)
+        sd = load_safetensors(p)
         if acc is None:
             acc = {k: v.float() for k, v in sd.items()}
             dtypes = {k: v.dtype for k, v in sd.items()}
@@ -78,8 +90,17 @@ def main() -> None:
     t0 = time.perf_counter()
     fn(paths, out)
     seconds = time.perf_counter() - t0
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"seconds": seconds, "maxrss_mb": rss, "pid": os.getpid()}))
+    print(json.dumps({"seconds": seconds, "maxrss_mb": peak_rss_mb(), "pid": os.getpid()}))
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM). Not getrusage's ru_maxrss: Linux carries that
+    across exec, so a child spawned by a big parent would report the parent's size."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024
 
 
 if __name__ == "__main__":

@@ -29,6 +29,19 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 
+def warm(paths) -> None:
+    """Reads the inputs once (not timed) so a hot run finds them in the page cache. Needed here:
+    this VM's DAMON pages out page cache idle for about a minute, at up to 128 MB/s."""
+    subprocess.run(["cat", *input_files(paths)], stdout=subprocess.DEVNULL, check=True)
+
+
+def prepare(paths, cold):
+    if cold:
+        drop_caches()
+    else:
+        warm(paths)
+
+
 def drop_caches() -> bool:
     try:
         subprocess.run(["sync"], check=True)
@@ -61,10 +74,9 @@ def remove(path):
 
 
 def run_bound(paths, out, out_size, cold):
-    if cold:
-        drop_caches()
-    buf = bytearray(out_size)  # touched before the clock
+    buf = bytearray(b"\x01") * out_size  # real pages (not the shared zero page), touched before the clock
     remove(out)
+    prepare(paths, cold)
     t0 = time.perf_counter()
     subprocess.run(["cat", *input_files(paths)], stdout=subprocess.DEVNULL, check=True)
     t1 = time.perf_counter()
@@ -80,8 +92,7 @@ def run_bound(paths, out, out_size, cold):
 
 def run_contender(name, paths, out, cold):
     remove(out)
-    if cold:
-        drop_caches()
+    prepare(paths, cold)
     t0 = time.perf_counter()
     r = subprocess.run([sys.executable, "-m", "benchmarks._contenders", name, out, *paths],
                        capture_output=True, text=True, cwd=ROOT)
@@ -95,8 +106,7 @@ def run_contender(name, paths, out, cold):
 
 def run_cli(paths, out, cold):
     remove(out)
-    if cold:
-        drop_caches()
+    prepare(paths, cold)
     exe = os.path.join(os.path.dirname(sys.executable), "fastsoup")
     cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "fastsoup"]
     t0 = time.perf_counter()
@@ -107,11 +117,28 @@ def run_cli(paths, out, cold):
     return {"seconds": wall, "process_seconds": wall}
 
 
-def median_of(fn, runs):
-    results = [fn() for _ in range(runs)]
-    keys = results[0].keys()
-    return {k: statistics.median(r[k] for r in results) for k in keys if isinstance(results[0][k], (int, float))} | {
-        "runs": [r["seconds"] for r in results]}
+def rounds(fns, runs):
+    """Runs every contender once per round, `runs` rounds; per contender the median of each figure."""
+    raw = {name: [] for name in fns}
+    for _ in range(runs):
+        for name, fn in fns.items():
+            raw[name].append(fn())
+    out = {}
+    for name, results in raw.items():
+        keys = [k for k, v in results[0].items() if isinstance(v, (int, float)) and k != "pid"]
+        out[name] = {k: statistics.median(r[k] for r in results) for k in keys}
+        out[name]["runs"] = [r["seconds"] for r in results]
+    return out
+
+
+def add_rows(rows, cache, table, in_bytes):
+    bound = table["bound"]["seconds"]
+    naive = table["naive_safetensors"]["seconds"]
+    for name in ("bound", "fastsoup_api", "fastsoup_cli", "naive_safetensors", "naive_torch_load", "naive_torch_load_mmap"):
+        if name in table:
+            r = table[name]
+            rows.append((name, cache, r["seconds"], in_bytes / r["seconds"] / 1e9, r["seconds"] / bound,
+                         naive / r["seconds"], r.get("maxrss_mb")))
 
 
 def max_ulp_diff(a_path, b_path):
@@ -156,12 +183,12 @@ def kernel_alone(runs):
 
 def in_memory(paths, runs):
     import torch
-    from safetensors.torch import load_file
 
     import fastsoup
 
-    sds = [load_file(p) for p in paths if p.endswith(".safetensors")] or [
-        {n: fastsoup.open_checkpoint(p).tensor(n) for n in fastsoup.open_checkpoint(p)} for p in paths]
+    from ._contenders import load_safetensors
+
+    sds = [load_safetensors(p) for p in paths]
     n = len(sds)
 
     def naive():
@@ -214,53 +241,49 @@ def main(argv=None) -> int:
     out_size = cfg.params * 2
     results = {"config": cfg.name, "k": args.k, "input_bytes": in_bytes, "output_bytes": out_size, "runs": args.runs}
 
-    # Warm the page cache with everything the hot runs read.
-    subprocess.run(["cat", *input_files(paths), *(bins or [])], stdout=subprocess.DEVNULL, check=True)
-    rows = []
-    hot = {}
-    hot["bound"] = median_of(lambda: run_bound(paths, out, out_size, False), args.runs)
-    hot["fastsoup_api"] = median_of(lambda: run_contender("fastsoup_api", paths, out, False), args.runs)
+    # Runs are interleaved (one of each contender per round) so that drift in the machine's load
+    # affects every contender alike; medians per contender.
     fast_out = out + ".fastsoup.safetensors"
-    remove(fast_out)
-    os.replace(out, fast_out)
-    hot["fastsoup_cli"] = median_of(lambda: run_cli(paths, out, False), args.runs)
-    hot["naive_safetensors"] = median_of(lambda: run_contender("naive_safetensors", paths, out, False), args.runs)
-    results["max_ulp_vs_naive"] = max_ulp_diff(fast_out, out)
+    hot_fns = {
+        "bound": lambda: run_bound(paths, out, out_size, False),
+        "fastsoup_api": lambda: run_contender("fastsoup_api", paths, out, False),
+        "fastsoup_cli": lambda: run_cli(paths, out, False),
+        "naive_safetensors": lambda: run_contender("naive_safetensors", paths, out, False),
+    }
     if bins:
-        hot["naive_torch_load"] = median_of(lambda: run_contender("naive_torch_load", bins, out, False), args.runs)
-        hot["naive_torch_load_mmap"] = median_of(lambda: run_contender("naive_torch_load_mmap", bins, out, False), args.runs)
-    hot["import_fastsoup"] = median_of(lambda: run_contender("import_fastsoup", paths, out, False), 3)
+        hot_fns["naive_torch_load"] = lambda: run_contender("naive_torch_load", bins, out, False)
+        hot_fns["naive_torch_load_mmap"] = lambda: run_contender("naive_torch_load_mmap", bins, out, False)
+    hot = rounds(hot_fns, args.runs)
+    hot["import_fastsoup"] = rounds({"i": lambda: run_contender("import_fastsoup", paths, out, False)}, 3)["i"]
+    # Correctness after timing: fastsoup's file against the naive recipe's.
+    remove(fast_out)
+    run_contender("fastsoup_api", paths, fast_out, False)
+    run_contender("naive_safetensors", paths, out, False)
+    results["max_ulp_vs_naive"] = max_ulp_diff(fast_out, out)
     results["hot"] = hot
-    bound = hot["bound"]["seconds"]
-    for name in ("bound", "fastsoup_api", "fastsoup_cli", "naive_safetensors", "naive_torch_load", "naive_torch_load_mmap"):
-        if name in hot:
-            r = hot[name]
-            rows.append((name, "hot", r["seconds"], in_bytes / r["seconds"] / 1e9, r["seconds"] / bound,
-                         hot["naive_safetensors"]["seconds"] / r["seconds"], r.get("maxrss_mb")))
+    rows = []
+    for cache, table in (("hot", hot),):
+        add_rows(rows, cache, table, in_bytes)
 
     if args.cold:
         if not drop_caches():
             print("(cannot drop the page cache here: no cold runs)")
         else:
-            cold = {
-                "bound": median_of(lambda: run_bound(paths, out, out_size, True), args.runs),
-                "fastsoup_api": median_of(lambda: run_contender("fastsoup_api", paths, out, True), args.runs),
-                "fastsoup_cli": median_of(lambda: run_cli(paths, out, True), args.runs),
-                "naive_safetensors": median_of(lambda: run_contender("naive_safetensors", paths, out, True), args.runs),
-            }
+            cold = rounds({
+                "bound": lambda: run_bound(paths, out, out_size, True),
+                "fastsoup_api": lambda: run_contender("fastsoup_api", paths, out, True),
+                "fastsoup_cli": lambda: run_cli(paths, out, True),
+                "naive_safetensors": lambda: run_contender("naive_safetensors", paths, out, True),
+            }, args.runs)
             results["cold"] = cold
-            cbound = cold["bound"]["seconds"]
-            for name, r in cold.items():
-                rows.append((name, "cold", r["seconds"], in_bytes / r["seconds"] / 1e9, r["seconds"] / cbound,
-                             cold["naive_safetensors"]["seconds"] / r["seconds"], r.get("maxrss_mb")))
-            subprocess.run(["cat", *input_files(zoo)], stdout=subprocess.DEVNULL, check=True)
+            add_rows(rows, "cold", cold, in_bytes)
 
     if "rss" not in args.skip:
         base = hot["import_fastsoup"]["maxrss_mb"]
         one = nbytes(zoo[:1]) / 1e6
         results["rss"] = {"import_fastsoup_mb": base, "one_ingredient_mb": one, "budget_mb": base + 0.25 * one + 256}
         for k in args.rss_k:
-            r = median_of(lambda: run_contender("fastsoup_api", zoo[:k], out, False), 3)
+            r = rounds({"k": lambda: run_contender("fastsoup_api", zoo[:k], out, False)}, 3)["k"]
             results["rss"][f"k{k}_mb"] = r["maxrss_mb"]
             results["rss"][f"k{k}_seconds"] = r["seconds"]
     if "kernel" not in args.skip:

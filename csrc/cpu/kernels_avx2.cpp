@@ -12,6 +12,8 @@ namespace fastsoup {
 namespace cpu {
 namespace {
 
+constexpr int64_t kPrefetchElems = 256;  // as in kernels_avx512.cpp
+
 template <DType D>
 inline __m256 load8(const void* p, int64_t j) {
   if constexpr (D == DType::kFloat16) {
@@ -52,6 +54,7 @@ void accumulate(float* acc, bool init, const void* const* x, const float* w, int
     __m256 a0 = init ? neg_zero : _mm256_loadu_ps(acc + j);
     __m256 a1 = init ? neg_zero : _mm256_loadu_ps(acc + j + 8);
     for (int i = 0; i < g; ++i) {
+      _mm_prefetch(static_cast<const char*>(x[i]) + (j + kPrefetchElems) * (D == DType::kFloat32 ? 4 : 2), _MM_HINT_T0);
       a0 = _mm256_add_ps(a0, _mm256_mul_ps(wv[i], load8<D>(x[i], j)));
       a1 = _mm256_add_ps(a1, _mm256_mul_ps(wv[i], load8<D>(x[i], j + 8)));
     }

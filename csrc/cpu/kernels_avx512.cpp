@@ -13,6 +13,13 @@ namespace fastsoup {
 namespace cpu {
 namespace {
 
+// Software prefetch distance, in elements: a single core keeps more of the K input streams in
+// flight than the hardware prefetchers alone (measured: 13.6 -> 15.6 GB/s, K = 8 fp16, one core).
+constexpr int64_t kPrefetchElems = 256;
+
+template <DType D>
+constexpr int64_t sizeof_dtype() { return D == DType::kFloat32 ? 4 : 2; }
+
 inline __mmask16 tail_mask(int64_t r) { return static_cast<__mmask16>((1u << r) - 1u); }
 
 template <DType D>
@@ -82,6 +89,7 @@ void accumulate(float* acc, bool init, const void* const* x, const float* w, int
     __m512 a0 = init ? neg_zero : _mm512_loadu_ps(acc + j);
     __m512 a1 = init ? neg_zero : _mm512_loadu_ps(acc + j + 16);
     for (int i = 0; i < g; ++i) {
+      _mm_prefetch(static_cast<const char*>(x[i]) + (j + kPrefetchElems) * sizeof_dtype<D>(), _MM_HINT_T0);
       a0 = _mm512_add_ps(a0, _mm512_mul_ps(wv[i], load16<D>(x[i], j)));
       a1 = _mm512_add_ps(a1, _mm512_mul_ps(wv[i], load16<D>(x[i], j + 16)));
     }
