@@ -73,32 +73,19 @@ def remove(path):
         os.unlink(path)
 
 
-def run_bound(paths, out, out_size, cold):
+def run_bound(paths, out, out_size, cold, parallel=False):
+    """Reads every input file (`cat` to /dev/null; one after another, or all at once when parallel)
+    and writes a buffer of the output's size to a new file."""
     buf = bytearray(b"\x01") * out_size  # real pages (not the shared zero page), touched before the clock
     remove(out)
     prepare(paths, cold)
     t0 = time.perf_counter()
-    subprocess.run(["cat", *input_files(paths)], stdout=subprocess.DEVNULL, check=True)
-    t1 = time.perf_counter()
-    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    mv = memoryview(buf)
-    for i in range(0, out_size, 16 << 20):
-        os.write(fd, mv[i : i + (16 << 20)])
-    os.close(fd)
-    t2 = time.perf_counter()
-    remove(out)
-    return {"seconds": t2 - t0, "read_seconds": t1 - t0, "write_seconds": t2 - t1}
-
-
-def run_bound_parallel(paths, out, out_size, cold):
-    """As run_bound, but every input file read by its own concurrent `cat` (several reads in flight)."""
-    buf = bytearray(b"\x01") * out_size
-    remove(out)
-    prepare(paths, cold)
-    t0 = time.perf_counter()
-    procs = [subprocess.Popen(["cat", f], stdout=subprocess.DEVNULL) for f in input_files(paths)]
-    for p in procs:
-        p.wait()
+    if parallel:
+        procs = [subprocess.Popen(["cat", f], stdout=subprocess.DEVNULL) for f in input_files(paths)]
+        for p in procs:
+            p.wait()
+    else:
+        subprocess.run(["cat", *input_files(paths)], stdout=subprocess.DEVNULL, check=True)
     t1 = time.perf_counter()
     fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     mv = memoryview(buf)
@@ -267,7 +254,7 @@ def main(argv=None) -> int:
     fast_out = out + ".fastsoup.safetensors"
     hot_fns = {
         "bound": lambda: run_bound(paths, out, out_size, False),
-        "bound_parallel": lambda: run_bound_parallel(paths, out, out_size, False),
+        "bound_parallel": lambda: run_bound(paths, out, out_size, False, parallel=True),
         "fastsoup_api": lambda: run_contender("fastsoup_api", paths, out, False),
         "fastsoup_cli": lambda: run_cli(paths, out, False),
         "naive_safetensors": lambda: run_contender("naive_safetensors", paths, out, False),
@@ -293,7 +280,7 @@ def main(argv=None) -> int:
         else:
             cold = rounds({
                 "bound": lambda: run_bound(paths, out, out_size, True),
-                "bound_parallel": lambda: run_bound_parallel(paths, out, out_size, True),
+                "bound_parallel": lambda: run_bound(paths, out, out_size, True, parallel=True),
                 "fastsoup_api": lambda: run_contender("fastsoup_api", paths, out, True),
                 "fastsoup_cli": lambda: run_cli(paths, out, True),
                 "naive_safetensors": lambda: run_contender("naive_safetensors", paths, out, True),

@@ -236,7 +236,7 @@ def _run(ckpts: list[Checkpoint], weights, out, override, threads, shard_size, p
             in_addr.extend(addrs)
             in_dtype.extend(codes)
             in_mapped.extend(mapped)
-        last = (kind, dfile, doff + out_len, out_code, ends if kind == 0 else [ends[0]] + [0] * (K - 1), codes, mapped)
+        last = (kind, dfile, doff + out_len, out_code, ends, codes, mapped)
 
     bar = _progress_bar(progress, total_in, desc)
     callback = None

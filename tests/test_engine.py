@@ -354,3 +354,26 @@ def test_cli_info():
     r = run_cli("info")
     assert r.returncode == 0
     assert json.loads(r.stdout)["isa"] in ("scalar", "avx2", "avx512")
+
+
+def test_import_fails_loudly_without_the_native_core():
+    code = (
+        "import sys\n"
+        "sys.modules['fastsoup._core'] = None  # as if the extension were not built\n"
+        "try:\n"
+        "    import fastsoup\n"
+        "except ImportError as e:\n"
+        "    print(e)\n"
+        "else:\n"
+        "    print('imported')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert "not built" in r.stdout and "pip install -e" in r.stdout, r.stdout + r.stderr
+
+
+def test_progress_bar_reports_bytes(files, capsys, monkeypatch):
+    monkeypatch.setattr(engine, "WINDOW_BYTES", 4096)
+    paths = files(make_state_dicts(3))
+    fastsoup.average(paths, progress=True)
+    err = capsys.readouterr().err
+    assert "average" in err and "B/s" in err
