@@ -153,6 +153,7 @@ def _run(ckpts: list[Checkpoint], weights, out, override, threads, shard_size, p
     first = ckpts[0]
     K = len(ckpts)
     names = list(first)
+    out_dtypes = {name: _output_dtype(first[name], override) for name in names}  # name -> (dtype, averaged?)
     keep: list[Any] = []  # objects whose memory the native plan points into
 
     # Destinations.
@@ -164,8 +165,7 @@ def _run(ckpts: list[Checkpoint], weights, out, override, threads, shard_size, p
         result = {}
         dests = []
         for name in names:
-            od, _ = _output_dtype(first[name], override)
-            t = _torch.empty(first[name].shape, od)
+            t = _torch.empty(first[name].shape, out_dtypes[name][0])
             result[name] = t
             dests.append((-1, t.data_ptr()))
     else:
@@ -173,7 +173,7 @@ def _run(ckpts: list[Checkpoint], weights, out, override, threads, shard_size, p
         shard_index = {f: i for i, f in enumerate(first.files)}
         for name in names:
             ref = first[name]
-            od, _ = _output_dtype(ref, override)
+            od = out_dtypes[name][0]
             specs.append(TensorSpec(name, od, ref.shape, ref.numel * dtype_info(od).itemsize))
             groups.append(shard_index.get(ref.file, 0))
         metadata = first.metadata if first.metadata is not None else {"format": "pt"}
@@ -190,7 +190,7 @@ def _run(ckpts: list[Checkpoint], weights, out, override, threads, shard_size, p
     last = None  # (kind, file, out_end, out_code, input ends, input codes, mapped)
     for name, (dfile, doff) in zip(names, dests):
         ref0 = first[name]
-        od, is_float = _output_dtype(ref0, override)
+        od, is_float = out_dtypes[name]
         if ref0.nbytes == 0:
             continue
         addrs, codes, mapped = [], [], []

@@ -71,15 +71,8 @@ class OutputPlan:
     shards: list[ShardPlan]
     metadata: dict | None
 
-    def location(self, name: str) -> tuple[int, int]:
-        """(shard index, absolute byte offset in that shard's file) of a tensor."""
-        for i, shard in enumerate(self.shards):
-            off = shard.offsets.get(name)
-            if off is not None:
-                return i, off
-        raise KeyError(name)
-
     def locations(self) -> dict[str, tuple[int, int]]:
+        """name -> (shard index, absolute byte offset in that shard's file) of every tensor."""
         return {name: (i, off) for i, shard in enumerate(self.shards) for name, off in shard.offsets.items()}
 
     @property
