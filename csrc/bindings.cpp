@@ -192,7 +192,7 @@ PYBIND11_MODULE(_core, m) {
          const std::vector<int>& seg_out_file, const std::vector<int64_t>& seg_out_offset,
          const std::vector<int>& seg_out_dtype, const std::vector<uintptr_t>& in_addr, const std::vector<int>& in_dtype,
          const std::vector<uint8_t>& in_mapped, const std::vector<int>& fds, int threads, int64_t window_bytes,
-         int64_t buffer_bytes, int nbuffers, const py::object& progress, int prefetch_steps, bool release) {
+         int64_t buffer_bytes, int nbuffers, const py::object& progress, int prefetch_steps, bool release, bool accumulate) {
         const size_t S = seg_n.size();
         if (seg_kind.size() != S || seg_out_file.size() != S || seg_out_offset.size() != S || seg_out_dtype.size() != S)
           throw std::invalid_argument("merge: the seg_* lists must have equal lengths");
@@ -220,6 +220,7 @@ PYBIND11_MODULE(_core, m) {
         plan.nbuffers = nbuffers;
         plan.prefetch_steps = prefetch_steps;
         plan.release = release;
+        plan.accumulate = accumulate;
         // After every step: give Python a chance to see Ctrl-C, and report progress.
         MergeProgress cb = [&progress](int64_t bytes_in, int64_t bytes_out) {
           py::gil_scoped_acquire gil;
@@ -233,6 +234,7 @@ PYBIND11_MODULE(_core, m) {
       py::arg("seg_out_dtype"), py::arg("in_addr"), py::arg("in_dtype"), py::arg("in_mapped"), py::arg("fds"),
       py::arg("threads") = 0, py::arg("window_bytes") = int64_t(64) << 20, py::arg("buffer_bytes") = int64_t(16) << 20,
       py::arg("nbuffers") = 4, py::arg("progress") = py::none(), py::arg("prefetch_steps") = 2, py::arg("release") = true,
+      py::arg("accumulate") = false,
       "Run a streaming merge plan (built by fastsoup.engine); see csrc/include/fastsoup/io.h.");
 
   m.def("isa", [] { return std::string(isa_name(current_isa())); }, "The CPU instruction set the kernels use now.");
@@ -258,6 +260,7 @@ PYBIND11_MODULE(_core, m) {
     d["bytes_read"] = c.bytes_read;
     d["bytes_written"] = c.bytes_written;
     d["calls"] = c.calls;
+    d["mapped_bytes_read"] = c.mapped_bytes_read;
     return d;
   });
   m.def("reset_counters", &reset_counters);

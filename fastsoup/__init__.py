@@ -10,6 +10,22 @@ from ._version import __version__
 from ._errors import CheckpointError, FastsoupError, OutputExistsError
 from .engine import average, weighted_sum
 from .io import Checkpoint, TensorRef, check_compatible, open_checkpoint, save
+from .recipes import RECIPES, uniform_soup, weighted_soup
+from .soup import Soup
+
+_LAZY = {  # these import torch: resolved on first use
+    "greedy_soup": "fastsoup.search.greedy",
+    "greedy_ensemble": "fastsoup.search.greedy",
+    "GreedyResult": "fastsoup.search.greedy",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'fastsoup' has no attribute {name!r}")
 
 
 def native_info() -> dict:
@@ -33,13 +49,20 @@ __all__ = [
     "Checkpoint",
     "CheckpointError",
     "FastsoupError",
+    "GreedyResult",
+    "RECIPES",
+    "Soup",
     "OutputExistsError",
     "TensorRef",
     "__version__",
     "average",
     "check_compatible",
+    "greedy_ensemble",
+    "greedy_soup",
     "native_info",
     "open_checkpoint",
     "save",
+    "uniform_soup",
+    "weighted_soup",
     "weighted_sum",
 ]

@@ -37,6 +37,7 @@ _TABLE = [
 
 BY_NAME = {d.name: d for d in _TABLE}
 BY_ST = {d.st: d for d in _TABLE}
+BY_CODE = {d.code: d for d in _TABLE if d.code >= 0}
 FLOAT_NAMES = tuple(d.name for d in _TABLE if d.kind == "float")
 
 _ALIASES = {

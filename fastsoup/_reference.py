@@ -59,3 +59,51 @@ def gram(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         return torch.zeros(0, 0, dtype=torch.float64)
     x = torch.stack([t.detach().reshape(-1).double() for t in tensors])
     return x @ x.T
+
+
+def soup_state_dict(state_dicts: Sequence[Mapping[str, torch.Tensor]], like: Mapping[str, torch.Tensor]) -> dict:
+    """The uniform soup as fastsoup.Soup computes it, re-summed from scratch: for float tensors
+    ``cast(float32(1/n) * (((0 + x_0) + x_1) + ...))`` in ``like``'s dtypes; others from the first."""
+    n = len(state_dicts)
+    out = {}
+    for name, ref in like.items():
+        if not ref.is_floating_point():
+            out[name] = state_dicts[0][name].clone()
+            continue
+        acc = torch.zeros(ref.shape, dtype=torch.float32)
+        for sd in state_dicts:
+            acc = acc + sd[name].detach().float()
+        out[name] = (acc * torch.tensor(1.0 / n, dtype=torch.float32)).to(ref.dtype)
+    return out
+
+
+def greedy_soup(state_dicts: Sequence[Mapping[str, torch.Tensor]], model: torch.nn.Module, batches, *,
+                strict: bool = False) -> tuple[list[int], float, list[float]]:
+    """The paper's Recipe 1, plainly: score every ingredient on every batch, stable sort descending,
+    and for each next ingredient re-average the kept ones plus it from scratch (float32), evaluate on
+    all the held-out data, keep it if accuracy >= the best (``>`` when strict).
+
+    Returns:
+        (kept indices in order, greedy soup accuracy, individual accuracies).
+    """
+    like = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def accuracy(sd) -> float:
+        model.load_state_dict(sd)
+        model.eval()
+        correct = total = 0
+        with torch.no_grad():
+            for x, y in batches:
+                correct += int((model(x).argmax(dim=-1) == y).sum())
+                total += int(y.shape[0])
+        return correct / total
+
+    scores = [accuracy(sd) for sd in state_dicts]
+    order = sorted(range(len(state_dicts)), key=lambda i: -scores[i])
+    kept, best = [order[0]], scores[order[0]]
+    for j in order[1:]:
+        acc = accuracy(soup_state_dict([state_dicts[i] for i in kept + [j]], like))
+        if acc > best or (not strict and acc == best):
+            kept.append(j)
+            best = acc
+    return kept, best, scores

@@ -70,6 +70,17 @@ def tensor_from_address(addr: int, dtype: str, shape: Sequence[int]) -> torch.Te
     return out
 
 
+def staging_like(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous host tensor shaped like t, pinned when t is on a GPU (for async copies)."""
+    return torch.empty(tuple(t.shape), dtype=t.dtype, pin_memory=t.device.type == "cuda")
+
+
+def synchronize(device: torch.device) -> None:
+    """Waits for the copies queued on device (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Tensor-level kernels (CPU). Arguments are checked here, at the boundary, with messages that name
 # the op and the argument; the native core checks addresses and codes again.

@@ -17,6 +17,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from ._dtypes import BY_CODE
 from ._dtypes import info as dtype_info
 from ._dtypes import parse_float_dtype
 from ._native import _core
@@ -149,8 +150,10 @@ def _output_dtype(ref, override):
     return ref.dtype, False
 
 
-def _run(ckpts: list[Checkpoint], weights, out, override, threads, shard_size, progress, overwrite, fsync, desc):
-    first = ckpts[0]
+def _run(ckpts: list[Checkpoint], weights, out, override, threads, shard_size, progress, overwrite, fsync, desc,
+         layout: Checkpoint | None = None):
+    # `layout` (default: the first input) gives the tensor order, default dtypes, shards and metadata.
+    first = layout if layout is not None else ckpts[0]
     K = len(ckpts)
     names = list(first)
     out_dtypes = {name: _output_dtype(first[name], override) for name in names}  # name -> (dtype, averaged?)
@@ -184,59 +187,27 @@ def _run(ckpts: list[Checkpoint], weights, out, override, threads, shard_size, p
         writer = AtomicOutput(plan, overwrite=overwrite, fsync=fsync)
 
     # Segments, fused where contiguous in every input and in the output.
-    seg_n, seg_kind, seg_file, seg_off, seg_dtype = [], [], [], [], []
-    in_addr, in_dtype, in_mapped = [], [], []
-    total_in = 0
-    last = None  # (kind, file, out_end, out_code, input ends, input codes, mapped)
+    segs = _Segments(K)
     for name, (dfile, doff) in zip(names, dests):
         ref0 = first[name]
         od, is_float = out_dtypes[name]
         if ref0.nbytes == 0:
             continue
-        addrs, codes, mapped = [], [], []
         if is_float:
-            n = ref0.numel
+            inputs = []
             for ck in ckpts:
                 ref = ck[name]
                 addr, is_mapped, obj = ck.buffer(ref)
                 if not is_mapped:
                     keep.append(obj)
-                addrs.append(addr)
-                codes.append(dtype_info(ref.dtype).code)
-                mapped.append(1 if is_mapped else 0)
-            kind, out_code, out_len = 0, dtype_info(od).code, n * dtype_info(od).itemsize
-            ends = [a + ref0.numel * dtype_info(ck[name].dtype).itemsize for a, ck in zip(addrs, ckpts)]
-            total_in += sum(e - a for a, e in zip(addrs, ends))
+                inputs.append((addr, dtype_info(ref.dtype).code, is_mapped))
+            segs.weighted(ref0.numel, dfile, doff, dtype_info(od).code, inputs)
         else:
-            n = ref0.nbytes
-            addr, is_mapped, obj = first.buffer(ref0)
+            addr, is_mapped, obj = ckpts[0].buffer(ckpts[0][name])
             if not is_mapped:
                 keep.append(obj)
-            addrs, codes, mapped = [addr] + [0] * (K - 1), [0] * K, [1 if is_mapped else 0] + [0] * (K - 1)
-            kind, out_code, out_len = 1, 0, n
-            ends = [addr + n] + [0] * (K - 1)
-            total_in += n
-        if (
-            last is not None
-            and last[0] == kind
-            and last[1] == dfile
-            and last[2] == doff
-            and last[3] == out_code
-            and last[4] == addrs
-            and last[5] == codes
-            and last[6] == mapped
-        ):
-            seg_n[-1] += n
-        else:
-            seg_n.append(n)
-            seg_kind.append(kind)
-            seg_file.append(dfile)
-            seg_off.append(doff)
-            seg_dtype.append(out_code)
-            in_addr.extend(addrs)
-            in_dtype.extend(codes)
-            in_mapped.extend(mapped)
-        last = (kind, dfile, doff + out_len, out_code, ends, codes, mapped)
+            segs.copy(ref0.nbytes, dfile, doff, addr, is_mapped)
+    total_in = segs.total_in
 
     bar = _progress_bar(progress, total_in, desc)
     callback = None
@@ -248,10 +219,7 @@ def _run(ckpts: list[Checkpoint], weights, out, override, threads, shard_size, p
         if writer is not None:
             writer.open()
         try:
-            _core.merge(
-                weights, seg_n, seg_kind, seg_file, seg_off, seg_dtype, in_addr, in_dtype, in_mapped,
-                writer.fds if writer is not None else [], threads, WINDOW_BYTES, BUFFER_BYTES, NBUFFERS, callback,
-            )
+            segs.run(weights, fds=writer.fds if writer is not None else [], threads=threads, progress=callback)
         except BaseException:
             if writer is not None:
                 writer.abort()
@@ -263,6 +231,71 @@ def _run(ckpts: list[Checkpoint], weights, out, override, threads, shard_size, p
             bar.close()
         del keep
     return result if out is None else os.fspath(out)
+
+
+class _Segments:
+    """The segment lists of one native merge plan, built tensor by tensor.
+
+    A tensor that continues the previous one in every input and in the output (same kinds and
+    dtypes, back to back) extends its segment instead of opening a new one, so files written alike
+    stream as one flat range per shard.
+    """
+
+    def __init__(self, num_inputs: int):
+        self.K = num_inputs
+        self.n: list[int] = []
+        self.kind: list[int] = []
+        self.out_file: list[int] = []
+        self.out_offset: list[int] = []
+        self.out_dtype: list[int] = []
+        self.in_addr: list[int] = []
+        self.in_dtype: list[int] = []
+        self.in_mapped: list[int] = []
+        self.total_in = 0  # input bytes
+        self._last = None  # (kind, out_file, out_end, out_code, input ends, input codes, mapped)
+
+    def weighted(self, n: int, out_file: int, out_offset: int, out_code: int, inputs) -> None:
+        """out[:n] = cast(sum_k w_k * in_k[:n]); inputs: K ``(address, dtype code, mapped)``."""
+        if len(inputs) != self.K:
+            raise ValueError(f"expected {self.K} inputs, got {len(inputs)}")
+        addrs = [a for a, _, _ in inputs]
+        codes = [c for _, c, _ in inputs]
+        mapped = [1 if m else 0 for _, _, m in inputs]
+        units = [BY_CODE[c].itemsize for c in codes]
+        ends = [a + n * u for a, u in zip(addrs, units)]
+        self.total_in += n * sum(units)
+        self._add(0, n, out_file, out_offset, out_code, n * BY_CODE[out_code].itemsize, addrs, codes, mapped, ends)
+
+    def copy(self, nbytes: int, out_file: int, out_offset: int, addr: int, mapped: bool) -> None:
+        """out[:nbytes] = the bytes at addr (tensors that are not averaged)."""
+        pad = [0] * (self.K - 1)
+        self.total_in += nbytes
+        self._add(1, nbytes, out_file, out_offset, 0, nbytes, [addr] + pad, [0] * self.K,
+                  [1 if mapped else 0] + pad, [addr + nbytes] + pad)
+
+    def _add(self, kind, n, dfile, doff, out_code, out_len, addrs, codes, mapped, ends):
+        last = self._last
+        if (last is not None and last[0] == kind and last[1] == dfile and last[2] == doff and last[3] == out_code
+                and last[4] == addrs and last[5] == codes and last[6] == mapped):
+            self.n[-1] += n
+        else:
+            self.n.append(n)
+            self.kind.append(kind)
+            self.out_file.append(dfile)
+            self.out_offset.append(doff)
+            self.out_dtype.append(out_code)
+            self.in_addr.extend(addrs)
+            self.in_dtype.extend(codes)
+            self.in_mapped.extend(mapped)
+        self._last = (kind, dfile, doff + out_len, out_code, ends, codes, mapped)
+
+    def run(self, weights, *, fds=(), threads: int = 0, progress=None, accumulate: bool = False) -> None:
+        """Runs the plan in the native executor (GIL released; Ctrl-C is seen between steps)."""
+        _core.merge(
+            [float(w) for w in weights], self.n, self.kind, self.out_file, self.out_offset, self.out_dtype,
+            self.in_addr, self.in_dtype, self.in_mapped, list(fds), threads, WINDOW_BYTES, BUFFER_BYTES, NBUFFERS,
+            progress, accumulate=accumulate,
+        )
 
 
 def _progress_bar(progress: bool | None, total: int, desc: str):

@@ -87,7 +87,7 @@ const cpu::KernelTable& table() {
   return s.tables[s.current.load(std::memory_order_relaxed)];
 }
 
-std::atomic<int64_t> g_read{0}, g_written{0}, g_calls{0};
+std::atomic<int64_t> g_read{0}, g_written{0}, g_calls{0}, g_mapped{0};
 
 }  // namespace
 
@@ -114,12 +114,14 @@ const char* isa_name(Isa isa) {
 
 int default_threads() { return cpu::available_threads(); }
 
-Counters counters() { return {g_read.load(), g_written.load(), g_calls.load()}; }
+Counters counters() { return {g_read.load(), g_written.load(), g_calls.load(), g_mapped.load()}; }
 void reset_counters() {
   g_read.store(0);
   g_written.store(0);
   g_calls.store(0);
+  g_mapped.store(0);
 }
+void add_mapped_read(int64_t bytes) { g_mapped.fetch_add(bytes, std::memory_order_relaxed); }
 void add_counters(int64_t read, int64_t written) {
   g_read.fetch_add(read, std::memory_order_relaxed);
   g_written.fetch_add(written, std::memory_order_relaxed);

@@ -38,6 +38,8 @@ void check_plan(const MergePlan& p) {
     if (g.n < 0) bad(at + "n must be >= 0");
     if (g.out_file < -1 || g.out_file >= static_cast<int32_t>(p.fds.size())) bad(at + "out_file out of range");
     if (g.out_file == -1 && g.out_offset == 0 && g.n > 0) bad(at + "null output address");
+    if (p.accumulate && (g.kind != SegmentKind::kWeightedSum || g.out_file != -1 || g.out_dtype != DType::kFloat32))
+      bad(at + "accumulate needs weighted sums into float32 memory");
     if (g.kind == SegmentKind::kCopy) {
       if (K < 1) bad(at + "a copy needs an input");
       if (g.n > 0 && p.in_addr[s * K] == 0) bad(at + "null input address");
@@ -277,11 +279,12 @@ void run_merge(const MergePlan& p, const MergeProgress& progress) {
     if (g.kind == SegmentKind::kCopy) {
       std::memcpy(dst, reinterpret_cast<const char*>(p.in_addr[base]) + st.begin, static_cast<size_t>(st.count));
       add_counters(st.count, st.count);
+      if (p.in_mapped[base] != 0) add_mapped_read(st.count);
       step_in = st.count;
     } else {
       for (int64_t k = 0; k < K; ++k) {
         size_t len;
-        input_range(st, k, &ins[static_cast<size_t>(k)], &len);
+        if (input_range(st, k, &ins[static_cast<size_t>(k)], &len)) add_mapped_read(static_cast<int64_t>(len));
         dts[static_cast<size_t>(k)] = static_cast<DType>(p.in_dtype[base + static_cast<size_t>(k)]);
         step_in += static_cast<int64_t>(len);
       }
@@ -294,6 +297,7 @@ void run_merge(const MergePlan& p, const MergeProgress& progress) {
       wp.out_dtype = g.out_dtype;
       wp.n = st.count;
       wp.threads = p.threads;
+      wp.accumulate = p.accumulate;
       Status s = weighted_sum_cpu(wp);
       if (!s.ok) throw std::invalid_argument("merge: " + s.message);
     }

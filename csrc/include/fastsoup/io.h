@@ -81,6 +81,7 @@ struct MergePlan {
   int nbuffers = 4;                       // staging buffers in the ring
   int prefetch_steps = 2;                 // steps whose input is requested ahead (MADV_WILLNEED)
   bool release = true;                    // MADV_DONTNEED the input of each finished step
+  bool accumulate = false;                // out += sum (float32 memory outputs, weighted sums only)
 };
 
 // Called after each step with the input bytes consumed and the output bytes produced so far;

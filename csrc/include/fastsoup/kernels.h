@@ -78,9 +78,11 @@ struct Counters {
   int64_t bytes_read = 0;
   int64_t bytes_written = 0;
   int64_t calls = 0;
+  int64_t mapped_bytes_read = 0;  // of bytes_read: input bytes the merge executor read from file mappings
 };
 Counters counters();
 void reset_counters();
 void add_counters(int64_t read, int64_t written);
+void add_mapped_read(int64_t bytes);
 
 }  // namespace fastsoup

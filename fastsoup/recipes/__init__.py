@@ -1,0 +1,90 @@
+"""Soup recipes: each is a small declared object (name, paper, parameters, one entry point) in
+``RECIPES``, plus the plain function for the common case.
+
+    uniform_soup(ingredients, **average_kwargs)      average() with equal weights
+    weighted_soup(ingredients, weights, **kwargs)    average() with weights
+    greedy_soup(ingredients, model, heldout, ...)    the paper's Recipe 1 (fastsoup.search)
+    greedy_ensemble(ingredients, model, heldout, ...) the paper's greedy ensemble baseline
+
+Recipes that evaluate models import torch when they are first used, not when this module is imported.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ..engine import average
+
+PAPER = "Wortsman et al., Model soups, ICML 2022"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A soup recipe: its name, where it comes from, its parameters and its entry point."""
+
+    name: str
+    paper: str
+    summary: str
+    params: tuple[str, ...]
+    target: str  # "module:function", imported on first use
+
+    @property
+    def run(self) -> Callable[..., Any]:
+        module, _, func = self.target.partition(":")
+        return getattr(importlib.import_module(module), func)
+
+
+def uniform_soup(ingredients: Sequence[Any], **average_kwargs: Any):
+    """The uniform soup: every ingredient weighted equally. Arguments, output and errors are those of
+    :func:`fastsoup.average` (``out=None`` returns a state dict; a path writes safetensors there).
+
+    Example:
+        >>> fastsoup.uniform_soup(paths, out="uniform.safetensors")  # doctest: +SKIP
+    """
+    if "weights" in average_kwargs:
+        raise TypeError("uniform_soup takes no weights; use weighted_soup")
+    return average(ingredients, **average_kwargs)
+
+
+def weighted_soup(ingredients: Sequence[Any], weights: Sequence[float], **average_kwargs: Any):
+    """``sum_k w_k theta_k / sum_k w_k``: :func:`fastsoup.average` with ``weights``."""
+    return average(ingredients, weights, **average_kwargs)
+
+
+RECIPES: dict[str, Recipe] = {
+    r.name: r
+    for r in (
+        Recipe("uniform", PAPER, "average every ingredient with equal weight", ("ingredients", "out", "dtype"),
+               "fastsoup.recipes:uniform_soup"),
+        Recipe("weighted", PAPER, "average with given weights", ("ingredients", "weights", "out", "dtype"),
+               "fastsoup.recipes:weighted_soup"),
+        Recipe("greedy", PAPER + ", Recipe 1",
+               "rank by held-out score; add each ingredient if the held-out score does not drop",
+               ("ingredients", "model", "heldout", "metric", "strict", "cache_dir", "device", "order"),
+               "fastsoup.search.greedy:greedy_soup"),
+        Recipe("greedy_ensemble", PAPER + ", appendix baseline",
+               "greedy soup's procedure over logit ensembles, from cached logits",
+               ("ingredients", "model", "heldout", "metric", "strict", "cache_dir", "device"),
+               "fastsoup.search.greedy:greedy_ensemble"),
+    )
+}
+
+
+def get_recipe(name: str) -> Recipe:
+    try:
+        return RECIPES[name]
+    except KeyError:
+        raise ValueError(f"unknown recipe {name!r}; known: {', '.join(RECIPES)}") from None
+
+
+def __getattr__(name: str):
+    # greedy_soup and greedy_ensemble import torch: resolve them on first use.
+    if name in ("greedy_soup", "greedy_ensemble"):
+        return RECIPES["greedy" if name == "greedy_soup" else name].run
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["RECIPES", "Recipe", "get_recipe", "greedy_ensemble", "greedy_soup", "uniform_soup", "weighted_soup"]

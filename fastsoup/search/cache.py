@@ -1,0 +1,179 @@
+"""Fingerprints, the on-disk logit cache and the step journal of a search.
+
+A cache directory holds::
+
+    manifest.json     the fingerprints of the model and of every data set evaluated with this cache
+    logits/KEY.safetensors   float32 logits of one evaluated model (an ingredient or a soup) on one data set
+    journal.jsonl     one JSON record per decision of every search run with this cache
+
+A logit key is a hash of the model's fingerprint, the data set's fingerprint and the soup's recipe
+(the fingerprints and weights of its ingredients, in the order they were summed).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from .._errors import FastsoupError
+from ..io.checkpoint import Checkpoint
+
+WHOLE_BYTES = 64 << 10  # tensors up to this size are hashed whole
+SAMPLES = 8  # larger tensors: this many evenly spaced samples ...
+SAMPLE_BYTES = 512  # ... of this many bytes
+
+
+class CacheMismatchError(FastsoupError, ValueError):
+    """The model or a data set is not the one a cache directory was written for."""
+
+
+def _hasher():
+    return hashlib.blake2b(digest_size=16)
+
+
+def fingerprint_checkpoint(ck: Checkpoint) -> str:
+    """A content fingerprint of a checkpoint: every tensor's name, dtype and shape, the bytes of small
+    tensors (up to 64 KiB, e.g. biases and norms) and 8 evenly spaced 512-byte samples of larger ones.
+
+    Fine-tuned checkpoints differ in practically every tensor, so the samples tell them apart while
+    reading about 4 KiB per tensor; a checkpoint edited in a few places of one large tensor can keep
+    its fingerprint (clear the cache after editing checkpoints in place).
+    """
+    h = _hasher()
+    for name, ref in ck.items():
+        h.update(json.dumps([name, ref.dtype, list(ref.shape)]).encode())
+        if ref.nbytes == 0:
+            continue
+        addr, _, keep = ck.buffer(ref)
+        if ref.nbytes <= WHOLE_BYTES:
+            h.update(ctypes.string_at(addr, ref.nbytes))
+        else:
+            span = ref.nbytes - SAMPLE_BYTES
+            for i in range(SAMPLES):
+                h.update(ctypes.string_at(addr + span * i // (SAMPLES - 1), SAMPLE_BYTES))
+        del keep
+    return h.hexdigest()
+
+
+def fingerprint_model(model: Any) -> str:
+    """The architecture of a model: its class, its ``repr`` and its state dict's names, dtypes and shapes."""
+    h = _hasher()
+    cls = type(model)
+    h.update(f"{cls.__module__}.{cls.__qualname__}\n{model!r}\n".encode())
+    for name, t in model.state_dict().items():
+        h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
+    return h.hexdigest()
+
+
+def key(*parts: Any) -> str:
+    """A hash of JSON-serializable parts."""
+    h = _hasher()
+    h.update(json.dumps(parts, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def soup_key(model_fp: str, data_fp: str, members: Sequence[tuple[str, float]]) -> str:
+    """The logit key of a soup: (ingredient fingerprint, weight) in the order summed. One member: an ingredient."""
+    return key("soup", model_fp, data_fp, [[fp, float(w)] for fp, w in members])
+
+
+class LogitCache:
+    """Logits on disk, one safetensors file per (model, data set, soup)."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = os.fspath(root)
+        os.makedirs(os.path.join(self.root, "logits"), exist_ok=True)
+        self._manifest_path = os.path.join(self.root, "manifest.json")
+        self.journal = Journal(os.path.join(self.root, "journal.jsonl"))
+
+    def _path(self, k: str) -> str:
+        return os.path.join(self.root, "logits", k + ".safetensors")
+
+    def get(self, k: str):
+        """The cached float32 logits under k, or None."""
+        path = self._path(k)
+        if not os.path.exists(path):
+            return None
+        from ..io.checkpoint import open_checkpoint
+
+        try:
+            ck = open_checkpoint(path)
+            t = ck.tensor("logits")
+        except Exception as e:  # a damaged entry is a miss, and is rewritten
+            import warnings
+
+            warnings.warn(f"ignoring the unreadable cache entry {path}: {e}", stacklevel=2)
+            return None
+        return t
+
+    def put(self, k: str, logits) -> None:
+        """Stores logits under k (atomically: a crash leaves no half-written entry)."""
+        from ..io.writer import save
+
+        save({"logits": logits.detach().float().cpu().contiguous()}, self._path(k), overwrite=True)
+
+    def check(self, what: str, fingerprint: str, *, describe: str) -> None:
+        """Records ``what`` (e.g. "model", "data:heldout") on first use; refuses a different fingerprint later."""
+        manifest = self._read_manifest()
+        entry = manifest.get(what)
+        if entry is None:
+            manifest[what] = {"fingerprint": fingerprint, "written": time.strftime("%Y-%m-%d %H:%M:%S")}
+            self._write_manifest(manifest)
+            return
+        if entry["fingerprint"] != fingerprint:
+            raise CacheMismatchError(
+                f"{describe} has changed since the cache {self.root} was written ({entry['written']}): "
+                f"fingerprint {fingerprint}, the cache has {entry['fingerprint']}. Results cached for the old one "
+                "would be wrong here: use a new cache_dir, or delete this one to start over"
+            )
+
+    def _read_manifest(self) -> dict:
+        try:
+            with open(self._manifest_path) as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as e:
+            raise FastsoupError(f"{self._manifest_path} is unreadable ({e}): delete the cache directory {self.root}") from None
+
+    def _write_manifest(self, manifest: dict) -> None:
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".manifest-")
+        with os.fdopen(fd, "w") as f:
+            json.dump(manifest, f, indent=1)
+        os.replace(tmp, self._manifest_path)
+
+
+class Journal:
+    """An append-only JSONL log of decisions; a torn last line (a killed process) is ignored."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def records(self) -> Iterable[dict]:
+        try:
+            with open(self.path) as f:
+                lines = f.readlines()
+        except FileNotFoundError:
+            return []
+        out = []
+        for line in lines:
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+        return out
+
+    def append(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+__all__ = ["CacheMismatchError", "Journal", "LogitCache", "fingerprint_checkpoint", "fingerprint_model", "key", "soup_key"]

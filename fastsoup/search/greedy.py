@@ -1,0 +1,488 @@
+"""Greedy soup (the paper's Recipe 1) and greedy ensemble, as a cached-logit search.
+
+Cost model. The official ``main.py`` keeps a running average too (each checkpoint is loaded once);
+its time goes to the data pipeline run again for every candidate, two state-dict clones plus a
+``load_state_dict`` per candidate, and every rejected candidate evaluated to the end. Here:
+
+1. the held-out data goes through its pipeline once (:func:`~fastsoup.search.heldout.prepare`);
+2. the running soup is a float32 :class:`~fastsoup.Soup`; a candidate is one fused pass that reads
+   the new checkpoint once and writes the model's parameters in place, and accepting it reads nothing;
+3. accuracy is evaluated batch by batch and a candidate is rejected as soon as it cannot reach the
+   threshold (exact: the decisions are those of a full evaluation);
+4. logits of every ingredient and every fully evaluated soup, and every decision, are kept in
+   ``cache_dir``: a rerun evaluates nothing, and an interrupted search resumes at the next untried
+   candidate.
+
+Cached logits make ensembles exact and free; they say nothing about a soup of the same ingredients
+(a soup's logits are not a function of its ingredients' logits), so soups are always evaluated.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .._errors import FastsoupError
+from .._native import _core
+from ..io.checkpoint import Checkpoint, check_compatible, open_checkpoint
+from ..soup import Soup, _load_checkpoint
+from . import cache as _cache
+from .heldout import (
+    Evaluation,
+    HeldOut,
+    Metric,
+    check_metric,
+    correct_count,
+    evaluate,
+    metric_name,
+    prepare,
+    progress_bar,
+    score_logits,
+)
+
+
+@dataclass
+class SearchStats:
+    """Where a search spent its time and its reads."""
+
+    prepare_seconds: float = 0.0  # running the data pipeline once (all data sets)
+    individual_seconds: float = 0.0  # loading and scoring every ingredient
+    form_seconds: float = 0.0  # forming candidates (reads + fused kernel + parameter writes)
+    eval_seconds: float = 0.0  # evaluating candidates
+    evaluations: int = 0  # model evaluations run (ingredients and candidates)
+    cached: int = 0  # evaluations answered by the cache or the journal
+    batches_evaluated: int = 0  # candidate batches run
+    batches_saved: int = 0  # candidate batches skipped by early rejection
+    bytes_read_individual: int = 0  # checkpoint bytes read from files to score the ingredients
+    bytes_read_search: int = 0  # checkpoint bytes read from files by the greedy search
+
+
+@dataclass
+class GreedyResult:
+    """The outcome of :func:`greedy_soup`.
+
+    Attributes:
+        ingredients: the kept ingredients (as given), in the order they were added.
+        indices: their positions in the ``ingredients`` argument.
+        score: the held-out score of the greedy soup.
+        history: one dict per step: ``step, index, name, score (None when rejected early), accepted,
+            batches, of (batches in the set), source ("evaluated", "cache" or "journal")``.
+        individual_scores: the held-out score of every ingredient, in the input order.
+        order: the order the candidates were tried in.
+        names: names of all ingredients (paths, or ``<ingredient i>``).
+        stats: a :class:`SearchStats`.
+    """
+
+    ingredients: list
+    indices: list[int]
+    score: float
+    history: list[dict]
+    individual_scores: list[float]
+    order: list[int]
+    names: list[str]
+    metric: str
+    strict: bool
+    stats: SearchStats = field(default_factory=SearchStats)
+
+    def soup(self) -> Soup:
+        """The greedy soup as a :class:`~fastsoup.Soup`, summed in the order of the search (so its value
+        is bit for bit the one that was evaluated). Reads each kept ingredient once."""
+        soup = Soup.like(self.ingredients[0])
+        for ing in self.ingredients:
+            soup.add(ing)
+        return soup
+
+    def state_dict(self, dtype: Any = None) -> dict:
+        """The greedy soup's state dict (dtypes of the first kept ingredient, or ``dtype``)."""
+        return self.soup().value(dtype)
+
+    def load_into(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Writes the greedy soup into ``model``'s parameters in place; returns the model."""
+        return self.soup().load_into(model)
+
+    def save(self, out: str | os.PathLike, **options: Any) -> str:
+        """Writes the soup with the layout rules of ``average(out=...)`` (options: dtype, shard_size,
+        overwrite, fsync, progress), and a JSON sidecar with the ingredients, scores and history:
+        ``NAME.json`` next to a ``NAME.safetensors`` file, ``soup.json`` inside a sharded folder."""
+        path = self.soup().save(out, **options)
+        with open(sidecar_path(path), "w") as f:
+            json.dump(self.to_json(), f, indent=1)
+        return path
+
+    def to_json(self) -> dict:
+        return {
+            "recipe": "greedy_soup",
+            "rule": ">" if self.strict else ">=",
+            "metric": self.metric,
+            "score": self.score,
+            "ingredients": [self.names[i] for i in self.indices],
+            "indices": self.indices,
+            "order": self.order,
+            "individual_scores": dict(zip(self.names, self.individual_scores)),
+            "history": self.history,
+            "stats": self.stats.__dict__,
+        }
+
+
+@dataclass
+class EnsembleResult:
+    """The outcome of :func:`greedy_ensemble`: ``members`` (indices, in order added), ``score``,
+    ``history``, ``individual_scores``, ``names``."""
+
+    members: list[int]
+    score: float
+    history: list[dict]
+    individual_scores: list[float]
+    names: list[str]
+
+
+def sidecar_path(out: str | os.PathLike) -> str:
+    out = os.fspath(out)
+    if out.endswith(".safetensors"):
+        return out[: -len(".safetensors")] + ".json"
+    return os.path.join(out, "soup.json")
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+class Search:
+    """The shared state of the searches: opened ingredients, prepared data, the cache.
+
+    Checks everything before any evaluation: the ingredients against each other and against the
+    model, the data sets (non-empty), and the cache (same model and data as when it was written).
+    """
+
+    def __init__(
+        self,
+        ingredients: Sequence[Any],
+        model: torch.nn.Module,
+        heldout: Iterable,
+        *,
+        metric: str | Metric = "accuracy",
+        cache_dir: str | os.PathLike | None = None,
+        device: Any = None,
+        progress: bool | None = None,
+        evals: dict[str, Iterable] | None = None,
+    ):
+        self.metric = check_metric(metric)
+        self.sources = list(ingredients)
+        if not self.sources:
+            raise ValueError("no ingredients: give at least one checkpoint")
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.progress = progress
+        self.stats = SearchStats()
+        self.names = [_name(src, i) for i, src in enumerate(self.sources)]
+        self.ckpts: list[Checkpoint] = [open_checkpoint(src) for src in self.sources]
+        self.device = torch.device(device) if device is not None else _model_device(model)
+        self.model = model.to(self.device)
+        layout = open_checkpoint(model)
+        check_compatible([layout] + self.ckpts)
+        self.model_fp = _cache.fingerprint_model(model)
+        self.fps = [_cache.fingerprint_checkpoint(ck) for ck in self.ckpts]
+        self.data: dict[str, HeldOut] = {"heldout": prepare(heldout, self.device, name="heldout")}
+        for name, loader in (evals or {}).items():
+            if name == "heldout":
+                raise ValueError("'heldout' is the held-out set's name; give the eval set another name")
+            self.data[name] = prepare(loader, self.device, name=name)
+        self.stats.prepare_seconds = sum(d.prepare_seconds for d in self.data.values())
+        self.cache = _cache.LogitCache(cache_dir) if cache_dir is not None else None
+        if self.cache is not None:
+            self.cache.check("model", self.model_fp, describe=f"the model ({type(model).__name__})")
+            for name, d in self.data.items():
+                self.cache.check("data:" + name, d.fingerprint, describe=f"the data set {name!r}")
+        self._memory: dict[str, torch.Tensor] = {}
+        self._individual: dict[str, list[torch.Tensor]] = {}
+
+    @property
+    def heldout(self) -> HeldOut:
+        return self.data["heldout"]
+
+    def key(self, members: Sequence[int], data: str) -> str:
+        return _cache.soup_key(self.model_fp, self.data[data].fingerprint, [(self.fps[i], 1.0) for i in members])
+
+    def cached(self, members: Sequence[int], data: str) -> torch.Tensor | None:
+        k = self.key(members, data)
+        if k in self._memory:
+            return self._memory[k]
+        if self.cache is not None:
+            t = self.cache.get(k)
+            if t is not None:
+                self._memory[k] = t
+            return t
+        return None
+
+    def store(self, members: Sequence[int], data: str, logits: torch.Tensor) -> None:
+        k = self.key(members, data)
+        self._memory[k] = logits
+        if self.cache is not None:
+            self.cache.put(k, logits)
+
+    def individual_logits(self, data: str = "heldout") -> list[torch.Tensor]:
+        """Logits of every ingredient on a data set: from the cache, else each checkpoint is read once
+        and evaluated on every data set that misses it."""
+        if data in self._individual:
+            return self._individual[data]
+        start = time.perf_counter()
+        before = _core.counters()["mapped_bytes_read"]
+        sets = list(self.data)
+        for i, ck in enumerate(self.ckpts):
+            missing = [d for d in sets if self.cached([i], d) is None]
+            if not missing:
+                self.stats.cached += len(sets)
+                continue
+            _load_checkpoint(ck, self.model)
+            for d in missing:
+                bar = progress_bar(self.progress, len(self.data[d].batches), f"{d}: {self.names[i]}")
+                try:
+                    ev = evaluate(self.model, self.data[d], self.metric, progress=bar)
+                finally:
+                    if bar is not None:
+                        bar.close()
+                self.stats.evaluations += 1
+                self.store([i], d, ev.logits)
+        for d in sets:
+            self._individual[d] = [self.cached([i], d) for i in range(len(self.ckpts))]
+        self.stats.bytes_read_individual += _core.counters()["mapped_bytes_read"] - before
+        self.stats.individual_seconds += time.perf_counter() - start
+        return self._individual[data]
+
+    def individual_scores(self, data: str = "heldout") -> list[float]:
+        labels = self.data[data].labels
+        return [score_logits(t, labels, self.metric) for t in self.individual_logits(data)]
+
+    def soup_logits(self, members: Sequence[int], data: str = "heldout") -> torch.Tensor:
+        """Logits of the uniform soup of ``members`` (summed in that order): cached, else formed and evaluated."""
+        t = self.cached(members, data)
+        if t is not None:
+            return t
+        soup = Soup.like(self.model)
+        for i in members:
+            soup.add(self.ckpts[i])
+        soup.load_into(self.model)
+        ev = evaluate(self.model, self.data[data], self.metric)
+        self.stats.evaluations += 1
+        self.store(members, data, ev.logits)
+        return ev.logits
+
+    def ranking(self, scores: Sequence[float], order: Sequence[int] | None) -> list[int]:
+        n = len(scores)
+        if order is None:
+            return sorted(range(n), key=lambda i: -scores[i])  # stable: ties keep the input order
+        order = [int(i) for i in order]
+        if not order or len(set(order)) != len(order) or not all(0 <= i < n for i in order):
+            raise ValueError(f"order must list distinct ingredient indices in [0, {n}), got {order}")
+        return order
+
+
+def greedy_soup(
+    ingredients: Sequence[Any],
+    model: torch.nn.Module,
+    heldout: Iterable,
+    *,
+    metric: str | Metric = "accuracy",
+    strict: bool = False,
+    cache_dir: str | os.PathLike | None = None,
+    device: Any = None,
+    order: Sequence[int] | None = None,
+    progress: bool | None = None,
+) -> GreedyResult:
+    """Greedy soup, the paper's Recipe 1: rank the ingredients by held-out score, start from the best,
+    try each next one once, keep it if the soup's held-out score does not drop.
+
+    Args:
+        ingredients: checkpoints (paths, state dicts, modules) fine-tuned from one init.
+        model: an ``nn.Module`` whose state dict matches the ingredients; its parameters are
+            overwritten during the search (load the result with ``result.load_into(model)``).
+        heldout: ``(inputs, labels)`` batches (a DataLoader or any iterable); iterated once.
+        metric: "accuracy" (top-1; enables exact early rejection) or ``f(logits, labels) -> float``,
+            higher is better.
+        strict: keep a candidate only if it improves the score (``>``, as the official ``main.py``);
+            default ``False`` keeps it when the score does not drop (``>=``, as the paper's Recipe 1).
+        cache_dir: where logits and the decision journal are kept: a rerun evaluates nothing and an
+            interrupted search resumes at the next untried candidate.
+        device: the evaluation device (default: the model's); the held-out tensors are kept there.
+        order: indices of the ingredients in the order to try them (overrides the ranking).
+        progress: progress bars (default: on a terminal).
+
+    Returns:
+        A :class:`GreedyResult`.
+
+    Raises:
+        CheckpointError: the ingredients do not match each other or the model.
+        FastsoupError: empty held-out data; a cache written for another model or data set.
+
+    Example:
+        >>> result = fastsoup.greedy_soup(paths, model, val_loader, cache_dir="soup-cache")  # doctest: +SKIP
+        >>> result.indices, result.score  # doctest: +SKIP
+        >>> result.save("greedy.safetensors")  # doctest: +SKIP
+    """
+    s = Search(ingredients, model, heldout, metric=metric, cache_dir=cache_dir, device=device, progress=progress)
+    return run_greedy(s, strict=strict, order=order)
+
+
+def run_greedy(s: Search, *, strict: bool = False, order: Sequence[int] | None = None) -> GreedyResult:
+    """The greedy loop over a prepared :class:`Search` (see :func:`greedy_soup`)."""
+    held = s.heldout
+    logits = s.individual_logits()
+    scores = [score_logits(t, held.labels, s.metric) for t in logits]
+    ranking = s.ranking(scores, order)
+    accuracy = s.metric == "accuracy"
+    search_key = _cache.key("greedy", s.model_fp, held.fingerprint, metric_name(s.metric), bool(strict),
+                            [s.fps[i] for i in ranking])
+    journal = {}
+    if s.cache is not None:
+        for r in s.cache.journal.records():
+            if r.get("search") == search_key and r.get("kind") == "candidate":
+                journal[r["step"]] = r
+
+    first = ranking[0]
+    kept = [first]
+    best_score = scores[first]
+    best_correct = correct_count(logits[first], held.labels) if accuracy else None
+    nb = len(held.batches)
+    history = [{"step": 0, "index": first, "name": s.names[first], "score": best_score, "accepted": True,
+                "batches": nb, "of": nb, "source": "individual"}]
+    soup: Soup | None = None  # its sum equals the sum of `kept` when `ready`
+    ready = False
+    before = _core.counters()["mapped_bytes_read"]
+    for step, j in enumerate(ranking[1:], 1):
+        rec = journal.get(step)
+        members = kept + [j]
+        pending = False
+        if rec is not None and rec.get("index") == j and rec.get("fingerprint") == s.fps[j]:
+            accepted, score, correct, batches, source = rec["accepted"], rec["score"], rec.get("correct"), rec["batches"], "journal"
+            s.stats.cached += 1
+        else:
+            cached = s.cached(members, "heldout")
+            if cached is not None:
+                ev = Evaluation(cached, score_logits(cached, held.labels, s.metric),
+                                correct_count(cached, held.labels) if accuracy else None, nb, True)
+                source = "cache"
+                s.stats.cached += 1
+            else:
+                t0 = time.perf_counter()
+                if not ready:
+                    soup = Soup.like(s.model)
+                    for i in kept:
+                        soup.add(s.ckpts[i])
+                    ready = True
+                soup.candidate(s.ckpts[j])
+                pending = True
+                t1 = time.perf_counter()
+                need = (best_correct + (1 if strict else 0)) if accuracy else None
+                bar = progress_bar(s.progress, nb, f"greedy {step}/{len(ranking) - 1}: {s.names[j]}")
+                try:
+                    ev = evaluate(s.model, held, s.metric, need=need, progress=bar)
+                finally:
+                    if bar is not None:
+                        bar.close()
+                s.stats.form_seconds += t1 - t0
+                s.stats.eval_seconds += time.perf_counter() - t1
+                s.stats.evaluations += 1
+                s.stats.batches_evaluated += ev.batches
+                s.stats.batches_saved += nb - ev.batches
+                if ev.complete:
+                    s.store(members, "heldout", ev.logits)
+                source = "evaluated"
+            score, correct, batches = ev.score, ev.correct, ev.batches
+            if not ev.complete:
+                accepted = False
+            elif accuracy:
+                accepted = correct > best_correct if strict else correct >= best_correct
+            else:
+                accepted = score > best_score if strict else score >= best_score
+            if s.cache is not None:
+                s.cache.journal.append({
+                    "kind": "candidate", "search": search_key, "step": step, "index": j, "name": s.names[j],
+                    "fingerprint": s.fps[j], "score": score, "correct": correct, "accepted": accepted,
+                    "batches": batches, "of": nb, "time": time.time(),
+                })
+        if accepted:
+            kept.append(j)
+            best_score, best_correct = score, correct
+            if pending:
+                soup.accept()
+            else:
+                ready = False
+        history.append({"step": step, "index": j, "name": s.names[j], "score": score, "accepted": accepted,
+                        "batches": batches, "of": nb, "source": source})
+    s.stats.bytes_read_search += _core.counters()["mapped_bytes_read"] - before
+    return GreedyResult(
+        ingredients=[s.sources[i] for i in kept], indices=kept, score=best_score, history=history,
+        individual_scores=scores, order=ranking, names=s.names, metric=metric_name(s.metric), strict=bool(strict),
+        stats=s.stats,
+    )
+
+
+def greedy_ensemble(
+    ingredients: Sequence[Any],
+    model: torch.nn.Module,
+    heldout: Iterable,
+    *,
+    metric: str | Metric = "accuracy",
+    strict: bool = False,
+    cache_dir: str | os.PathLike | None = None,
+    device: Any = None,
+    progress: bool | None = None,
+) -> EnsembleResult:
+    """The paper's greedy ensemble baseline: greedy soup's procedure over logit ensembles (the mean of
+    the members' logits), computed from the ingredients' held-out logits (cached: free on a rerun).
+
+    Arguments as :func:`greedy_soup`.
+    """
+    s = Search(ingredients, model, heldout, metric=metric, cache_dir=cache_dir, device=device, progress=progress)
+    return run_greedy_ensemble(s, strict=strict)
+
+
+def run_greedy_ensemble(s: Search, *, strict: bool = False, data: str = "heldout") -> EnsembleResult:
+    labels = s.data[data].labels
+    logits = s.individual_logits(data)
+    scores = [score_logits(t, labels, s.metric) for t in logits]
+    ranking = s.ranking(scores, None)
+    members = [ranking[0]]
+    total = logits[ranking[0]].double().clone()
+    best = scores[ranking[0]]
+    history = [{"step": 0, "index": ranking[0], "name": s.names[ranking[0]], "score": best, "accepted": True}]
+    for step, j in enumerate(ranking[1:], 1):
+        cand = total + logits[j].double()
+        score = score_logits((cand / (len(members) + 1)).float(), labels, s.metric)
+        accepted = score > best if strict else score >= best
+        if accepted:
+            members.append(j)
+            total, best = cand, score
+        history.append({"step": step, "index": j, "name": s.names[j], "score": score, "accepted": accepted})
+    return EnsembleResult(members, best, history, scores, s.names)
+
+
+def ensemble_logits(logits: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The logit ensemble: the mean of the members' logits (accumulated in float64)."""
+    total = torch.zeros_like(logits[0], dtype=torch.float64)
+    for t in logits:
+        total += t.double()
+    return (total / len(logits)).float()
+
+
+def _name(src: Any, i: int) -> str:
+    if isinstance(src, (str, os.PathLike)):
+        return os.fspath(src)
+    return f"<ingredient {i}>"
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+__all__ = ["EnsembleResult", "GreedyResult", "Search", "SearchStats", "ensemble_logits", "greedy_ensemble", "greedy_soup",
+           "run_greedy", "run_greedy_ensemble", "sidecar_path"]

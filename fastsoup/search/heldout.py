@@ -1,0 +1,225 @@
+"""Held-out data prepared once, and model evaluation with exact early rejection.
+
+The official greedy-soup loop runs the data pipeline (decode + transforms) again for every
+candidate. Here the pipeline runs once: :func:`prepare` keeps the model's input tensors (on the
+evaluation device) and the labels, and fingerprints their bytes so a cache can tell whether the data
+changed. :func:`evaluate` then runs the model batch by batch and, for accuracy, stops as soon as the
+candidate can no longer reach the acceptance threshold even with every remaining example right, so
+its decisions are those of a full evaluation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .._errors import FastsoupError
+
+Metric = Callable[[torch.Tensor, torch.Tensor], float]
+
+
+@dataclass
+class HeldOut:
+    """A data set prepared for repeated evaluation: batches on the device, labels, fingerprint."""
+
+    name: str
+    batches: list  # (inputs, labels) with inputs a tensor, a tuple of tensors or a dict of tensors
+    labels: torch.Tensor  # all labels, concatenated, on the CPU
+    fingerprint: str
+    prepare_seconds: float = 0.0
+
+    @property
+    def size(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(_nbytes(x) for x, _ in self.batches) + self.labels.numel() * self.labels.element_size()
+
+
+def prepare(data: Iterable, device: torch.device | str, *, name: str = "heldout") -> HeldOut:
+    """Runs ``data`` (an iterable or DataLoader of batches) once and keeps its tensors on ``device``.
+
+    A batch is ``(inputs, labels)`` or a dict with ``"labels"`` (or ``"label"``) and ``"images"`` (or
+    ``"inputs"``/``"input"``); inputs are a tensor, a tuple of tensors (``model(*inputs)``) or a dict
+    (``model(**inputs)``); labels a tensor with one entry per example.
+
+    Raises:
+        FastsoupError: the data is empty or a batch has another structure.
+    """
+    import time
+
+    start = time.perf_counter()
+    device = torch.device(device)
+    h = hashlib.blake2b(digest_size=16)
+    batches, labels = [], []
+    try:
+        iterator = iter(data)
+    except TypeError:
+        raise FastsoupError(f"{name}: expected an iterable of (inputs, labels) batches, got {type(data).__name__}") from None
+    for i, batch in enumerate(iterator):
+        x, y = _split(batch, name, i)
+        if not isinstance(y, torch.Tensor):
+            y = torch.as_tensor(y)
+        if y.dim() == 0:
+            raise FastsoupError(f"{name}: batch {i} has a scalar label tensor; expected one label per example")
+        _hash(h, x)
+        _hash(h, y)
+        labels.append(y.detach().cpu())
+        batches.append((_to(x, device), y.detach().to(device)))
+    if not batches or sum(y.shape[0] for y in labels) == 0:
+        raise FastsoupError(f"{name}: the data set is empty (no batches, or no examples): greedy search needs held-out examples")
+    return HeldOut(name, batches, torch.cat(labels), h.hexdigest(), time.perf_counter() - start)
+
+
+@dataclass
+class Evaluation:
+    logits: torch.Tensor | None  # all logits (CPU, float32) when evaluated to the end
+    score: float | None  # None when stopped early
+    correct: int | None  # accuracy only
+    batches: int  # batches evaluated
+    complete: bool
+
+
+def evaluate(
+    model: torch.nn.Module,
+    data: HeldOut,
+    metric: str | Metric = "accuracy",
+    *,
+    need: int | None = None,
+    progress: Any = None,
+) -> Evaluation:
+    """Evaluates ``model`` on ``data``.
+
+    Args:
+        metric: "accuracy" (top-1) or ``f(logits, labels) -> float``, higher is better.
+        need: accuracy only: the number of correct examples the model must reach; evaluation stops
+            once ``correct + remaining < need`` (it cannot be reached), and the result is incomplete.
+        progress: a tqdm-like bar to update by one per batch, or None.
+    """
+    was_training = model.training
+    model.eval()
+    outs, correct, seen, done = [], 0, 0, 0
+    total = data.size
+    try:
+        with torch.inference_mode():
+            for x, y in data.batches:
+                logits = _call(model, x)
+                if not isinstance(logits, torch.Tensor):
+                    logits = getattr(logits, "logits", None)
+                    if not isinstance(logits, torch.Tensor):
+                        raise FastsoupError("the model must return a logits tensor (or an object with .logits)")
+                if logits.shape[0] != y.shape[0]:
+                    raise FastsoupError(
+                        f"{data.name}: the model returned {logits.shape[0]} rows of logits for a batch of {y.shape[0]} labels"
+                    )
+                outs.append(logits.detach().float().cpu())
+                done += 1
+                seen += y.shape[0]
+                if progress is not None:
+                    progress.update(1)
+                if metric == "accuracy":
+                    correct += int((logits.argmax(dim=-1) == y).sum())
+                    if need is not None and seen < total and correct + (total - seen) < need:
+                        return Evaluation(None, None, None, done, False)
+    finally:
+        model.train(was_training)
+    logits = torch.cat(outs)
+    return Evaluation(logits, score_logits(logits, data.labels, metric), correct if metric == "accuracy" else None, done, True)
+
+
+def score_logits(logits: torch.Tensor, labels: torch.Tensor, metric: str | Metric = "accuracy") -> float:
+    """The metric of a whole set of logits (accuracy: the fraction of top-1 hits)."""
+    if metric == "accuracy":
+        return int((logits.argmax(dim=-1) == labels).sum()) / labels.shape[0]
+    return float(metric(logits, labels))
+
+
+def correct_count(logits: torch.Tensor, labels: torch.Tensor) -> int:
+    return int((logits.argmax(dim=-1) == labels).sum())
+
+
+def check_metric(metric: Any) -> str | Metric:
+    if metric == "accuracy" or callable(metric):
+        return metric
+    raise ValueError(f"metric must be 'accuracy' or a callable (logits, labels) -> float, got {metric!r}")
+
+
+def metric_name(metric: str | Metric) -> str:
+    if isinstance(metric, str):
+        return metric
+    return f"{getattr(metric, '__module__', '?')}.{getattr(metric, '__qualname__', repr(metric))}"
+
+
+def progress_bar(enabled: bool | None, total: int, desc: str):
+    if enabled is None:
+        enabled = sys.stderr is not None and sys.stderr.isatty()
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
+
+
+def _split(batch: Any, name: str, i: int):
+    if isinstance(batch, dict):
+        y = batch.get("labels", batch.get("label"))
+        x = next((batch[k] for k in ("images", "inputs", "input") if k in batch), None)
+        if x is None or y is None:
+            raise FastsoupError(f"{name}: batch {i} is a dict with keys {sorted(batch)}; expected 'images' (or 'inputs') and 'labels'")
+        return x, y
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    raise FastsoupError(f"{name}: batch {i} is a {type(batch).__name__}; expected (inputs, labels)")
+
+
+def _call(model, x):
+    if isinstance(x, dict):
+        return model(**x)
+    if isinstance(x, (tuple, list)):
+        return model(*x)
+    return model(x)
+
+
+def _to(x, device):
+    if isinstance(x, torch.Tensor):
+        return x.detach().to(device)
+    if isinstance(x, dict):
+        return {k: _to(v, device) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return type(x)(_to(v, device) for v in x)
+    return x
+
+
+def _hash(h, x) -> None:
+    if isinstance(x, torch.Tensor):
+        t = x.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    elif isinstance(x, dict):
+        for k in sorted(x):
+            h.update(repr(k).encode())
+            _hash(h, x[k])
+    elif isinstance(x, (tuple, list)):
+        h.update(b"(")
+        for v in x:
+            _hash(h, v)
+        h.update(b")")
+    else:
+        h.update(repr(x).encode())
+
+
+def _nbytes(x) -> int:
+    if isinstance(x, torch.Tensor):
+        return x.numel() * x.element_size()
+    if isinstance(x, dict):
+        return sum(_nbytes(v) for v in x.values())
+    if isinstance(x, (tuple, list)):
+        return sum(_nbytes(v) for v in x)
+    return 0

@@ -1,0 +1,324 @@
+"""``Soup``: a running float32 sum of weighted ingredients that can be loaded into a model.
+
+The soup keeps ``S = sum_k w_k * theta_k`` in one flat float32 buffer and the weight total
+``W = sum_k w_k``; its value is ``cast(S * (1 / W))``. Every operation is one call of the engine's
+streaming executor (prefetch from the mapped files, fused kernel, release what was read):
+
+- ``add``/``remove``: ``S += w * theta`` (one read of the ingredient);
+- ``candidate``: ``T = S + w * theta`` into a scratch buffer (one read), then the model's parameters
+  ``= cast(T / (W + w))`` in place; ``accept`` keeps it by swapping ``S`` and ``T`` (no read);
+- ``value``/``load_into``/``save``: ``cast(S / W)`` into new tensors, a model's parameters, or files.
+
+So a greedy search over N checkpoints reads each of them once. The sum is kept on the CPU; a model on
+a GPU receives its parameters through a host staging copy.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ._dtypes import BY_NAME, parse_float_dtype
+from ._dtypes import info as dtype_info
+from ._errors import FastsoupError
+from .engine import _Segments, _run
+from .io.checkpoint import Checkpoint, check_compatible, open_checkpoint
+
+_F32 = BY_NAME["float32"].code
+
+
+class Soup:
+    """A weighted sum of checkpoints kept in float32, with the weight total.
+
+    Args:
+        template: anything :func:`~fastsoup.open_checkpoint` takes (a path, state dict or
+            ``nn.Module``): the tensor names, shapes and dtypes of the soup, and its file layout
+            when saved. A module given here is the default target of :meth:`load_into` and
+            :meth:`candidate`.
+        device: where the sum lives: "cpu".
+        threads: CPU threads of the kernels (default: all).
+
+    Example:
+        >>> soup = fastsoup.Soup.like(model)  # doctest: +SKIP
+        >>> for path in paths:  # doctest: +SKIP
+        ...     soup.add(path)
+        >>> soup.load_into(model)  # the uniform soup, written into model's parameters  # doctest: +SKIP
+    """
+
+    def __init__(self, template: Any, *, device: str = "cpu", threads: int | None = None):
+        if str(device) != "cpu":
+            raise ValueError(
+                f"device={device!r}: the soup's float32 sum is kept on 'cpu' in this build; a model on a GPU "
+                "still works (load_into and candidate copy the parameters to it)"
+            )
+        if threads is not None and (not isinstance(threads, int) or threads < 1):
+            raise ValueError(f"threads must be a positive integer, got {threads!r}")
+        self._threads = threads or 0
+        self._model = template if _is_module(template) else None
+        self._layout = open_checkpoint(template)
+        check_compatible([self._layout])
+        self._floats: dict[str, tuple[int, int]] = {}  # name -> (element offset in the flat sum, numel)
+        self._others: list[str] = []  # integer/bool tensors: copied from the first ingredient
+        n = 0
+        for name, ref in self._layout.items():
+            if dtype_info(ref.dtype).kind == "float":
+                self._floats[name] = (n, ref.numel)
+                n += ref.numel
+            else:
+                self._others.append(name)
+        self._numel = n
+        self._sum = None  # flat float32 torch tensor, allocated on first use
+        self._scratch = None
+        self._extras: dict[str, Any] = {}
+        self._pending: tuple[float, str] | None = None
+        self._staging: dict[str, Any] = {}  # host buffers for model tensors on a GPU or not contiguous
+        self.total_weight = 0.0
+        self.ingredients: list[tuple[str, float]] = []  # (source, weight) in the order added
+
+    @classmethod
+    def like(cls, template: Any, *, device: str = "cpu", threads: int | None = None) -> Soup:
+        """An empty soup with the tensors of ``template`` (a checkpoint source or an ``nn.Module``)."""
+        return cls(template, device=device, threads=threads)
+
+    # ------------------------------------------------------------------------------------------
+    # Changing the sum
+
+    def add(self, ingredient: Any, weight: float = 1.0) -> Soup:
+        """``S += weight * ingredient`` (one read of the ingredient); returns the soup."""
+        w = _finite(weight)
+        ck = self._open(ingredient)
+        self._accumulate(ck, w)
+        if not self.ingredients:
+            self._keep_extras(ck)
+        self.total_weight += w
+        self.ingredients.append((ck.source, w))
+        self._pending = None
+        return self
+
+    def remove(self, ingredient: Any, weight: float = 1.0) -> Soup:
+        """``S -= weight * ingredient``: takes out an ingredient added with that weight."""
+        w = _finite(weight)
+        ck = self._open(ingredient)
+        self._accumulate(ck, -w)
+        self.total_weight -= w
+        for i, (src, wi) in enumerate(self.ingredients):
+            if src == ck.source and wi == w:
+                del self.ingredients[i]
+                break
+        self._pending = None
+        return self
+
+    def candidate(self, ingredient: Any, model: Any = None, *, weight: float = 1.0) -> None:
+        """Loads ``(S + weight * ingredient) / (W + weight)`` into ``model`` without changing the soup.
+
+        One read of the ingredient into a float32 scratch sum, and one write of the model's float
+        parameters and buffers. :meth:`accept` then adds the ingredient without reading it again.
+        """
+        w = _finite(weight)
+        self._need_ingredients("form a candidate")
+        total = self.total_weight + w
+        if total == 0.0:
+            raise ValueError("the candidate's weights sum to zero: cannot normalize")
+        ck = self._open(ingredient)
+        model = self._target(model)
+        if self._scratch is None:
+            from . import _torch
+
+            self._scratch = _torch.empty((self._numel,), "float32")
+        base, scratch = self._sum.data_ptr(), self._scratch.data_ptr()
+        segs = _Segments(2)
+        keep = []
+        for name, (off, numel) in self._floats.items():
+            addr, mapped, obj = ck.buffer(ck[name])
+            if not mapped:
+                keep.append(obj)
+            segs.weighted(numel, -1, scratch + 4 * off, _F32,
+                          [(base + 4 * off, _F32, False), (addr, dtype_info(ck[name].dtype).code, mapped)])
+        segs.run([1.0, w], threads=self._threads)
+        del keep
+        self._write(model, self._scratch, 1.0 / total, extras=False)
+        self._pending = (w, ck.source)
+
+    def accept(self) -> Soup:
+        """Keeps the last :meth:`candidate` in the soup (no read: its sum is already computed)."""
+        if self._pending is None:
+            raise FastsoupError("accept(): no candidate pending (call candidate() first; add/remove discard it)")
+        w, source = self._pending
+        self._sum, self._scratch = self._scratch, self._sum
+        self.total_weight += w
+        self.ingredients.append((source, w))
+        self._pending = None
+        return self
+
+    # ------------------------------------------------------------------------------------------
+    # Reading the value
+
+    def value(self, dtype: Any = None) -> dict:
+        """The soup ``cast(S / W)`` as a new state dict (dtypes of the template, or ``dtype``)."""
+        self._need_ingredients("take its value")
+        from . import _torch
+
+        override = parse_float_dtype(dtype) if dtype is not None else None
+        out, segs = {}, _Segments(1)
+        base = self._sum.data_ptr()
+        for name, ref in self._layout.items():
+            if name in self._floats:
+                t = _torch.empty(ref.shape, override or ref.dtype)
+                off, numel = self._floats[name]
+                segs.weighted(numel, -1, t.data_ptr(), dtype_info(override or ref.dtype).code, [(base + 4 * off, _F32, False)])
+            else:
+                t = self._extras[name].clone()
+            out[name] = t
+        segs.run([1.0 / self.total_weight], threads=self._threads)
+        return out
+
+    def load_into(self, model: Any = None) -> Any:
+        """Writes the soup into ``model``'s parameters and buffers in place (no state-dict copy).
+
+        ``model`` defaults to the module given as the template. Returns the model.
+        """
+        self._need_ingredients("load it")
+        model = self._target(model)
+        self._write(model, self._sum, 1.0 / self.total_weight, extras=True)
+        return model
+
+    def save(
+        self,
+        out: str | os.PathLike,
+        *,
+        dtype: Any = None,
+        shard_size: int | str | None = None,
+        overwrite: bool = False,
+        fsync: bool = False,
+        progress: bool | None = None,
+    ) -> str:
+        """Writes the soup as safetensors with the rules of ``average(out=...)`` (layout of the template)."""
+        self._need_ingredients("save it")
+        flat = {}
+        for name, ref in self._layout.items():
+            if name in self._floats:
+                off, numel = self._floats[name]
+                flat[name] = self._sum[off:off + numel].view(ref.shape)
+            else:
+                flat[name] = self._extras[name]
+        src = open_checkpoint(flat)
+        override = parse_float_dtype(dtype) if dtype is not None else None
+        return _run([src], [1.0 / self.total_weight], out, override, self._threads, shard_size, progress, overwrite,
+                    fsync, "save", layout=self._layout)
+
+    def __len__(self) -> int:
+        return len(self.ingredients)
+
+    def __repr__(self) -> str:
+        return f"Soup({len(self.ingredients)} ingredients, weight {self.total_weight:g}, {self._numel} float32 values)"
+
+    # ------------------------------------------------------------------------------------------
+
+    def _open(self, ingredient: Any) -> Checkpoint:
+        ck = open_checkpoint(ingredient)
+        check_compatible([self._layout, ck])
+        if self._sum is None:
+            from . import _torch
+
+            self._sum = _torch.empty((self._numel,), "float32").zero_()
+        return ck
+
+    def _accumulate(self, ck: Checkpoint, w: float) -> None:
+        base = self._sum.data_ptr()
+        segs, keep = _Segments(1), []
+        for name, (off, numel) in self._floats.items():
+            addr, mapped, obj = ck.buffer(ck[name])
+            if not mapped:
+                keep.append(obj)
+            segs.weighted(numel, -1, base + 4 * off, _F32, [(addr, dtype_info(ck[name].dtype).code, mapped)])
+        segs.run([w], threads=self._threads, accumulate=True)
+
+    def _keep_extras(self, ck: Checkpoint) -> None:
+        self._extras = {name: ck.tensor(name) for name in self._others}
+
+    def _need_ingredients(self, what: str) -> None:
+        if not self.ingredients:
+            raise FastsoupError(f"the soup is empty: add an ingredient before you {what}")
+        if self.total_weight == 0.0:
+            raise FastsoupError(f"the soup's weights sum to zero: cannot {what}")
+
+    def _target(self, model: Any) -> Any:
+        model = model if model is not None else self._model
+        if model is None:
+            raise ValueError("no model: pass one (the soup was made from a checkpoint, not a module)")
+        return model
+
+    def _write(self, model: Any, flat, scale: float, *, extras: bool) -> None:
+        base = flat.data_ptr()
+        sources = {name: (base + 4 * off, _F32, False) for name, (off, _) in self._floats.items()}
+        _write_model(model, self._layout, sources, scale, self._staging, self._extras if extras else None, self._threads)
+
+
+def _write_model(model: Any, layout: Checkpoint, sources: dict, scale: float, staging: dict, extras: dict | None,
+                 threads: int) -> None:
+    """model's float tensors = cast(scale * source), one executor call (tensors on a GPU or not
+    contiguous go through host staging buffers kept in ``staging``); other tensors from ``extras``."""
+    from . import _torch
+
+    state = model.state_dict(keep_vars=False)
+    missing = [n for n in layout if n not in state]
+    extra = [n for n in state if n not in layout]
+    what = type(model).__name__
+    if missing or extra:
+        raise FastsoupError(f"{what}'s state dict does not match the soup: missing {missing[:10]}, extra {extra[:10]}")
+    segs, staged = _Segments(1), []
+    for name, src in sources.items():
+        t = state[name]
+        shape = tuple(layout[name].shape)
+        if tuple(t.shape) != shape:
+            raise FastsoupError(f"{what}: tensor {name!r} has shape {list(t.shape)}, the soup {list(shape)}")
+        dt = _torch.dtype_name(t.dtype)
+        if dtype_info(dt).kind != "float":
+            raise FastsoupError(f"{what}: tensor {name!r} is {dt}, the soup's is a float")
+        dst = t
+        if t.device.type != "cpu" or not t.is_contiguous():
+            dst = staging.get(name)
+            if dst is None or dst.dtype != t.dtype:
+                dst = staging[name] = _torch.staging_like(t)
+            staged.append((t, dst))
+        if t.numel():
+            segs.weighted(t.numel(), -1, dst.data_ptr(), dtype_info(dt).code, [src])
+    segs.run([scale], threads=threads)
+    for t, dst in staged:
+        t.copy_(dst, non_blocking=True)
+    if extras is not None:
+        for name, value in extras.items():
+            state[name].copy_(value)
+    if staged:
+        _torch.synchronize(staged[0][0].device)
+
+
+def _load_checkpoint(ck: Checkpoint, model: Any, threads: int = 0) -> None:
+    """Loads one checkpoint into ``model`` in place (cast to the model's dtypes): one read of it."""
+    sources, extras, keep = {}, {}, []
+    for name, ref in ck.items():
+        if dtype_info(ref.dtype).kind == "float":
+            addr, mapped, obj = ck.buffer(ref)
+            if not mapped:
+                keep.append(obj)
+            sources[name] = (addr, dtype_info(ref.dtype).code, mapped)
+        else:
+            extras[name] = ck.tensor(name)
+    _write_model(model, ck, sources, 1.0, {}, extras, threads)
+
+
+def _is_module(x: Any) -> bool:
+    return callable(getattr(x, "state_dict", None)) and callable(getattr(x, "parameters", None))
+
+
+def _finite(w: Any) -> float:
+    try:
+        w = float(w)
+    except (TypeError, ValueError):
+        raise ValueError(f"weight must be a number, got {w!r}") from None
+    if w != w or w in (float("inf"), float("-inf")):
+        raise ValueError(f"weight must be finite, got {w}")
+    return w
+
+
+__all__ = ["Soup"]
