@@ -2,6 +2,9 @@
 
     fastsoup average IN [IN ...] -o OUT [--weights W ...] [--dtype {fp16,bf16,fp32}]
                      [--shard-size 5GB] [--threads N] [--no-progress] [--overwrite] [--fsync]
+    fastsoup greedy CKPT [CKPT ...] --model MOD:FACTORY --heldout MOD:LOADER [--eval NAME=MOD:LOADER ...]
+                    -o OUT [--cache DIR] [--strict] [--device DEV] [--results PATH] [--overwrite]
+    fastsoup plot RESULTS.jsonl -o FIG.png [--x heldout] [--y NAME]
     fastsoup info
 
 Errors are one line on stderr (no traceback) and a non-zero exit code; nothing is left at OUT.
@@ -33,8 +36,65 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     a.add_argument("--fsync", action="store_true", help="flush OUT to disk before it appears (durable, slower)")
 
+    g = sub.add_parser(
+        "greedy", help="greedy soup (paper's Recipe 1) with cached logits, plus uniform soup and ensembles",
+        description="Greedy soup: rank the checkpoints by held-out accuracy, add each to the soup if the held-out "
+                    "accuracy does not drop (--strict: if it improves). Prints a table of every ingredient, the uniform "
+                    "and greedy soups and the logit ensembles on the held-out set and each --eval set.")
+    g.add_argument("inputs", nargs="+", metavar="CKPT", help="checkpoints fine-tuned from one init")
+    g.add_argument("--model", required=True, metavar="MOD:FACTORY",
+                   help="a function returning the nn.Module, e.g. mypkg.models:make_model (or path/file.py:make_model)")
+    g.add_argument("--heldout", required=True, metavar="MOD:LOADER",
+                   help="a function returning the held-out (inputs, labels) batches, e.g. a DataLoader")
+    g.add_argument("--eval", action="append", default=[], metavar="NAME=MOD:LOADER",
+                   help="another data set to report (repeatable), e.g. shift=mypkg.data:ood_loader")
+    g.add_argument("-o", "--out", required=True, metavar="OUT", help="where to write the greedy soup (safetensors)")
+    g.add_argument("--cache", metavar="DIR", help="logit cache and journal: reruns evaluate nothing, a killed run resumes")
+    g.add_argument("--strict", action="store_true", help="keep a candidate only if it improves (the official main.py)")
+    g.add_argument("--device", help="evaluation device (default: the model's)")
+    g.add_argument("--results", metavar="PATH", help="results JSONL (default: results.jsonl in --cache, else next to OUT)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+
+    pl = sub.add_parser("plot", help="the paper-style figure from a results.jsonl",
+                        description="Individual models as points, uniform and greedy soup (and ensembles) marked; "
+                                    "x = held-out accuracy, y = another data set's (default: the first eval set).")
+    pl.add_argument("results", metavar="RESULTS.jsonl")
+    pl.add_argument("-o", "--out", required=True, metavar="FIG.png")
+    pl.add_argument("--x", default="heldout", help="data set on the x axis (default: heldout)")
+    pl.add_argument("--y", help="data set on the y axis (default: the first other one)")
+
     sub.add_parser("info", help="what the native core uses on this machine")
     return p
+
+
+def _greedy(args) -> int:
+    from .search.report import greedy_report
+
+    evals = {}
+    for spec in args.eval:
+        name, sep, target = spec.partition("=")
+        if not sep or not name or not target:
+            raise ValueError(f"--eval {spec!r}: expected NAME=MOD:LOADER")
+        if name in evals or name == "heldout":
+            raise ValueError(f"--eval {spec!r}: the name {name!r} is already used")
+        evals[name] = target
+    report = greedy_report(
+        args.inputs, model=args.model, heldout=args.heldout, evals=evals, out=args.out, cache_dir=args.cache,
+        strict=args.strict, device=args.device, results=args.results, progress=False if args.no_progress else None,
+        overwrite=args.overwrite,
+    )
+    print(report.table())
+    print(f"wrote {report.out} and {report.results_path} in {report.seconds:.2f} s", file=sys.stderr)
+    return 0
+
+
+def _plot(args) -> int:
+    from .search.report import plot_results
+
+    path = plot_results(args.results, args.out, x=args.x, y=args.y)
+    print(f"wrote {path}", file=sys.stderr)
+    return 0
 
 
 def _average(args) -> int:
@@ -64,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "info":
             print(json.dumps(native_info(), indent=2))
             return 0
+        if args.command == "greedy":
+            return _greedy(args)
+        if args.command == "plot":
+            return _plot(args)
         return _average(args)
     except KeyboardInterrupt:
         print("fastsoup: interrupted", file=sys.stderr)

@@ -293,8 +293,9 @@ def _write_model(model: Any, layout: Checkpoint, sources: dict, scale: float, st
         _torch.synchronize(staged[0][0].device)
 
 
-def _load_checkpoint(ck: Checkpoint, model: Any, threads: int = 0) -> None:
-    """Loads one checkpoint into ``model`` in place (cast to the model's dtypes): one read of it."""
+def _load_checkpoint(ck: Checkpoint, model: Any, threads: int = 0, staging: dict | None = None) -> None:
+    """Loads one checkpoint into ``model`` in place (cast to the model's dtypes): one read of it.
+    ``staging`` keeps host buffers between calls for models on a GPU."""
     sources, extras, keep = {}, {}, []
     for name, ref in ck.items():
         if dtype_info(ref.dtype).kind == "float":
@@ -304,7 +305,7 @@ def _load_checkpoint(ck: Checkpoint, model: Any, threads: int = 0) -> None:
             sources[name] = (addr, dtype_info(ref.dtype).code, mapped)
         else:
             extras[name] = ck.tensor(name)
-    _write_model(model, ck, sources, 1.0, {}, extras, threads)
+    _write_model(model, ck, sources, 1.0, staging if staging is not None else {}, extras, threads)
 
 
 def _is_module(x: Any) -> bool:

@@ -19,6 +19,7 @@ Cached logits make ensembles exact and free; they say nothing about a soup of th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -199,6 +200,7 @@ class Search:
             for name, d in self.data.items():
                 self.cache.check("data:" + name, d.fingerprint, describe=f"the data set {name!r}")
         self._memory: dict[str, torch.Tensor] = {}
+        self._staging: dict[str, torch.Tensor] = {}
         self._individual: dict[str, list[torch.Tensor]] = {}
 
     @property
@@ -238,7 +240,7 @@ class Search:
             if not missing:
                 self.stats.cached += len(sets)
                 continue
-            _load_checkpoint(ck, self.model)
+            _load_checkpoint(ck, self.model, staging=self._staging)
             for d in missing:
                 bar = progress_bar(self.progress, len(self.data[d].batches), f"{d}: {self.names[i]}")
                 try:
@@ -258,19 +260,22 @@ class Search:
         labels = self.data[data].labels
         return [score_logits(t, labels, self.metric) for t in self.individual_logits(data)]
 
-    def soup_logits(self, members: Sequence[int], data: str = "heldout") -> torch.Tensor:
-        """Logits of the uniform soup of ``members`` (summed in that order): cached, else formed and evaluated."""
-        t = self.cached(members, data)
-        if t is not None:
-            return t
-        soup = Soup.like(self.model)
-        for i in members:
-            soup.add(self.ckpts[i])
-        soup.load_into(self.model)
-        ev = evaluate(self.model, self.data[data], self.metric)
-        self.stats.evaluations += 1
-        self.store(members, data, ev.logits)
-        return ev.logits
+    def soup_logits(self, members: Sequence[int], sets: Sequence[str] = ("heldout",)) -> dict[str, torch.Tensor]:
+        """Logits of the uniform soup of ``members`` (summed in that order) on each data set: cached,
+        else the soup is formed once (one read of each member) and evaluated on the sets that miss."""
+        out = {d: self.cached(members, d) for d in sets}
+        missing = [d for d, t in out.items() if t is None]
+        if missing:
+            soup = Soup.like(self.model)
+            for i in members:
+                soup.add(self.ckpts[i])
+            soup.load_into(self.model)
+            for d in missing:
+                ev = evaluate(self.model, self.data[d], self.metric)
+                self.stats.evaluations += 1
+                self.store(members, d, ev.logits)
+                out[d] = ev.logits
+        return out
 
     def ranking(self, scores: Sequence[float], order: Sequence[int] | None) -> list[int]:
         n = len(scores)
@@ -418,7 +423,7 @@ def run_greedy(s: Search, *, strict: bool = False, order: Sequence[int] | None =
     return GreedyResult(
         ingredients=[s.sources[i] for i in kept], indices=kept, score=best_score, history=history,
         individual_scores=scores, order=ranking, names=s.names, metric=metric_name(s.metric), strict=bool(strict),
-        stats=s.stats,
+        stats=dataclasses.replace(s.stats),
     )
 
 

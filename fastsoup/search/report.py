@@ -1,0 +1,177 @@
+"""The ``fastsoup greedy`` report (every ingredient, uniform and greedy soup, logit ensembles, on the
+held-out set and each eval set) and the ``fastsoup plot`` figure."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .._errors import FastsoupError
+
+
+def load_callable(spec: str) -> Callable[[], Any]:
+    """``"pkg.mod:func"`` or ``"path/to/file.py:func"`` -> the function."""
+    module, sep, name = spec.rpartition(":")
+    if not sep or not module or not name:
+        raise ValueError(f"{spec!r}: expected MODULE:FUNCTION, e.g. mypkg.models:make_model")
+    if module.endswith(".py"):
+        if not os.path.isfile(module):
+            raise FastsoupError(f"{spec!r}: no file {module}")
+        mod_name = "_fastsoup_user_" + os.path.splitext(os.path.basename(module))[0]
+        loader_spec = importlib.util.spec_from_file_location(mod_name, module)
+        mod = importlib.util.module_from_spec(loader_spec)
+        sys.modules[mod_name] = mod
+        loader_spec.loader.exec_module(mod)
+    else:
+        if os.getcwd() not in sys.path and "" not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        try:
+            mod = importlib.import_module(module)
+        except ImportError as e:
+            raise FastsoupError(f"{spec!r}: cannot import {module} ({e})") from None
+    func = getattr(mod, name, None)
+    if not callable(func):
+        raise FastsoupError(f"{spec!r}: {module} has no function {name!r}")
+    return func
+
+
+@dataclass
+class Report:
+    rows: list[dict]  # {"name", "kind", <data set>: score, ...}
+    sets: list[str]
+    out: str
+    results_path: str
+    seconds: float
+    greedy: Any = None
+    ensemble: Any = None
+    extra: dict = field(default_factory=dict)
+
+    def table(self) -> str:
+        width = max(len(r["name"]) for r in self.rows)
+        head = f"{'model':<{width}}  {'kind':<16}" + "".join(f"  {s:>10}" for s in self.sets)
+        lines = [head, "-" * len(head)]
+        for r in self.rows:
+            lines.append(f"{r['name']:<{width}}  {r['kind']:<16}" + "".join(f"  {_fmt(r.get(s)):>10}" for s in self.sets))
+        g = self.greedy
+        lines.append(
+            f"greedy soup: {len(g.indices)} of {len(g.individual_scores)} ingredients "
+            f"({'>' if g.strict else '>='} rule); {g.stats.evaluations} evaluations, {g.stats.cached} from the cache, "
+            f"{g.stats.batches_saved} batches skipped by early rejection"
+        )
+        return "\n".join(lines)
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{100 * v:.2f}"
+
+
+def greedy_report(
+    inputs: Sequence[str],
+    *,
+    model: str,
+    heldout: str,
+    evals: dict[str, str],
+    out: str,
+    cache_dir: str | None = None,
+    strict: bool = False,
+    device: str | None = None,
+    results: str | None = None,
+    progress: bool | None = None,
+    overwrite: bool = False,
+) -> Report:
+    """Runs the greedy search and scores every recipe on every data set (see ``fastsoup greedy -h``)."""
+    from .greedy import Search, ensemble_logits, run_greedy, run_greedy_ensemble
+    from .heldout import score_logits
+
+    start = time.perf_counter()
+    if os.path.exists(out) and not overwrite:
+        raise FastsoupError(f"{out} exists: pass --overwrite to replace it")
+    net = load_callable(model)()
+    data = load_callable(heldout)()
+    eval_data = {name: load_callable(spec)() for name, spec in evals.items()}
+    s = Search(inputs, net, data, cache_dir=cache_dir, device=device, progress=progress, evals=eval_data)
+    g = run_greedy(s, strict=strict)
+    e = run_greedy_ensemble(s, strict=strict)
+    sets = list(s.data)
+    n = len(s.ckpts)
+
+    def scores(logits_by_set: dict) -> dict:
+        return {d: score_logits(logits_by_set[d], s.data[d].labels, s.metric) for d in sets}
+
+    rows = []
+    for i in range(n):
+        rows.append({"name": s.names[i], "kind": "individual", **scores({d: s.individual_logits(d)[i] for d in sets})})
+    rows.append({"name": "uniform soup", "kind": "uniform_soup", "members": list(range(n)),
+                 **scores(s.soup_logits(list(range(n)), sets))})
+    rows.append({"name": "greedy soup", "kind": "greedy_soup", "members": g.indices,
+                 **scores(s.soup_logits(g.indices, sets))})
+    rows.append({"name": "uniform ensemble", "kind": "uniform_ensemble", "members": list(range(n)),
+                 **scores({d: ensemble_logits(s.individual_logits(d)) for d in sets})})
+    rows.append({"name": "greedy ensemble", "kind": "greedy_ensemble", "members": e.members,
+                 **scores({d: ensemble_logits([s.individual_logits(d)[i] for i in e.members]) for d in sets})})
+    path = g.save(out, overwrite=overwrite, progress=progress)
+    if results is None:
+        results = os.path.join(cache_dir if cache_dir else os.path.dirname(os.path.abspath(out)), "results.jsonl")
+    tmp = results + ".tmp"
+    with open(tmp, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    os.replace(tmp, results)
+    return Report(rows, sets, path, results, time.perf_counter() - start, greedy=g, ensemble=e)
+
+
+def plot_results(results: str, out: str, *, x: str = "heldout", y: str | None = None) -> str:
+    """Draws the paper-style scatter (PNG) from a results.jsonl written by ``fastsoup greedy``."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise FastsoupError("fastsoup plot needs matplotlib: pip install matplotlib") from None
+    try:
+        with open(results) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    except (OSError, ValueError) as e:
+        raise FastsoupError(f"cannot read {results}: {e}") from None
+    if not rows:
+        raise FastsoupError(f"{results} has no results")
+    sets = [k for k in rows[0] if k not in ("name", "kind", "members")]
+    if x not in sets:
+        raise FastsoupError(f"{results} has no data set {x!r} (it has {', '.join(sets)})")
+    if y is None:
+        others = [s for s in sets if s != x]
+        if not others:
+            raise FastsoupError(f"{results} has only {x!r}: run fastsoup greedy with --eval NAME=... for a y axis")
+        y = others[0]
+    if y not in sets:
+        raise FastsoupError(f"{results} has no data set {y!r} (it has {', '.join(sets)})")
+    fig, ax = plt.subplots(figsize=(6, 5))
+    ind = [r for r in rows if r["kind"] == "individual"]
+    ax.scatter([100 * r[x] for r in ind], [100 * r[y] for r in ind], c="tab:gray", s=30, label="individual models")
+    marks = {"uniform_soup": ("o", "tab:blue", "uniform soup"), "greedy_soup": ("*", "tab:red", "greedy soup"),
+             "uniform_ensemble": ("s", "tab:green", "uniform ensemble"),
+             "greedy_ensemble": ("D", "tab:purple", "greedy ensemble")}
+    for kind in ("uniform_ensemble", "greedy_ensemble", "uniform_soup", "greedy_soup"):  # soups drawn on top
+        m, c, label = marks[kind]
+        for r in rows:
+            if r["kind"] == kind:
+                ax.scatter([100 * r[x]], [100 * r[y]], marker=m, c=c, s=220 if m == "*" else 70, label=label,
+                           edgecolors="black", linewidths=0.5, zorder=5 if kind == "greedy_soup" else 3)
+    ax.set_xlabel(f"{x} accuracy (%)")
+    ax.set_ylabel(f"{y} accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    out_dir = os.path.dirname(os.path.abspath(out))
+    os.makedirs(out_dir, exist_ok=True)
+    fig.savefig(out, dpi=150)
+    plt.close(fig)
+    return out
