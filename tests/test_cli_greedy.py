@@ -1,0 +1,160 @@
+"""`fastsoup greedy` and `fastsoup plot` end to end, on tiny models trained in the test."""
+
+from __future__ import annotations
+
+import json
+import os
+import textwrap
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from fastsoup import cli  # noqa: E402
+
+MODULE = textwrap.dedent('''
+    import torch
+    from torch import nn
+
+    D, C = 12, 3
+    W = torch.randn(C, D, generator=torch.Generator().manual_seed(0))
+
+    def data(n, seed, shift=0.0):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(n, D, generator=g) + shift
+        y = (x @ W.T + 0.3 * torch.randn(n, C, generator=g)).argmax(1)
+        return x, y
+
+    def net():
+        torch.manual_seed(1)
+        return nn.Sequential(nn.Linear(D, C))
+
+    def batches(x, y, b=50):
+        return [(x[i:i + b], y[i:i + b]) for i in range(0, len(y), b)]
+
+    def heldout():
+        return batches(*data(230, 2))
+
+    def shifted():
+        return batches(*data(230, 3, 0.5))
+
+    def empty():
+        return []
+
+    def train(folder):
+        import os
+        import fastsoup
+        init = net().state_dict()
+        x, y = data(400, 1)
+        paths = []
+        for i, lr in enumerate([0.02, 0.05, 0.1, 0.2, 5.0]):
+            m = net()
+            m.load_state_dict(init)
+            opt = torch.optim.SGD(m.parameters(), lr=lr)
+            for _ in range(5):
+                for b in range(0, 400, 40):
+                    opt.zero_grad()
+                    nn.functional.cross_entropy(m(x[b:b + 40]), y[b:b + 40]).backward()
+                    opt.step()
+            p = os.path.join(folder, f"ft{i}.safetensors")
+            fastsoup.save({k: v.contiguous() for k, v in m.state_dict().items()}, p)
+            paths.append(p)
+        return paths
+''')
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli_greedy")
+    mod = root / "tinyzoo.py"
+    mod.write_text(MODULE)
+    ns: dict = {}
+    exec(compile(MODULE, str(mod), "exec"), ns)
+    paths = ns["train"](str(root))
+    return root, str(mod), paths
+
+
+def _run(argv, capsys):
+    rc = cli.main(argv)
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_greedy_cli_table_results_and_rerun(zoo, tmp_path, capsys):
+    root, mod, paths = zoo
+    out = tmp_path / "greedy.safetensors"
+    cache = tmp_path / "cache"
+    argv = ["greedy", *paths, "--model", f"{mod}:net", "--heldout", f"{mod}:heldout", "--eval", f"shift={mod}:shifted",
+            "-o", str(out), "--cache", str(cache), "--no-progress"]
+    rc, stdout, err = _run(argv, capsys)
+    assert rc == 0, err
+    for label in ("uniform soup", "greedy soup", "uniform ensemble", "greedy ensemble", "heldout", "shift"):
+        assert label in stdout
+    assert out.exists() and (tmp_path / "greedy.json").exists()
+    rows = [json.loads(line) for line in (cache / "results.jsonl").read_text().splitlines()]
+    kinds = [r["kind"] for r in rows]
+    assert kinds.count("individual") == len(paths)
+    assert {"uniform_soup", "greedy_soup", "uniform_ensemble", "greedy_ensemble"} <= set(kinds)
+    for r in rows:
+        assert 0.0 <= r["heldout"] <= 1.0 and 0.0 <= r["shift"] <= 1.0
+
+    # The greedy soup on disk scores what the table says.
+    import fastsoup
+    from fastsoup.search.heldout import prepare, score_logits
+    ns: dict = {}
+    exec(compile(MODULE, mod, "exec"), ns)
+    model = ns["net"]()
+    soup = fastsoup.open_checkpoint(str(out))
+    model.load_state_dict({k: soup.tensor(k) for k in model.state_dict()})
+    held = prepare(ns["heldout"](), "cpu")
+    with torch.no_grad():
+        logits = torch.cat([model(x) for x, _ in held.batches])
+    greedy_row = next(r for r in rows if r["kind"] == "greedy_soup")
+    assert score_logits(logits, held.labels) == greedy_row["heldout"]
+    sidecar = json.loads((tmp_path / "greedy.json").read_text())
+    assert sidecar["score"] == greedy_row["heldout"]
+
+    # Rerun from the cache: nothing evaluated, same table.
+    rc, stdout2, err2 = _run(argv + ["--overwrite"], capsys)
+    assert rc == 0, err2
+    assert " 0 evaluations" in stdout2
+    assert stdout2.splitlines()[:-1] == stdout.splitlines()[:-1]
+
+
+def test_plot(zoo, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    root, mod, paths = zoo
+    cache = tmp_path / "cache"
+    rc, _, err = _run(["greedy", *paths, "--model", f"{mod}:net", "--heldout", f"{mod}:heldout", "--eval",
+                       f"shift={mod}:shifted", "-o", str(tmp_path / "g"), "--cache", str(cache), "--no-progress"], capsys)
+    assert rc == 0, err
+    fig = tmp_path / "fig.png"
+    rc, _, err = _run(["plot", str(cache / "results.jsonl"), "-o", str(fig)], capsys)
+    assert rc == 0, err
+    assert fig.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and fig.stat().st_size > 10_000
+    rc, _, err = _run(["plot", str(cache / "results.jsonl"), "-o", str(fig), "--y", "nope"], capsys)
+    assert rc == 1 and "no data set 'nope'" in err
+
+
+@pytest.mark.parametrize("case", ["empty", "bad-spec", "missing-func", "bad-eval", "exists"])
+def test_greedy_cli_errors(zoo, tmp_path, capsys, case):
+    root, mod, paths = zoo
+    out = tmp_path / "o.safetensors"
+    argv = ["greedy", *paths, "--model", f"{mod}:net", "--heldout", f"{mod}:heldout", "-o", str(out), "--no-progress"]
+    expect = {"empty": "empty", "bad-spec": "expected MODULE:FUNCTION", "missing-func": "no function",
+              "bad-eval": "expected NAME=MOD:LOADER", "exists": "exists"}[case]
+    if case == "empty":
+        argv[argv.index(f"{mod}:heldout")] = f"{mod}:empty"
+    elif case == "bad-spec":
+        argv[argv.index(f"{mod}:net")] = "nocolon"
+    elif case == "missing-func":
+        argv[argv.index(f"{mod}:net")] = f"{mod}:nothere"
+    elif case == "bad-eval":
+        argv += ["--eval", "shifted"]
+    elif case == "exists":
+        out.write_bytes(b"x")
+    rc, _, err = _run(argv, capsys)
+    assert rc == 1
+    assert err.startswith("fastsoup: error:") and expect in err, err
+    if case != "exists":
+        assert not out.exists()
