@@ -20,11 +20,11 @@ $(STAMP): $(NATIVE_SOURCES)
 	$(PY) -m pip install --upgrade pip
 	# torch before anything that depends on it: a bare "torch" requirement pulls a multi-GB CUDA build
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH)"
-	$(PY) -m pip install -e ".[test]"
+	$(PY) -m pip install -e ".[test,demo]"
 	touch $(STAMP)
 
 demo: setup
-	$(PY) -m benchmarks.demo_average --out demo_out
+	$(VENV)/bin/fastsoup demo --out demo_out
 
 test: test-cpp test-py
 

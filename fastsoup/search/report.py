@@ -54,11 +54,17 @@ class Report:
     extra: dict = field(default_factory=dict)
 
     def table(self) -> str:
-        width = max(len(r["name"]) for r in self.rows)
+        """The rows as a text table, accuracies in %; ingredient paths relative to their common folder."""
+        names = [r["name"] for r in self.rows]
+        paths = [n for r, n in zip(self.rows, names) if r["kind"] == "individual" and not n.startswith("<")]
+        if len(paths) > 1:
+            common = os.path.commonpath([os.path.abspath(p) for p in paths])
+            names = [os.path.relpath(os.path.abspath(n), common) if n in paths else n for n in names]
+        width = max(len(n) for n in names)
         head = f"{'model':<{width}}  {'kind':<16}" + "".join(f"  {s:>10}" for s in self.sets)
         lines = [head, "-" * len(head)]
-        for r in self.rows:
-            lines.append(f"{r['name']:<{width}}  {r['kind']:<16}" + "".join(f"  {_fmt(r.get(s)):>10}" for s in self.sets))
+        for r, name in zip(self.rows, names):
+            lines.append(f"{name:<{width}}  {r['kind']:<16}" + "".join(f"  {_fmt(r.get(s)):>10}" for s in self.sets))
         g = self.greedy
         lines.append(
             f"greedy soup: {len(g.indices)} of {len(g.individual_scores)} ingredients "
@@ -79,6 +85,24 @@ def greedy_report(
     heldout: str,
     evals: dict[str, str],
     out: str,
+    **options: Any,
+) -> Report:
+    """``fastsoup greedy``: loads ``MOD:FUNC`` specs of the model factory and data loaders, then :func:`run_report`."""
+    if os.path.exists(out) and not options.get("overwrite", False):
+        raise FastsoupError(f"{out} exists: pass --overwrite to replace it")
+    net = load_callable(model)()
+    data = load_callable(heldout)()
+    eval_data = {name: load_callable(spec)() for name, spec in evals.items()}
+    return run_report(inputs, net, data, eval_data, out=out, **options)
+
+
+def run_report(
+    inputs: Sequence[Any],
+    model: Any,
+    heldout: Any,
+    evals: dict[str, Any],
+    *,
+    out: str,
     cache_dir: str | None = None,
     strict: bool = False,
     device: str | None = None,
@@ -86,17 +110,16 @@ def greedy_report(
     progress: bool | None = None,
     overwrite: bool = False,
 ) -> Report:
-    """Runs the greedy search and scores every recipe on every data set (see ``fastsoup greedy -h``)."""
+    """Runs the greedy search and scores every recipe (each ingredient, uniform and greedy soup, uniform
+    and greedy logit ensembles) on the held-out set and every eval set; writes the greedy soup to
+    ``out`` and the rows to ``results`` (JSONL)."""
     from .greedy import Search, ensemble_logits, run_greedy, run_greedy_ensemble
     from .heldout import score_logits
 
     start = time.perf_counter()
     if os.path.exists(out) and not overwrite:
         raise FastsoupError(f"{out} exists: pass --overwrite to replace it")
-    net = load_callable(model)()
-    data = load_callable(heldout)()
-    eval_data = {name: load_callable(spec)() for name, spec in evals.items()}
-    s = Search(inputs, net, data, cache_dir=cache_dir, device=device, progress=progress, evals=eval_data)
+    s = Search(inputs, model, heldout, cache_dir=cache_dir, device=device, progress=progress, evals=evals)
     g = run_greedy(s, strict=strict)
     e = run_greedy_ensemble(s, strict=strict)
     sets = list(s.data)
