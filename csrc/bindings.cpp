@@ -198,7 +198,8 @@ PYBIND11_MODULE(_core, m) {
           throw std::invalid_argument("merge: the seg_* lists must have equal lengths");
         check_threads("merge", threads);
         MergePlan plan;
-        plan.num_inputs = static_cast<int64_t>(weights.size());
+        // K from the inputs (weights may be given per segment: S * K of them).
+        plan.num_inputs = static_cast<int64_t>(S > 0 ? in_addr.size() / S : weights.size());
         plan.weights = weights;
         plan.segments.resize(S);
         for (size_t s = 0; s < S; ++s) {

@@ -10,13 +10,17 @@ from ._version import __version__
 from ._errors import CheckpointError, FastsoupError, OutputExistsError
 from .engine import average, weighted_sum
 from .io import Checkpoint, TensorRef, check_compatible, open_checkpoint, save
+from .diagnostics import inspect_checkpoint, similarity
 from .recipes import RECIPES, uniform_soup, weighted_soup
+from .recipes.interpolate import interpolate, wise_ft_sweep
 from .soup import Soup
 
 _LAZY = {  # these import torch: resolved on first use
     "greedy_soup": "fastsoup.search.greedy",
     "greedy_ensemble": "fastsoup.search.greedy",
     "GreedyResult": "fastsoup.search.greedy",
+    "learned_soup": "fastsoup.recipes.learned",
+    "LearnedResult": "fastsoup.recipes.learned",
 }
 
 
@@ -50,6 +54,7 @@ __all__ = [
     "CheckpointError",
     "FastsoupError",
     "GreedyResult",
+    "LearnedResult",
     "RECIPES",
     "Soup",
     "OutputExistsError",
@@ -59,10 +64,15 @@ __all__ = [
     "check_compatible",
     "greedy_ensemble",
     "greedy_soup",
+    "inspect_checkpoint",
+    "interpolate",
+    "learned_soup",
     "native_info",
     "open_checkpoint",
     "save",
+    "similarity",
     "uniform_soup",
     "weighted_soup",
     "weighted_sum",
+    "wise_ft_sweep",
 ]

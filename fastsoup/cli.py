@@ -5,6 +5,10 @@
     fastsoup greedy CKPT [CKPT ...] --model MOD:FACTORY --heldout MOD:LOADER [--eval NAME=MOD:LOADER ...]
                     -o OUT [--cache DIR] [--strict] [--device DEV] [--results PATH] [--overwrite]
     fastsoup plot RESULTS.jsonl -o FIG.png [--x heldout] [--y NAME]
+    fastsoup learned CKPT [CKPT ...] --model MOD:FACTORY --heldout MOD:LOADER [--eval NAME=MOD:LOADER ...]
+                     -o OUT [--layerwise] [--epochs N] [--lr LR] [--parametrization {softmax,free}] [--cache DIR]
+    fastsoup inspect PATH
+    fastsoup similarity CKPT [CKPT ...] [--base B] [--angles] [--plot PNG]
     fastsoup demo [--out DIR] [--models N] [--seed S]
     fastsoup info
 
@@ -65,6 +69,39 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--x", default="heldout", help="data set on the x axis (default: heldout)")
     pl.add_argument("--y", help="data set on the y axis (default: the first other one)")
 
+    le = sub.add_parser(
+        "learned", help="learned soup: mixing coefficients trained on held-out data (O(P) memory)",
+        description="Learns one coefficient per checkpoint (--layerwise: per checkpoint and tensor) on the held-out "
+                    "batches by gradient descent, streaming the checkpoints (memory does not grow with their number). "
+                    "Defaults follow the official learned_soup.py: softmax, AdamW lr 0.05, 5 epochs.")
+    le.add_argument("inputs", nargs="+", metavar="CKPT")
+    le.add_argument("--model", required=True, metavar="MOD:FACTORY")
+    le.add_argument("--heldout", required=True, metavar="MOD:LOADER")
+    le.add_argument("--eval", action="append", default=[], metavar="NAME=MOD:LOADER")
+    le.add_argument("-o", "--out", required=True, metavar="OUT")
+    le.add_argument("--layerwise", action="store_true", help="one coefficient per checkpoint and tensor")
+    le.add_argument("--epochs", type=int, default=5)
+    le.add_argument("--steps", type=int, help="exact number of steps (instead of --epochs)")
+    le.add_argument("--lr", type=float, default=0.05)
+    le.add_argument("--parametrization", choices=["softmax", "free"], default="softmax")
+    le.add_argument("--cache", metavar="DIR", help="keep the result: a rerun returns it without training")
+    le.add_argument("--device")
+    le.add_argument("--no-progress", action="store_true")
+    le.add_argument("--overwrite", action="store_true")
+
+    ins = sub.add_parser("inspect", help="what a checkpoint holds: tensors, parameters, dtypes, shards, metadata")
+    ins.add_argument("path", metavar="PATH")
+    ins.add_argument("--json", action="store_true", help="print JSON")
+
+    si = sub.add_parser("similarity", help="pairwise cosine similarity / angle of checkpoints or task vectors",
+                        description="One streaming pass over the checkpoints. With --base (the pretrained init), "
+                                    "compares the task vectors theta_k - base, as the paper's angle analysis does.")
+    si.add_argument("inputs", nargs="+", metavar="CKPT")
+    si.add_argument("--base", metavar="B", help="subtract this checkpoint first (task vectors)")
+    si.add_argument("--angles", action="store_true", help="print angles in degrees instead of cosines")
+    si.add_argument("--plot", metavar="PNG", help="also write a heatmap")
+    si.add_argument("--threads", type=int)
+
     d = sub.add_parser("demo", help="the paper's experiment in miniature (real digits data, ~1 minute on 2 cores)",
                        description="Pretrains a small MLP on scikit-learn's bundled digits, fine-tunes N models with a random "
                                    "hyperparameter search, and compares every model, the uniform and greedy soups and the "
@@ -82,14 +119,7 @@ def _parser() -> argparse.ArgumentParser:
 def _greedy(args) -> int:
     from .search.report import greedy_report
 
-    evals = {}
-    for spec in args.eval:
-        name, sep, target = spec.partition("=")
-        if not sep or not name or not target:
-            raise ValueError(f"--eval {spec!r}: expected NAME=MOD:LOADER")
-        if name in evals or name == "heldout":
-            raise ValueError(f"--eval {spec!r}: the name {name!r} is already used")
-        evals[name] = target
+    evals = _evals(args.eval)
     report = greedy_report(
         args.inputs, model=args.model, heldout=args.heldout, evals=evals, out=args.out, cache_dir=args.cache,
         strict=args.strict, device=args.device, results=args.results, progress=False if args.no_progress else None,
@@ -98,6 +128,82 @@ def _greedy(args) -> int:
     print(report.table())
     print(f"wrote {report.out} and {report.results_path} in {report.seconds:.2f} s", file=sys.stderr)
     return 0
+
+
+def _learned(args) -> int:
+    import os
+
+    from .recipes.learned import learned_soup
+    from .search.report import load_callable
+
+    evals = _evals(args.eval)
+    if os.path.exists(args.out) and not args.overwrite:
+        raise ValueError(f"{args.out} exists: pass --overwrite to replace it")
+    start = time.perf_counter()
+    model = load_callable(args.model)()
+    r = learned_soup(args.inputs, model, load_callable(args.heldout)(), layerwise=args.layerwise, epochs=args.epochs,
+                     steps=args.steps, lr=args.lr, parametrization=args.parametrization, cache_dir=args.cache,
+                     device=args.device, progress=False if args.no_progress else None)
+    coeff = r.coefficients if not r.layerwise else r.coefficients.mean(0)
+    print(f"{'checkpoint':<40}  {'coefficient' if not r.layerwise else 'mean coefficient':>16}")
+    for name, c in zip(args.inputs, coeff.tolist()):
+        print(f"{name:<40}  {c:>16.4f}")
+    print(f"held-out accuracy {100 * r.score:.2f}, loss {r.loss:.4f} (uniform soup: {r.uniform_loss:.4f}), beta {r.beta:.3f}")
+    if evals:
+        from .search.heldout import evaluate, prepare
+
+        r.load_into(model)
+        for name, spec in evals.items():
+            data = prepare(load_callable(spec)(), next(model.parameters()).device, name=name)
+            print(f"{name} accuracy {100 * evaluate(model, data).score:.2f}")
+    path = r.save(args.out, overwrite=args.overwrite)
+    print(f"wrote {path} in {time.perf_counter() - start:.2f} s", file=sys.stderr)
+    return 0
+
+
+def _inspect(args) -> int:
+    from .diagnostics import inspect_checkpoint
+
+    info = inspect_checkpoint(args.path)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"{info['source']}: {info['tensors']} tensors, {info['params']:,} parameters, {info['bytes'] / 1e6:.1f} MB")
+    for dt, d in info["dtypes"].items():
+        print(f"  {dt:<10} {d['tensors']:>6} tensors {d['params']:>16,} parameters {d['bytes'] / 1e6:>10.1f} MB")
+    if info["shards"]:
+        print(f"  {len(info['shards'])} file(s):")
+        for sh in info["shards"]:
+            print(f"    {sh['file']}  {sh['bytes'] / 1e6:.1f} MB, {sh['tensors']} tensors")
+    if info["metadata"]:
+        print(f"  metadata: {json.dumps(info['metadata'])[:500]}")
+    return 0
+
+
+def _similarity(args) -> int:
+    from .diagnostics import similarity
+
+    s = similarity(args.inputs, base=args.base, threads=args.threads)
+    what = "angles" if args.angles else "cosine"
+    label = "task vectors (minus " + args.base + ")" if args.base else "checkpoints"
+    print(f"{'angles (degrees)' if args.angles else 'cosine similarity'} of {label}:")
+    print(s.table(what))
+    if args.plot:
+        s.plot(args.plot, what)
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0
+
+
+def _evals(specs) -> dict:
+    evals = {}
+    for spec in specs:
+        name, sep, target = spec.partition("=")
+        if not sep or not name or not target:
+            raise ValueError(f"--eval {spec!r}: expected NAME=MOD:LOADER")
+        if name in evals or name == "heldout":
+            raise ValueError(f"--eval {spec!r}: the name {name!r} is already used")
+        evals[name] = target
+    return evals
 
 
 def _plot(args) -> int:
@@ -139,6 +245,12 @@ def main(argv: list[str] | None = None) -> int:
             return _greedy(args)
         if args.command == "plot":
             return _plot(args)
+        if args.command == "learned":
+            return _learned(args)
+        if args.command == "inspect":
+            return _inspect(args)
+        if args.command == "similarity":
+            return _similarity(args)
         if args.command == "demo":
             from .demo import main as demo_main
 

@@ -251,11 +251,16 @@ class _Segments:
         self.in_addr: list[int] = []
         self.in_dtype: list[int] = []
         self.in_mapped: list[int] = []
+        self.weights: list[float] = []  # per-segment weights (segment-major), when any segment has its own
         self.total_in = 0  # input bytes
         self._last = None  # (kind, out_file, out_end, out_code, input ends, input codes, mapped)
 
-    def weighted(self, n: int, out_file: int, out_offset: int, out_code: int, inputs) -> None:
-        """out[:n] = cast(sum_k w_k * in_k[:n]); inputs: K ``(address, dtype code, mapped)``."""
+    def weighted(self, n: int, out_file: int, out_offset: int, out_code: int, inputs, weights=None) -> None:
+        """out[:n] = cast(sum_k w_k * in_k[:n]); inputs: K ``(address, dtype code, mapped)``.
+
+        ``weights``: this segment's own K weights (then every segment of the plan must have them);
+        None: the weights given to :meth:`run`.
+        """
         if len(inputs) != self.K:
             raise ValueError(f"expected {self.K} inputs, got {len(inputs)}")
         addrs = [a for a, _, _ in inputs]
@@ -264,21 +269,28 @@ class _Segments:
         units = [BY_CODE[c].itemsize for c in codes]
         ends = [a + n * u for a, u in zip(addrs, units)]
         self.total_in += n * sum(units)
-        self._add(0, n, out_file, out_offset, out_code, n * BY_CODE[out_code].itemsize, addrs, codes, mapped, ends)
+        ws = None if weights is None else [float(w) for w in weights]
+        if ws is not None and len(ws) != self.K:
+            raise ValueError(f"expected {self.K} weights, got {len(ws)}")
+        self._add(0, n, out_file, out_offset, out_code, n * BY_CODE[out_code].itemsize, addrs, codes, mapped, ends, ws)
 
     def copy(self, nbytes: int, out_file: int, out_offset: int, addr: int, mapped: bool) -> None:
         """out[:nbytes] = the bytes at addr (tensors that are not averaged)."""
         pad = [0] * (self.K - 1)
         self.total_in += nbytes
         self._add(1, nbytes, out_file, out_offset, 0, nbytes, [addr] + pad, [0] * self.K,
-                  [1 if mapped else 0] + pad, [addr + nbytes] + pad)
+                  [1 if mapped else 0] + pad, [addr + nbytes] + pad, None)
 
-    def _add(self, kind, n, dfile, doff, out_code, out_len, addrs, codes, mapped, ends):
+    def _add(self, kind, n, dfile, doff, out_code, out_len, addrs, codes, mapped, ends, ws):
         last = self._last
         if (last is not None and last[0] == kind and last[1] == dfile and last[2] == doff and last[3] == out_code
-                and last[4] == addrs and last[5] == codes and last[6] == mapped):
+                and last[4] == addrs and last[5] == codes and last[6] == mapped and last[7] == ws):
             self.n[-1] += n
         else:
+            if (ws is None) != (not self.weights) and self.n:
+                raise ValueError("either every segment has its own weights or none has")
+            if ws is not None:
+                self.weights.extend(ws)
             self.n.append(n)
             self.kind.append(kind)
             self.out_file.append(dfile)
@@ -287,12 +299,16 @@ class _Segments:
             self.in_addr.extend(addrs)
             self.in_dtype.extend(codes)
             self.in_mapped.extend(mapped)
-        self._last = (kind, dfile, doff + out_len, out_code, ends, codes, mapped)
+        self._last = (kind, dfile, doff + out_len, out_code, ends, codes, mapped, ws)
 
-    def run(self, weights, *, fds=(), threads: int = 0, progress=None, accumulate: bool = False) -> None:
-        """Runs the plan in the native executor (GIL released; Ctrl-C is seen between steps)."""
+    def run(self, weights=None, *, fds=(), threads: int = 0, progress=None, accumulate: bool = False) -> None:
+        """Runs the plan in the native executor (GIL released; Ctrl-C is seen between steps).
+        ``weights``: K weights for every segment; None when the segments carry their own."""
+        if (weights is None) != bool(self.weights) and self.n:
+            raise ValueError("pass weights to run() exactly when the segments have none of their own")
+        ws = [float(w) for w in weights] if weights is not None else self.weights
         _core.merge(
-            [float(w) for w in weights], self.n, self.kind, self.out_file, self.out_offset, self.out_dtype,
+            ws, self.n, self.kind, self.out_file, self.out_offset, self.out_dtype,
             self.in_addr, self.in_dtype, self.in_mapped, list(fds), threads, WINDOW_BYTES, BUFFER_BYTES, NBUFFERS,
             progress, accumulate=accumulate,
         )

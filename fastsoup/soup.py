@@ -21,6 +21,7 @@ from typing import Any
 from ._dtypes import BY_NAME, parse_float_dtype
 from ._dtypes import info as dtype_info
 from ._errors import FastsoupError
+from ._native import _core
 from .engine import _Segments, _run
 from .io.checkpoint import Checkpoint, check_compatible, open_checkpoint
 
@@ -250,14 +251,19 @@ class Soup:
 
     def _write(self, model: Any, flat, scale: float, *, extras: bool) -> None:
         base = flat.data_ptr()
-        sources = {name: (base + 4 * off, _F32, False) for name, (off, _) in self._floats.items()}
-        _write_model(model, self._layout, sources, scale, self._staging, self._extras if extras else None, self._threads)
+        sources = {name: [(base + 4 * off, _F32, False)] for name, (off, _) in self._floats.items()}
+        _write_model(model, self._layout, sources, [scale], self._staging, self._extras if extras else None,
+                     self._threads)
 
 
-def _write_model(model: Any, layout: Checkpoint, sources: dict, scale: float, staging: dict, extras: dict | None,
+def _write_model(model: Any, layout: Checkpoint, sources: dict, weights, staging: dict, extras: dict | None,
                  threads: int) -> None:
-    """model's float tensors = cast(scale * source), one executor call (tensors on a GPU or not
-    contiguous go through host staging buffers kept in ``staging``); other tensors from ``extras``."""
+    """model's float tensors ``name`` = cast(sum_k w_k * sources[name][k]), one executor call.
+
+    ``sources``: name -> K ``(address, dtype code, mapped)``; ``weights``: K numbers for every tensor,
+    or a dict name -> K numbers. Tensors on a GPU or not contiguous go through host staging buffers
+    kept in ``staging``; non-float tensors are copied from ``extras`` (when given).
+    """
     from . import _torch
 
     state = model.state_dict(keep_vars=False)
@@ -266,7 +272,9 @@ def _write_model(model: Any, layout: Checkpoint, sources: dict, scale: float, st
     what = type(model).__name__
     if missing or extra:
         raise FastsoupError(f"{what}'s state dict does not match the soup: missing {missing[:10]}, extra {extra[:10]}")
-    segs, staged = _Segments(1), []
+    per_tensor = isinstance(weights, dict)
+    K = len(next(iter(sources.values()))) if sources else 1
+    segs, staged = _Segments(K), []
     for name, src in sources.items():
         t = state[name]
         shape = tuple(layout[name].shape)
@@ -282,8 +290,10 @@ def _write_model(model: Any, layout: Checkpoint, sources: dict, scale: float, st
                 dst = staging[name] = _torch.staging_like(t)
             staged.append((t, dst))
         if t.numel():
-            segs.weighted(t.numel(), -1, dst.data_ptr(), dtype_info(dt).code, [src])
-    segs.run([scale], threads=threads)
+            segs.weighted(t.numel(), -1, dst.data_ptr(), dtype_info(dt).code, src,
+                          weights[name] if per_tensor else None)
+    if segs.n:
+        segs.run(None if per_tensor else weights, threads=threads)
     for t, dst in staged:
         t.copy_(dst, non_blocking=True)
     if extras is not None:
@@ -302,10 +312,49 @@ def _load_checkpoint(ck: Checkpoint, model: Any, threads: int = 0, staging: dict
             addr, mapped, obj = ck.buffer(ref)
             if not mapped:
                 keep.append(obj)
-            sources[name] = (addr, dtype_info(ref.dtype).code, mapped)
+            sources[name] = [(addr, dtype_info(ref.dtype).code, mapped)]
         else:
             extras[name] = ck.tensor(name)
-    _write_model(model, ck, sources, 1.0, staging if staging is not None else {}, extras, threads)
+    _write_model(model, ck, sources, [1.0], staging if staging is not None else {}, extras, threads)
+
+
+def _mix_into_model(ckpts: list[Checkpoint], model: Any, weights, staging: dict, threads: int = 0) -> None:
+    """model's float tensors = cast(sum_k w_k theta_k), reading the K checkpoints once (one executor
+    call). ``weights``: K numbers, or a dict tensor name -> K numbers (layer-wise)."""
+    first = ckpts[0]
+    sources, keep = {}, []
+    for name, ref in first.items():
+        if dtype_info(ref.dtype).kind != "float":
+            continue
+        row = []
+        for ck in ckpts:
+            r = ck[name]
+            addr, mapped, obj = ck.buffer(r)
+            if not mapped:
+                keep.append(obj)
+            row.append((addr, dtype_info(r.dtype).code, mapped))
+        sources[name] = row
+    _write_model(model, first, sources, weights, staging, None, threads)
+
+
+def _dots(ckpts: list[Checkpoint], grads: dict, threads: int = 0) -> dict:
+    """name -> [<grads[name], theta_k[name]> for k]: one fused multi_dot pass over the K checkpoints
+    per tensor (float64 results). ``grads``: name -> contiguous float CPU tensor."""
+    from . import _torch
+
+    out, keep = {}, []
+    for name, g in grads.items():
+        addrs, codes = [], []
+        for ck in ckpts:
+            r = ck[name]
+            addr, mapped, obj = ck.buffer(r)
+            if not mapped:
+                keep.append(obj)
+            addrs.append(addr)
+            codes.append(dtype_info(r.dtype).code)
+        g_code = dtype_info(_torch.dtype_name(g.dtype)).code
+        out[name] = _core.multi_dot(addrs, codes, g.data_ptr(), g_code, g.numel(), threads)
+    return out
 
 
 def _is_module(x: Any) -> bool:

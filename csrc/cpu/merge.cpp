@@ -27,7 +27,8 @@ void check_plan(const MergePlan& p) {
   const size_t S = p.segments.size();
   auto bad = [](const std::string& m) { throw std::invalid_argument("merge: " + m); };
   if (K < 0) bad("num_inputs must be >= 0");
-  if (static_cast<int64_t>(p.weights.size()) != K) bad("expected " + std::to_string(K) + " weights");
+  if (static_cast<int64_t>(p.weights.size()) != K && p.weights.size() != p.segments.size() * static_cast<size_t>(K))
+    bad("expected " + std::to_string(K) + " weights, or " + std::to_string(K) + " per segment");
   const size_t SK = S * static_cast<size_t>(K);
   if (p.in_addr.size() != SK || p.in_dtype.size() != SK || p.in_mapped.size() != SK)
     bad("in_addr, in_dtype and in_mapped must have segments * num_inputs = " + std::to_string(SK) + " entries");
@@ -291,7 +292,7 @@ void run_merge(const MergePlan& p, const MergeProgress& progress) {
       WeightedSumParams wp;
       wp.inputs = ins.data();
       wp.input_dtypes = dts.data();
-      wp.weights = p.weights.data();
+      wp.weights = p.weights.data() + (static_cast<int64_t>(p.weights.size()) == K ? 0 : base);
       wp.num_inputs = K;
       wp.out = dst;
       wp.out_dtype = g.out_dtype;

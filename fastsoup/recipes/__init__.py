@@ -5,6 +5,7 @@
     weighted_soup(ingredients, weights, **kwargs)    average() with weights
     greedy_soup(ingredients, model, heldout, ...)    the paper's Recipe 1 (fastsoup.search)
     greedy_ensemble(ingredients, model, heldout, ...) the paper's greedy ensemble baseline
+    learned_soup(ingredients, model, heldout, ...)   learned coefficients (also layer-wise), O(P) memory
 
 Recipes that evaluate models import torch when they are first used, not when this module is imported.
 """
@@ -65,6 +66,13 @@ RECIPES: dict[str, Recipe] = {
                "rank by held-out score; add each ingredient if the held-out score does not drop",
                ("ingredients", "model", "heldout", "metric", "strict", "cache_dir", "device", "order"),
                "fastsoup.search.greedy:greedy_soup"),
+        Recipe("learned", PAPER + ", appendix (learned_soup.py)",
+               "mixing coefficients learned on held-out data by gradient descent, in O(P) memory",
+               ("ingredients", "model", "heldout", "layerwise", "epochs", "steps", "lr", "init", "parametrization"),
+               "fastsoup.recipes.learned:learned_soup"),
+        Recipe("interpolate", "Wortsman et al., Robust fine-tuning of zero-shot models (WiSE-FT), CVPR 2022",
+               "(1 - alpha) * theta_0 + alpha * theta_1, and a sweep over alpha", ("theta_0", "theta_1", "alpha"),
+               "fastsoup.recipes.interpolate:interpolate"),
         Recipe("greedy_ensemble", PAPER + ", appendix baseline",
                "greedy soup's procedure over logit ensembles, from cached logits",
                ("ingredients", "model", "heldout", "metric", "strict", "cache_dir", "device"),
@@ -82,9 +90,10 @@ def get_recipe(name: str) -> Recipe:
 
 def __getattr__(name: str):
     # greedy_soup and greedy_ensemble import torch: resolve them on first use.
-    if name in ("greedy_soup", "greedy_ensemble"):
-        return RECIPES["greedy" if name == "greedy_soup" else name].run
+    lazy = {"greedy_soup": "greedy", "greedy_ensemble": "greedy_ensemble", "learned_soup": "learned"}
+    if name in lazy:
+        return RECIPES[lazy[name]].run
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["RECIPES", "Recipe", "get_recipe", "greedy_ensemble", "greedy_soup", "uniform_soup", "weighted_soup"]
+__all__ = ["RECIPES", "Recipe", "get_recipe", "greedy_ensemble", "greedy_soup", "learned_soup", "uniform_soup", "weighted_soup"]

@@ -207,11 +207,12 @@ class Search:
     def heldout(self) -> HeldOut:
         return self.data["heldout"]
 
-    def key(self, members: Sequence[int], data: str) -> str:
-        return _cache.soup_key(self.model_fp, self.data[data].fingerprint, [(self.fps[i], 1.0) for i in members])
+    def key(self, members: Sequence[int], data: str, weights: Sequence[float] | None = None) -> str:
+        ws = [1.0] * len(members) if weights is None else list(weights)
+        return _cache.soup_key(self.model_fp, self.data[data].fingerprint, [(self.fps[i], w) for i, w in zip(members, ws)])
 
-    def cached(self, members: Sequence[int], data: str) -> torch.Tensor | None:
-        k = self.key(members, data)
+    def cached(self, members: Sequence[int], data: str, weights: Sequence[float] | None = None) -> torch.Tensor | None:
+        k = self.key(members, data, weights)
         if k in self._memory:
             return self._memory[k]
         if self.cache is not None:
@@ -221,8 +222,9 @@ class Search:
             return t
         return None
 
-    def store(self, members: Sequence[int], data: str, logits: torch.Tensor) -> None:
-        k = self.key(members, data)
+    def store(self, members: Sequence[int], data: str, logits: torch.Tensor,
+              weights: Sequence[float] | None = None) -> None:
+        k = self.key(members, data, weights)
         self._memory[k] = logits
         if self.cache is not None:
             self.cache.put(k, logits)
@@ -260,20 +262,22 @@ class Search:
         labels = self.data[data].labels
         return [score_logits(t, labels, self.metric) for t in self.individual_logits(data)]
 
-    def soup_logits(self, members: Sequence[int], sets: Sequence[str] = ("heldout",)) -> dict[str, torch.Tensor]:
-        """Logits of the uniform soup of ``members`` (summed in that order) on each data set: cached,
-        else the soup is formed once (one read of each member) and evaluated on the sets that miss."""
-        out = {d: self.cached(members, d) for d in sets}
+    def soup_logits(self, members: Sequence[int], sets: Sequence[str] = ("heldout",),
+                    weights: Sequence[float] | None = None) -> dict[str, torch.Tensor]:
+        """Logits of the soup of ``members`` (summed in that order; uniform, or ``weights``) on each
+        data set: cached, else the soup is formed once (one read of each member) and evaluated on
+        the sets that miss."""
+        out = {d: self.cached(members, d, weights) for d in sets}
         missing = [d for d, t in out.items() if t is None]
         if missing:
             soup = Soup.like(self.model)
-            for i in members:
-                soup.add(self.ckpts[i])
+            for n, i in enumerate(members):
+                soup.add(self.ckpts[i], 1.0 if weights is None else weights[n])
             soup.load_into(self.model)
             for d in missing:
                 ev = evaluate(self.model, self.data[d], self.metric)
                 self.stats.evaluations += 1
-                self.store(members, d, ev.logits)
+                self.store(members, d, ev.logits, weights)
                 out[d] = ev.logits
         return out
 

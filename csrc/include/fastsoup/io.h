@@ -69,7 +69,7 @@ struct MergeSegment {
 
 struct MergePlan {
   int64_t num_inputs = 0;                 // K
-  std::vector<float> weights;             // K
+  std::vector<float> weights;             // K (all segments), or segments.size() * K (segment-major)
   std::vector<MergeSegment> segments;     // in output order
   std::vector<uintptr_t> in_addr;         // segments.size() * K, segment-major
   std::vector<int32_t> in_dtype;          // segments.size() * K (ignored for kCopy)

@@ -1,0 +1,344 @@
+"""Learned soup (per model, and layer-wise) in O(P) memory.
+
+The paper's learned soup (appendix; the official ``learned_soup.py``) learns mixing coefficients on
+held-out data by gradient descent: ``theta(alpha) = sum_k alpha_k theta_k`` (one alpha per model and,
+layer-wise, per tensor), ``alpha = softmax(raw)`` over the models, the logits scaled by a learned
+scalar ``beta``, cross-entropy, AdamW with lr 0.05 and no weight decay, 5 epochs over the held-out
+data, starting from the uniform soup. The official code keeps all K models in memory ("a node with
+490GB RAM" for 72 CLIP ViT-B/32).
+
+Here no model is ever held K times. Each step:
+
+1. ``theta(alpha)`` is written into the model's parameters by one fused weighted sum over the K
+   memory-mapped checkpoints (per-tensor weights for layer-wise);
+2. forward and backward on one held-out batch give ``dL/dtheta`` (the parameters' ``.grad``);
+3. ``dL/dalpha_k = <dL/dtheta, theta_k>`` (per tensor for layer-wise) by one fused ``multi_dot``
+   pass over the K checkpoints;
+4. autograd carries that through the softmax to ``raw``; AdamW steps ``raw`` and ``beta``.
+
+Memory: the model, its gradients and the activations, O(P), whatever K. Reads: the K checkpoints
+twice per step, from the page cache when they fit in RAM (they stay mapped), else from disk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .._errors import FastsoupError
+from ..io.checkpoint import Checkpoint, check_compatible, open_checkpoint
+from ..search import cache as _cache
+from ..search.heldout import HeldOut, evaluate, prepare, progress_bar
+from ..soup import _dots, _mix_into_model
+
+PARAMETRIZATIONS = ("softmax", "free")
+
+
+@dataclass
+class LearnedResult:
+    """The outcome of :func:`learned_soup`.
+
+    Attributes:
+        coefficients: the mixing weights alpha, ``[K]`` or, layer-wise, ``[n_tensors, K]`` (float32).
+        tensor_names: the tensors of the rows of a layer-wise ``coefficients`` (the float tensors of
+            the state dict, in order).
+        beta: the learned logit scale.
+        score: held-out accuracy of the learned soup; ``loss``: its held-out loss (with beta).
+        uniform_loss: held-out loss of the uniform soup (the starting point), for comparison.
+        losses: the training loss of every step.
+        sources: the ingredients (as given).
+    """
+
+    coefficients: torch.Tensor
+    tensor_names: list[str]
+    beta: float
+    score: float
+    loss: float
+    uniform_loss: float
+    losses: list[float]
+    sources: list
+    layerwise: bool
+    parametrization: str
+    config: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def weights(self) -> list[float] | dict[str, list[float]]:
+        """The coefficients as the soup functions take them: K numbers, or name -> K numbers."""
+        if self.layerwise:
+            return {n: row.tolist() for n, row in zip(self.tensor_names, self.coefficients)}
+        return self.coefficients.tolist()
+
+    def load_into(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Writes the learned soup into ``model``'s parameters in place (reads the K checkpoints once)."""
+        ckpts = [open_checkpoint(s) for s in self.sources]
+        _mix_into_model(ckpts, model, self.weights(), {})
+        return model
+
+    def state_dict(self) -> dict:
+        """The learned soup as a new state dict (float tensors: float32 sums cast to the first
+        ingredient's dtypes; other tensors from the first ingredient)."""
+        ckpts = [open_checkpoint(s) for s in self.sources]
+        first = ckpts[0]
+        out = {name: first.tensor(name) for name in first}  # shapes/dtypes; float ones are overwritten
+        holder = _StateDictModule(out)
+        _mix_into_model(ckpts, holder, self.weights(), {})
+        return out
+
+    def save(self, out: str | os.PathLike, **options: Any) -> str:
+        """Writes the soup as safetensors (options of :func:`fastsoup.save`) and a JSON sidecar with the
+        coefficients, beta, scores and loss curve (``NAME.json``, or ``soup.json`` in a folder)."""
+        from ..io.writer import save
+        from ..search.greedy import sidecar_path
+
+        path = save(self.state_dict(), out, **options)
+        with open(sidecar_path(out), "w") as f:
+            json.dump(self.to_json(), f, indent=1)
+        return path
+
+    def to_json(self) -> dict:
+        return {
+            "recipe": "learned_soup_layerwise" if self.layerwise else "learned_soup",
+            "parametrization": self.parametrization,
+            "ingredients": [str(s) if isinstance(s, (str, os.PathLike)) else f"<ingredient {i}>"
+                            for i, s in enumerate(self.sources)],
+            "coefficients": self.coefficients.tolist(),
+            "tensor_names": self.tensor_names if self.layerwise else None,
+            "beta": self.beta,
+            "score": self.score,
+            "loss": self.loss,
+            "uniform_loss": self.uniform_loss,
+            "losses": self.losses,
+            "config": self.config,
+            "seconds": self.seconds,
+        }
+
+
+class _StateDictModule:
+    """A stand-in for a module whose state dict is a given dict of tensors (to mix into new tensors)."""
+
+    def __init__(self, sd: dict):
+        self._sd = sd
+
+    def state_dict(self, keep_vars: bool = False) -> dict:
+        return self._sd
+
+
+def learned_soup(
+    ingredients: Sequence[Any],
+    model: torch.nn.Module,
+    heldout: Iterable,
+    *,
+    layerwise: bool = False,
+    epochs: int = 5,
+    steps: int | None = None,
+    lr: float = 0.05,
+    init: str | Sequence[float] = "uniform",
+    parametrization: str = "softmax",
+    logit_scale: bool = True,
+    device: Any = None,
+    cache_dir: str | os.PathLike | None = None,
+    seed: int = 0,
+    progress: bool | None = None,
+) -> LearnedResult:
+    """Learns the soup's mixing coefficients on held-out data, in O(P) memory.
+
+    Defaults follow the official ``learned_soup.py`` (layer-wise in the paper's appendix): softmax
+    over the models starting from the uniform soup, a learned logit scale ``beta`` (initially 1),
+    cross-entropy, AdamW (lr 0.05, no weight decay), 5 epochs over the held-out batches (shuffled
+    each epoch with ``seed``).
+
+    Args:
+        ingredients: K checkpoints fine-tuned from one init (paths, state dicts, modules).
+        model: an ``nn.Module`` with float32 parameters matching the ingredients; its parameters are
+            overwritten (load the result with ``result.load_into(model)``). Evaluated in eval mode.
+        heldout: ``(inputs, labels)`` batches; iterated once and kept (on ``device``).
+        layerwise: one coefficient per model and tensor (else one per model).
+        epochs: passes over the held-out batches; ``steps``: exact number of steps instead.
+        lr: AdamW learning rate.
+        init: "uniform", or K initial weights (e.g. a greedy soup's: 1 on kept, 0 elsewhere;
+            zeros become a small weight under softmax).
+        parametrization: "softmax" (weights >= 0 summing to 1) or "free" (any real weights).
+        logit_scale: learn ``beta`` (the official code does); False keeps it at 1.
+        device: evaluation device (default: the model's).
+        cache_dir: keep the result there: a rerun with the same ingredients, data and settings
+            returns it without training.
+        seed: order of the batches.
+        progress: a progress bar over the steps (default: on a terminal).
+
+    Returns:
+        A :class:`LearnedResult`.
+
+    Example:
+        >>> r = fastsoup.learned_soup(paths, model, val_loader, layerwise=True)  # doctest: +SKIP
+        >>> r.coefficients.shape, r.score  # doctest: +SKIP
+        >>> r.save("learned.safetensors")  # doctest: +SKIP
+    """
+    start = time.perf_counter()
+    if parametrization not in PARAMETRIZATIONS:
+        raise ValueError(f"parametrization must be one of {PARAMETRIZATIONS}, got {parametrization!r}")
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    sources = list(ingredients)
+    if not sources:
+        raise ValueError("no ingredients: give at least one checkpoint")
+    if lr <= 0 or not (epochs >= 1 or steps):
+        raise ValueError(f"need lr > 0 and epochs >= 1 (or steps), got lr={lr}, epochs={epochs}, steps={steps}")
+    K = len(sources)
+    ckpts: list[Checkpoint] = [open_checkpoint(s) for s in sources]
+    dev = torch.device(device) if device is not None else _device(model)
+    model = model.to(dev)
+    check_compatible([open_checkpoint(model)] + ckpts)
+    params = dict(model.named_parameters())
+    bad = [n for n, p in params.items() if p.dtype != torch.float32]
+    if bad:
+        raise FastsoupError(f"learned_soup needs float32 parameters ({bad[:5]} are not): call model.float() first")
+    if dev.type != "cpu":
+        raise FastsoupError("learned_soup computes on the CPU in this build (the CUDA engine comes with its own issue)")
+    held = prepare(heldout, dev)
+    names = [n for n, r in ckpts[0].items() if r.dtype in ("float16", "bfloat16", "float32", "float64")]
+    w0 = _initial_weights(init, K)
+    config = {"layerwise": layerwise, "epochs": epochs, "steps": steps, "lr": lr, "init": list(w0),
+              "parametrization": parametrization, "logit_scale": logit_scale, "seed": seed}
+
+    cache_path = None
+    if cache_dir is not None:
+        fps = [_cache.fingerprint_checkpoint(ck) for ck in ckpts]
+        k = _cache.key("learned", _cache.fingerprint_model(model), held.fingerprint, fps, config)
+        os.makedirs(cache_dir, exist_ok=True)
+        cache_path = os.path.join(os.fspath(cache_dir), f"learned-{k}.json")
+        if os.path.exists(cache_path):
+            with open(cache_path) as f:
+                d = json.load(f)
+            return LearnedResult(torch.tensor(d["coefficients"], dtype=torch.float32), d["tensor_names"] or names,
+                                 d["beta"], d["score"], d["loss"], d["uniform_loss"], d["losses"], sources, layerwise,
+                                 parametrization, config, time.perf_counter() - start)
+
+    rows = len(names) if layerwise else 1
+    base = torch.tensor(w0, dtype=torch.float32)
+    if parametrization == "softmax":
+        raw0 = torch.log(base.clamp_min(1e-3))  # softmax(log w) = w (renormalized)
+    else:
+        raw0 = base.clone()
+    raw = torch.nn.Parameter(raw0.repeat(rows, 1))
+    beta = torch.nn.Parameter(torch.tensor(1.0))
+    opt = torch.optim.AdamW([raw, beta] if logit_scale else [raw], lr=lr, weight_decay=0.0)
+
+    def alphas() -> torch.Tensor:
+        return torch.softmax(raw, dim=1) if parametrization == "softmax" else raw
+
+    def write(alpha: torch.Tensor) -> None:
+        a = alpha.detach()
+        weights = {n: a[i].tolist() for i, n in enumerate(names)} if layerwise else a[0].tolist()
+        _mix_into_model(ckpts, model, weights, staging)
+
+    staging: dict = {}
+    uniform_loss = _heldout_loss(model, held, ckpts, [1.0 / K] * K, staging, 1.0)
+    batches = list(range(len(held.batches)))
+    total = steps if steps is not None else epochs * len(batches)
+    gen = torch.Generator().manual_seed(seed)
+    losses: list[float] = []
+    order: list[int] = []
+    bar = progress_bar(progress, total, "learned soup")
+    was_training = model.training
+    model.eval()
+    state = model.state_dict(keep_vars=True)
+    try:
+        for step in range(total):
+            if not order:
+                order = torch.randperm(len(batches), generator=gen).tolist()
+            x, y = held.batches[order.pop(0)]
+            alpha = alphas()
+            write(alpha)
+            model.zero_grad(set_to_none=False)
+            out = _forward(model, x)
+            loss = torch.nn.functional.cross_entropy(out * beta if logit_scale else out, y)
+            loss.backward()
+            grads = {n: _grad(state[n]) for n in names}
+            dots = _dots(ckpts, {n: g for n, g in grads.items() if g is not None})
+            G = torch.zeros(len(names), K, dtype=torch.float64)
+            for i, n in enumerate(names):
+                if n in dots:
+                    G[i] = torch.tensor(dots[n], dtype=torch.float64)
+            G = G.float() if layerwise else G.sum(0, keepdim=True).float()
+            alpha.backward(G)
+            opt.step()
+            opt.zero_grad()
+            losses.append(float(loss.detach()))
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    finally:
+        if bar is not None:
+            bar.close()
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+
+    with torch.no_grad():
+        alpha = alphas().detach()
+    b = float(beta.detach()) if logit_scale else 1.0
+    write(alpha)
+    ev = evaluate(model, held, "accuracy")
+    final_loss = float(torch.nn.functional.cross_entropy(ev.logits * b, held.labels))
+    coeff = alpha if layerwise else alpha[0]
+    result = LearnedResult(coeff.clone(), names, b, ev.score, final_loss, uniform_loss, losses, sources, layerwise,
+                           parametrization, config, time.perf_counter() - start)
+    if cache_path is not None:
+        tmp = cache_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(result.to_json(), f)
+        os.replace(tmp, cache_path)
+    return result
+
+
+def _initial_weights(init: Any, K: int) -> list[float]:
+    if isinstance(init, str):
+        if init != "uniform":
+            raise ValueError(f"init must be 'uniform' or {K} weights, got {init!r}")
+        return [1.0 / K] * K
+    w = [float(v) for v in init]
+    if len(w) != K or not all(v == v and abs(v) != float("inf") for v in w) or sum(w) == 0:
+        raise ValueError(f"init must be 'uniform' or {K} finite weights with a non-zero sum, got {init!r}")
+    total = sum(w)
+    return [v / total for v in w]
+
+
+def _heldout_loss(model, held: HeldOut, ckpts, weights, staging, beta: float) -> float:
+    _mix_into_model(ckpts, model, weights, staging)
+    ev = evaluate(model, held, "accuracy")
+    return float(torch.nn.functional.cross_entropy(ev.logits * beta, held.labels))
+
+
+def _forward(model, x):
+    if isinstance(x, dict):
+        out = model(**x)
+    elif isinstance(x, (tuple, list)):
+        out = model(*x)
+    else:
+        out = model(x)
+    if not isinstance(out, torch.Tensor):
+        out = getattr(out, "logits", None)
+        if not isinstance(out, torch.Tensor):
+            raise FastsoupError("the model must return a logits tensor (or an object with .logits)")
+    return out
+
+
+def _grad(t: torch.Tensor):
+    g = t.grad if isinstance(t, torch.nn.Parameter) else None
+    if g is None:
+        return None
+    return g.detach().contiguous() if g.device.type == "cpu" else g.detach().cpu().contiguous()
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    return torch.device("cpu")
+
+
+__all__ = ["LearnedResult", "learned_soup"]
