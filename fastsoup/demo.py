@@ -10,7 +10,8 @@ fine-tuned N times with small learning rates and hyperparameters drawn from a gr
 random search (learning rate, weight decay, label smoothing, augmentation, epochs, seed), two of them
 with learning rates that are too large. All are
 saved as safetensors. Then: every ingredient, the uniform soup, the greedy soup (cached-logit search),
-the uniform and greedy logit ensembles, on held-out, test and shift; the table, ``results.jsonl``,
+the learned soups (per model and layer-wise), the uniform and greedy logit ensembles, on held-out,
+test and shift; the table, ``results.jsonl``,
 the greedy soup and the paper-style figure (test vs shift accuracy) are written to ``--out``.
 """
 
@@ -163,6 +164,22 @@ def run_demo(out: str = "demo_out", models: int = 12, seed: int = 0, progress: b
         shutil.rmtree(cache)
     report = run_report(paths, make_model(), batches(*data["heldout"]), evals, out=os.path.join(out, "greedy_soup.safetensors"),
                         cache_dir=cache, results=os.path.join(out, "results.jsonl"), progress=progress, overwrite=True)
+    # The learned soups (the paper's appendix), per model and layer-wise, scored on every set.
+    from .recipes.learned import learned_soup
+    from .search.heldout import evaluate, prepare
+
+    model = make_model()
+    sets = {name: prepare(b, "cpu", name=name) for name, b in [("heldout", batches(*data["heldout"])), *evals.items()]}
+    for layerwise in (False, True):
+        r = learned_soup(paths, model, batches(*data["heldout"]), layerwise=layerwise, progress=progress, seed=seed)
+        r.load_into(model)
+        kind = "learned_soup_layerwise" if layerwise else "learned_soup"
+        report.rows.insert(len(paths) + 2 + int(layerwise), {
+            "name": "learned soup" + (" (layer-wise)" if layerwise else ""), "kind": kind,
+            **{name: evaluate(model, d).score for name, d in sets.items()}})
+    with open(report.results_path, "w") as f:
+        for row in report.rows:
+            f.write(json.dumps(row) + "\n")
     figure = plot_results(report.results_path, os.path.join(out, "soups.png"), x="test", y="shift")
     rows = {r["kind"] if r["kind"] != "individual" else r["name"]: r for r in report.rows}
     best = max((r for r in report.rows if r["kind"] == "individual"), key=lambda r: r["heldout"])

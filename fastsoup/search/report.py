@@ -61,10 +61,11 @@ class Report:
             common = os.path.commonpath([os.path.abspath(p) for p in paths])
             names = [os.path.relpath(os.path.abspath(n), common) if n in paths else n for n in names]
         width = max(len(n) for n in names)
-        head = f"{'model':<{width}}  {'kind':<16}" + "".join(f"  {s:>10}" for s in self.sets)
+        kw = max(len(r["kind"]) for r in self.rows)
+        head = f"{'model':<{width}}  {'kind':<{kw}}" + "".join(f"  {s:>10}" for s in self.sets)
         lines = [head, "-" * len(head)]
         for r, name in zip(self.rows, names):
-            lines.append(f"{name:<{width}}  {r['kind']:<16}" + "".join(f"  {_fmt(r.get(s)):>10}" for s in self.sets))
+            lines.append(f"{name:<{width}}  {r['kind']:<{kw}}" + "".join(f"  {_fmt(r.get(s)):>10}" for s in self.sets))
         g = self.greedy
         lines.append(
             f"greedy soup: {len(g.indices)} of {len(g.individual_scores)} ingredients "
@@ -181,8 +182,11 @@ def plot_results(results: str, out: str, *, x: str = "heldout", y: str | None = 
     ax.scatter([100 * r[x] for r in ind], [100 * r[y] for r in ind], c="tab:gray", s=30, label="individual models")
     marks = {"uniform_soup": ("o", "tab:blue", "uniform soup"), "greedy_soup": ("*", "tab:red", "greedy soup"),
              "uniform_ensemble": ("s", "tab:green", "uniform ensemble"),
+             "learned_soup": ("P", "tab:orange", "learned soup"),
+             "learned_soup_layerwise": ("X", "tab:brown", "learned soup (layer-wise)"),
              "greedy_ensemble": ("D", "tab:purple", "greedy ensemble")}
-    for kind in ("uniform_ensemble", "greedy_ensemble", "uniform_soup", "greedy_soup"):  # soups drawn on top
+    for kind in ("uniform_ensemble", "greedy_ensemble", "learned_soup", "learned_soup_layerwise", "uniform_soup",
+                 "greedy_soup"):  # greedy soup drawn on top
         m, c, label = marks[kind]
         for r in rows:
             if r["kind"] == kind:
