@@ -75,6 +75,7 @@ class Soup:
         self._staging: dict[str, Any] = {}  # host buffers for model tensors on a GPU or not contiguous
         self.total_weight = 0.0
         self.ingredients: list[tuple[str, float]] = []  # (source, weight) in the order added
+        self._members: list[Checkpoint] = []  # the opened ingredients, in the same order
 
     @classmethod
     def like(cls, template: Any, *, device: str = "cpu", threads: int | None = None) -> Soup:
@@ -93,6 +94,7 @@ class Soup:
             self._keep_extras(ck)
         self.total_weight += w
         self.ingredients.append((ck.source, w))
+        self._members.append(ck)
         self._pending = None
         return self
 
@@ -105,6 +107,9 @@ class Soup:
         for i, (src, wi) in enumerate(self.ingredients):
             if src == ck.source and wi == w:
                 del self.ingredients[i]
+                del self._members[i]
+                if i == 0 and self._members:  # integer tensors come from the first ingredient
+                    self._keep_extras(self._members[0])
                 break
         self._pending = None
         return self
@@ -113,7 +118,8 @@ class Soup:
         """Loads ``(S + weight * ingredient) / (W + weight)`` into ``model`` without changing the soup.
 
         One read of the ingredient into a float32 scratch sum, and one write of the model's float
-        parameters and buffers. :meth:`accept` then adds the ingredient without reading it again.
+        parameters and buffers (integer buffers: the soup's first ingredient's). :meth:`accept` then
+        adds the ingredient without reading it again.
         """
         w = _finite(weight)
         self._need_ingredients("form a candidate")
@@ -137,17 +143,18 @@ class Soup:
                           [(base + 4 * off, _F32, False), (addr, dtype_info(ck[name].dtype).code, mapped)])
         segs.run([1.0, w], threads=self._threads)
         del keep
-        self._write(model, self._scratch, 1.0 / total, extras=False)
-        self._pending = (w, ck.source)
+        self._write(model, self._scratch, 1.0 / total, extras=True)
+        self._pending = (w, ck)
 
     def accept(self) -> Soup:
         """Keeps the last :meth:`candidate` in the soup (no read: its sum is already computed)."""
         if self._pending is None:
             raise FastsoupError("accept(): no candidate pending (call candidate() first; add/remove discard it)")
-        w, source = self._pending
+        w, ck = self._pending
         self._sum, self._scratch = self._scratch, self._sum
         self.total_weight += w
-        self.ingredients.append((source, w))
+        self.ingredients.append((ck.source, w))
+        self._members.append(ck)
         self._pending = None
         return self
 

@@ -125,7 +125,7 @@ class GreedyResult:
             "ingredients": [self.names[i] for i in self.indices],
             "indices": self.indices,
             "order": self.order,
-            "individual_scores": dict(zip(self.names, self.individual_scores)),
+            "individual_scores": [{"name": n, "score": v} for n, v in zip(self.names, self.individual_scores)],
             "history": self.history,
             "stats": self.stats.__dict__,
         }
@@ -359,8 +359,8 @@ def run_greedy(s: Search, *, strict: bool = False, order: Sequence[int] | None =
     nb = len(held.batches)
     history = [{"step": 0, "index": first, "name": s.names[first], "score": best_score, "accepted": True,
                 "batches": nb, "of": nb, "source": "individual"}]
-    soup: Soup | None = None  # its sum equals the sum of `kept` when `ready`
-    ready = False
+    soup: Soup | None = None  # its sum is the sum of kept[:summed] (a prefix: decisions from the cache are
+    summed = 0                # added lazily, only when a later candidate needs evaluating, so each is read once)
     before = _core.counters()["mapped_bytes_read"]
     for step, j in enumerate(ranking[1:], 1):
         rec = journal.get(step)
@@ -378,11 +378,11 @@ def run_greedy(s: Search, *, strict: bool = False, order: Sequence[int] | None =
                 s.stats.cached += 1
             else:
                 t0 = time.perf_counter()
-                if not ready:
+                if soup is None:
                     soup = Soup.like(s.model)
-                    for i in kept:
-                        soup.add(s.ckpts[i])
-                    ready = True
+                for i in kept[summed:]:
+                    soup.add(s.ckpts[i])
+                summed = len(kept)
                 soup.candidate(s.ckpts[j])
                 pending = True
                 t1 = time.perf_counter()
@@ -419,8 +419,7 @@ def run_greedy(s: Search, *, strict: bool = False, order: Sequence[int] | None =
             best_score, best_correct = score, correct
             if pending:
                 soup.accept()
-            else:
-                ready = False
+                summed = len(kept)
         history.append({"step": step, "index": j, "name": s.names[j], "score": score, "accepted": accepted,
                         "batches": batches, "of": nb, "source": source})
     s.stats.bytes_read_search += _core.counters()["mapped_bytes_read"] - before
