@@ -346,21 +346,27 @@ def _mix_into_model(ckpts: list[Checkpoint], model: Any, weights, staging: dict,
 
 def _dots(ckpts: list[Checkpoint], grads: dict, threads: int = 0) -> dict:
     """name -> [<grads[name], theta_k[name]> for k]: one fused multi_dot pass over the K checkpoints
-    per tensor (float64 results). ``grads``: name -> contiguous float CPU tensor."""
+    per tensor (float64 results). ``grads``: name -> contiguous float CPU tensor. The pages of the
+    files read are released after each tensor (as the merge executor does), so resident memory does
+    not grow with K."""
     from . import _torch
 
-    out, keep = {}, []
+    out = {}
     for name, g in grads.items():
-        addrs, codes = [], []
+        addrs, codes, release, keep = [], [], [], []
         for ck in ckpts:
             r = ck[name]
             addr, mapped, obj = ck.buffer(r)
-            if not mapped:
-                keep.append(obj)
+            keep.append(obj)
+            if mapped:
+                release.append((obj, addr - obj.address, r.nbytes))
             addrs.append(addr)
             codes.append(dtype_info(r.dtype).code)
         g_code = dtype_info(_torch.dtype_name(g.dtype)).code
         out[name] = _core.multi_dot(addrs, codes, g.data_ptr(), g_code, g.numel(), threads)
+        for m, offset, length in release:
+            if length:
+                m.advise(offset, length, "dontneed")
     return out
 
 

@@ -187,8 +187,8 @@ def learned_soup(
     sources = list(ingredients)
     if not sources:
         raise ValueError("no ingredients: give at least one checkpoint")
-    if lr <= 0 or not (epochs >= 1 or steps):
-        raise ValueError(f"need lr > 0 and epochs >= 1 (or steps), got lr={lr}, epochs={epochs}, steps={steps}")
+    if not lr > 0 or (steps is None and not epochs >= 1) or (steps is not None and not steps >= 1):
+        raise ValueError(f"need lr > 0 and epochs >= 1 (or steps >= 1), got lr={lr}, epochs={epochs}, steps={steps}")
     K = len(sources)
     ckpts: list[Checkpoint] = [open_checkpoint(s) for s in sources]
     dev = torch.device(device) if device is not None else _device(model)
@@ -248,6 +248,9 @@ def learned_soup(
     was_training = model.training
     model.eval()
     state = model.state_dict(keep_vars=True)
+    # A parameter shared under several names (tied weights) counts once in a per-model gradient:
+    # named_parameters() lists it under its first name only.
+    aliases = {n for n, t in state.items() if isinstance(t, torch.nn.Parameter) and n not in params}
     try:
         for step in range(total):
             if not order:
@@ -265,7 +268,9 @@ def learned_soup(
             for i, n in enumerate(names):
                 if n in dots:
                     G[i] = torch.tensor(dots[n], dtype=torch.float64)
-            G = G.float() if layerwise else G.sum(0, keepdim=True).float()
+            if not layerwise:
+                G = G[[i for i, n in enumerate(names) if n not in aliases]].sum(0, keepdim=True)
+            G = G.float()
             alpha.backward(G)
             opt.step()
             opt.zero_grad()
