@@ -13,6 +13,9 @@
 
 #include "fastsoup/io.h"
 #include "fastsoup/kernels.h"
+#ifdef FASTSOUP_WITH_CUDA
+#include "fastsoup/cuda.h"
+#endif
 
 namespace py = pybind11;
 using namespace fastsoup;
@@ -53,6 +56,51 @@ Inputs make_inputs(const char* op, const std::vector<uintptr_t>& addrs, const st
 
 void check_threads(const char* op, int threads) {
   if (threads < 0) throw std::invalid_argument(std::string(op) + ": threads must be >= 0 (0 = all cores)");
+}
+
+// The segment lists of fastsoup.engine._Segments -> a MergePlan (checked again by the executor).
+MergePlan make_plan(const std::vector<float>& weights, const std::vector<int64_t>& seg_n, const std::vector<int>& seg_kind,
+                    const std::vector<int>& seg_out_file, const std::vector<int64_t>& seg_out_offset,
+                    const std::vector<int>& seg_out_dtype, const std::vector<uintptr_t>& in_addr,
+                    const std::vector<int>& in_dtype, const std::vector<uint8_t>& in_mapped, const std::vector<int>& fds,
+                    bool accumulate) {
+  const size_t S = seg_n.size();
+  if (seg_kind.size() != S || seg_out_file.size() != S || seg_out_offset.size() != S || seg_out_dtype.size() != S)
+    throw std::invalid_argument("merge: the seg_* lists must have equal lengths");
+  MergePlan plan;
+  // K from the inputs (weights may be given per segment: S * K of them).
+  plan.num_inputs = static_cast<int64_t>(S > 0 ? in_addr.size() / S : weights.size());
+  plan.weights = weights;
+  plan.segments.resize(S);
+  for (size_t s = 0; s < S; ++s) {
+    MergeSegment& g = plan.segments[s];
+    g.n = seg_n[s];
+    if (seg_kind[s] != 0 && seg_kind[s] != 1) throw std::invalid_argument("merge: segment kind must be 0 or 1");
+    g.kind = static_cast<SegmentKind>(seg_kind[s]);
+    g.out_file = seg_out_file[s];
+    g.out_offset = seg_out_offset[s];
+    g.out_dtype = seg_kind[s] == 1 ? DType::kFloat32 : to_dtype("merge", "segment " + std::to_string(s) + " output", seg_out_dtype[s]);
+  }
+  plan.in_addr = in_addr;
+  plan.in_dtype = in_dtype;
+  plan.in_mapped = in_mapped;
+  plan.fds = fds;
+  plan.accumulate = accumulate;
+  return plan;
+}
+
+// After every step: give Python a chance to see Ctrl-C, and report progress.
+MergeProgress progress_callback(const py::object& progress) {
+  return [&progress](int64_t bytes_in, int64_t bytes_out) {
+    py::gil_scoped_acquire gil;
+    if (PyErr_CheckSignals() != 0) throw py::error_already_set();
+    if (!progress.is_none()) progress(bytes_in, bytes_out);
+  };
+}
+
+[[noreturn]] void no_cuda(const char* op) {
+  throw std::runtime_error(std::string(op) + ": this build of fastsoup has no CUDA (rebuild where nvcc is found, "
+                           "with FASTSOUP_CUDA=ON)");
 }
 
 }  // namespace
@@ -193,41 +241,18 @@ PYBIND11_MODULE(_core, m) {
          const std::vector<int>& seg_out_dtype, const std::vector<uintptr_t>& in_addr, const std::vector<int>& in_dtype,
          const std::vector<uint8_t>& in_mapped, const std::vector<int>& fds, int threads, int64_t window_bytes,
          int64_t buffer_bytes, int nbuffers, const py::object& progress, int prefetch_steps, bool release, bool accumulate) {
-        const size_t S = seg_n.size();
-        if (seg_kind.size() != S || seg_out_file.size() != S || seg_out_offset.size() != S || seg_out_dtype.size() != S)
-          throw std::invalid_argument("merge: the seg_* lists must have equal lengths");
         check_threads("merge", threads);
-        MergePlan plan;
-        // K from the inputs (weights may be given per segment: S * K of them).
-        plan.num_inputs = static_cast<int64_t>(S > 0 ? in_addr.size() / S : weights.size());
-        plan.weights = weights;
-        plan.segments.resize(S);
-        for (size_t s = 0; s < S; ++s) {
-          MergeSegment& g = plan.segments[s];
-          g.n = seg_n[s];
-          if (seg_kind[s] != 0 && seg_kind[s] != 1) throw std::invalid_argument("merge: segment kind must be 0 or 1");
-          g.kind = static_cast<SegmentKind>(seg_kind[s]);
-          g.out_file = seg_out_file[s];
-          g.out_offset = seg_out_offset[s];
-          g.out_dtype = seg_kind[s] == 1 ? DType::kFloat32 : to_dtype("merge", "segment " + std::to_string(s) + " output", seg_out_dtype[s]);
-        }
-        plan.in_addr = in_addr;
-        plan.in_dtype = in_dtype;
-        plan.in_mapped = in_mapped;
-        plan.fds = fds;
+        for (uint8_t loc : in_mapped)
+          if (loc > 1) throw std::invalid_argument("merge: a device input in a CPU merge (use merge_cuda)");
+        MergePlan plan = make_plan(weights, seg_n, seg_kind, seg_out_file, seg_out_offset, seg_out_dtype, in_addr,
+                                   in_dtype, in_mapped, fds, accumulate);
         plan.threads = threads;
         plan.window_bytes = window_bytes;
         plan.buffer_bytes = buffer_bytes;
         plan.nbuffers = nbuffers;
         plan.prefetch_steps = prefetch_steps;
         plan.release = release;
-        plan.accumulate = accumulate;
-        // After every step: give Python a chance to see Ctrl-C, and report progress.
-        MergeProgress cb = [&progress](int64_t bytes_in, int64_t bytes_out) {
-          py::gil_scoped_acquire gil;
-          if (PyErr_CheckSignals() != 0) throw py::error_already_set();
-          if (!progress.is_none()) progress(bytes_in, bytes_out);
-        };
+        MergeProgress cb = progress_callback(progress);
         py::gil_scoped_release nogil;
         run_merge(plan, cb);
       },
@@ -265,5 +290,107 @@ PYBIND11_MODULE(_core, m) {
     return d;
   });
   m.def("reset_counters", &reset_counters);
+  // ---- CUDA ---------------------------------------------------------------------------------
+#ifdef FASTSOUP_WITH_CUDA
+  m.attr("cuda_compiled") = true;
+  m.def("cuda_device_count", &cuda::device_count, "CUDA devices present (0 without a driver or a device).");
+  m.def("cuda_device_name", &cuda::device_name, py::arg("device"));
+  m.def(
+      "cuda_is_device_pointer",
+      [](uintptr_t addr, int device) { return cuda::is_device_pointer(reinterpret_cast<const void*>(addr), device); },
+      py::arg("addr"), py::arg("device"));
+  m.def(
+      "weighted_sum_cuda",
+      [](const std::vector<uintptr_t>& inputs, const std::vector<int>& dtypes, const std::vector<float>& weights,
+         int64_t n, uintptr_t out, int out_dtype, bool accumulate, int device, uintptr_t stream) {
+        Inputs in = make_inputs("weighted_sum_cuda", inputs, dtypes);
+        if (weights.size() != inputs.size())
+          throw std::invalid_argument("weighted_sum_cuda: got " + std::to_string(inputs.size()) + " inputs and " +
+                                      std::to_string(weights.size()) + " weights");
+        WeightedSumParams p;
+        p.inputs = in.ptrs.data();
+        p.input_dtypes = in.dtypes.data();
+        p.weights = weights.data();
+        p.num_inputs = static_cast<int64_t>(inputs.size());
+        p.out = reinterpret_cast<void*>(out);
+        p.out_dtype = to_dtype("weighted_sum_cuda", "out", out_dtype);
+        p.n = n;
+        p.accumulate = accumulate;
+        check(cuda::weighted_sum(p, device, stream));
+      },
+      py::arg("inputs"), py::arg("dtypes"), py::arg("weights"), py::arg("n"), py::arg("out"), py::arg("out_dtype"),
+      py::arg("accumulate"), py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+      "weighted_sum over device addresses, launched on `stream` (asynchronous).");
+  m.def(
+      "multi_dot_cuda",
+      [](const std::vector<uintptr_t>& inputs, const std::vector<int>& dtypes, uintptr_t g, int g_dtype, int64_t n,
+         int device, uintptr_t stream) {
+        Inputs in = make_inputs("multi_dot_cuda", inputs, dtypes);
+        std::vector<double> out(inputs.size());
+        MultiDotParams p;
+        p.inputs = in.ptrs.data();
+        p.input_dtypes = in.dtypes.data();
+        p.num_inputs = static_cast<int64_t>(inputs.size());
+        p.g = reinterpret_cast<const void*>(g);
+        p.g_dtype = to_dtype("multi_dot_cuda", "g", g_dtype);
+        p.n = n;
+        p.out = out.data();
+        check(cuda::multi_dot(p, device, stream));
+        return out;
+      },
+      py::arg("inputs"), py::arg("dtypes"), py::arg("g"), py::arg("g_dtype"), py::arg("n"), py::arg("device"),
+      py::arg("stream"), py::call_guard<py::gil_scoped_release>(), "multi_dot over device addresses (synchronizes).");
+  m.def(
+      "gram_cuda",
+      [](const std::vector<uintptr_t>& inputs, const std::vector<int>& dtypes, int64_t n, int device, uintptr_t stream) {
+        Inputs in = make_inputs("gram_cuda", inputs, dtypes);
+        const size_t K = inputs.size();
+        std::vector<double> flat(K * K);
+        GramParams p;
+        p.inputs = in.ptrs.data();
+        p.input_dtypes = in.dtypes.data();
+        p.num_inputs = static_cast<int64_t>(K);
+        p.n = n;
+        p.out = flat.data();
+        check(cuda::gram(p, device, stream));
+        std::vector<std::vector<double>> out(K, std::vector<double>(K));
+        for (size_t a = 0; a < K; ++a)
+          for (size_t b = 0; b < K; ++b) out[a][b] = flat[a * K + b];
+        return out;
+      },
+      py::arg("inputs"), py::arg("dtypes"), py::arg("n"), py::arg("device"), py::arg("stream"),
+      py::call_guard<py::gil_scoped_release>(), "K x K Gram matrix over device addresses.");
+  m.def(
+      "merge_cuda",
+      [](const std::vector<float>& weights, const std::vector<int64_t>& seg_n, const std::vector<int>& seg_kind,
+         const std::vector<int>& seg_out_file, const std::vector<int64_t>& seg_out_offset,
+         const std::vector<int>& seg_out_dtype, const std::vector<uintptr_t>& in_addr, const std::vector<int>& in_dtype,
+         const std::vector<uint8_t>& in_loc, const std::vector<int>& fds, int device, uintptr_t stream,
+         int64_t slot_bytes, int nslots, int fill_threads, const py::object& progress, bool accumulate) {
+        check_threads("merge_cuda", fill_threads);
+        MergePlan plan = make_plan(weights, seg_n, seg_kind, seg_out_file, seg_out_offset, seg_out_dtype, in_addr,
+                                   in_dtype, in_loc, fds, accumulate);
+        cuda::CudaMergeOptions o;
+        o.device = device;
+        o.stream = stream;
+        o.slot_bytes = slot_bytes;
+        o.nslots = nslots;
+        o.fill_threads = fill_threads;
+        MergeProgress cb = progress_callback(progress);
+        py::gil_scoped_release nogil;
+        cuda::run_merge(plan, o, cb);
+      },
+      py::arg("weights"), py::arg("seg_n"), py::arg("seg_kind"), py::arg("seg_out_file"), py::arg("seg_out_offset"),
+      py::arg("seg_out_dtype"), py::arg("in_addr"), py::arg("in_dtype"), py::arg("in_loc"), py::arg("fds"),
+      py::arg("device"), py::arg("stream"), py::arg("slot_bytes") = int64_t(32) << 20, py::arg("nslots") = 3,
+      py::arg("fill_threads") = 0, py::arg("progress") = py::none(), py::arg("accumulate") = false,
+      "Run a merge plan through the GPU (in_loc: 0 host, 1 mapped file, 2 device); see fastsoup/cuda.h.");
+#else
   m.attr("cuda_compiled") = false;
+  m.def("cuda_device_count", [] { return 0; }, "CUDA devices present (this build has no CUDA: always 0).");
+  for (const char* name : {"weighted_sum_cuda", "multi_dot_cuda", "gram_cuda", "merge_cuda", "cuda_device_name",
+                           "cuda_is_device_pointer"}) {
+    m.def(name, [name](py::args, py::kwargs) { no_cuda(name); });
+  }
+#endif
 }

@@ -37,7 +37,8 @@ def native_info() -> dict:
 
     Returns:
         ``{"version", "isa" (CPU instruction set in use), "supported_isas", "threads" (default CPU
-        threads), "cuda_compiled", "cuda_available"}``.
+        threads), "cuda_compiled" (this build has the CUDA engine), "cuda_available" (and a GPU is
+        visible), "cuda_devices"}``.
     """
     return {
         "version": _core.__version__,
@@ -45,7 +46,8 @@ def native_info() -> dict:
         "supported_isas": list(_core.supported_isas()),
         "threads": _core.default_threads(),
         "cuda_compiled": bool(_core.cuda_compiled),
-        "cuda_available": False,
+        "cuda_available": bool(_core.cuda_compiled) and _core.cuda_device_count() > 0,
+        "cuda_devices": _core.cuda_device_count(),
     }
 
 

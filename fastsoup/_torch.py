@@ -57,8 +57,23 @@ def as_tensor(x) -> torch.Tensor:
     return torch.from_numpy(x)
 
 
-def empty(shape: Sequence[int], dtype: str) -> torch.Tensor:
-    return torch.empty(tuple(shape), dtype=torch_dtype(dtype))
+def empty(shape: Sequence[int], dtype: str, device: str = "cpu") -> torch.Tensor:
+    return torch.empty(tuple(shape), dtype=torch_dtype(dtype), device=device)
+
+
+def current_cuda_index() -> int:
+    return torch.cuda.current_device()
+
+
+def cuda_stream(index: int) -> int:
+    """torch's current stream on CUDA device ``index``, as the integer the native core takes."""
+    return torch.cuda.current_stream(index).cuda_stream
+
+
+def on_device(t, device) -> bool:
+    """Whether t is a contiguous torch tensor in the memory of ``device`` (an engine Device)."""
+    return (isinstance(t, torch.Tensor) and device.is_cuda and t.device.type == "cuda"
+            and t.device.index == device.index and t.is_contiguous())
 
 
 def tensor_from_address(addr: int, dtype: str, shape: Sequence[int]) -> torch.Tensor:
@@ -70,8 +85,11 @@ def tensor_from_address(addr: int, dtype: str, shape: Sequence[int]) -> torch.Te
     return out
 
 
-def staging_like(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous host tensor shaped like t, pinned when t is on a GPU (for async copies)."""
+def staging_like(t: torch.Tensor, device: str = "cpu") -> torch.Tensor:
+    """A contiguous tensor shaped like t on ``device``; on the host it is pinned when t is on a GPU
+    (for async copies)."""
+    if device != "cpu":
+        return torch.empty(tuple(t.shape), dtype=t.dtype, device=device)
     return torch.empty(tuple(t.shape), dtype=t.dtype, pin_memory=t.device.type == "cuda")
 
 
@@ -86,11 +104,12 @@ def synchronize(device: torch.device) -> None:
 # the op and the argument; the native core checks addresses and codes again.
 
 
-def _float_code(op: str, what: str, t: torch.Tensor) -> int:
+def _float_code(op: str, what: str, t: torch.Tensor, device: torch.device | None = None) -> int:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {what} is a {type(t).__name__}, expected a torch.Tensor")
-    if t.device.type != "cpu":
-        raise ValueError(f"{op}: {what} is on {t.device}; these kernels take CPU tensors")
+    want = device if device is not None else torch.device("cpu")
+    if t.device != want:
+        raise ValueError(f"{op}: {what} is on {t.device}, the other operands on {want}: put them on one device")
     name = dtype_name(t.dtype)
     if name not in FLOAT_NAMES:
         raise ValueError(f"{op}: {what} has dtype {name}, expected float16, bfloat16, float32 or float64")
@@ -99,10 +118,10 @@ def _float_code(op: str, what: str, t: torch.Tensor) -> int:
     return info(name).code
 
 
-def _inputs(op: str, tensors: Sequence[torch.Tensor], numel: int | None):
+def _inputs(op: str, tensors: Sequence[torch.Tensor], numel: int | None, device: torch.device | None = None):
     addrs, codes = [], []
     for k, t in enumerate(tensors):
-        codes.append(_float_code(op, f"inputs[{k}]", t))
+        codes.append(_float_code(op, f"inputs[{k}]", t, device))
         if numel is not None and t.numel() != numel:
             raise ValueError(f"{op}: inputs[{k}] has {t.numel()} elements, expected {numel}")
         addrs.append(t.data_ptr())
@@ -121,8 +140,9 @@ def weighted_sum(
     """``out = cast(sum_k weights[k] * float32(tensors[k]))`` in one fused pass (native kernel).
 
     Args:
-        tensors: K contiguous CPU tensors with the same number of elements (float16, bfloat16,
-            float32 or float64, mixed freely).
+        tensors: K contiguous tensors with the same number of elements (float16, bfloat16,
+            float32 or float64, mixed freely), all on the CPU or all on one CUDA device (then the
+            CUDA kernel runs on torch's current stream).
         weights: K numbers (applied in float32).
         out: where to write (same number of elements, contiguous); a new tensor shaped like
             ``tensors[0]`` when None.
@@ -145,26 +165,50 @@ def weighted_sum(
             raise ValueError(f"{op}: with no tensors, pass out")
         name = parse_float_dtype(dtype) if dtype is not None else dtype_name(tensors[0].dtype)
         out = torch.empty(tensors[0].shape, dtype=torch_dtype(name), device=tensors[0].device)
-    out_code = _float_code(op, "out", out)
+    dev = out.device
+    out_code = _float_code(op, "out", out, dev)
     if accumulate and out.dtype != torch.float32:
         raise ValueError(f"{op}: accumulate=True needs a float32 out, got {dtype_name(out.dtype)}")
-    addrs, codes = _inputs(op, tensors, out.numel())
-    _core.weighted_sum(addrs, codes, [float(w) for w in weights], out.numel(), out.data_ptr(), out_code, accumulate, threads)
+    addrs, codes = _inputs(op, tensors, out.numel(), dev)
+    ws = [float(w) for w in weights]
+    if dev.type == "cuda":
+        index = _cuda_index(op, dev)
+        _core.weighted_sum_cuda(addrs, codes, ws, out.numel(), out.data_ptr(), out_code, accumulate, index,
+                                cuda_stream(index))
+    else:
+        _core.weighted_sum(addrs, codes, ws, out.numel(), out.data_ptr(), out_code, accumulate, threads)
     return out
+
+
+def _cuda_index(op: str, dev: torch.device) -> int:
+    if not _core.cuda_compiled:
+        raise RuntimeError(f"{op}: CUDA tensors, but this build of fastsoup has no CUDA (reinstall where nvcc is found)")
+    return dev.index if dev.index is not None else torch.cuda.current_device()
 
 
 def multi_dot(tensors: Sequence[torch.Tensor], g: torch.Tensor, *, threads: int = 0) -> torch.Tensor:
     """``[sum_i g[i] * tensors[k][i] for k]`` in one pass; a float64 tensor of K values."""
     op = "multi_dot"
-    g_code = _float_code(op, "g", g)
-    addrs, codes = _inputs(op, tensors, g.numel())
-    return torch.tensor(_core.multi_dot(addrs, codes, g.data_ptr(), g_code, g.numel(), threads), dtype=torch.float64)
+    g_code = _float_code(op, "g", g, g.device)
+    addrs, codes = _inputs(op, tensors, g.numel(), g.device)
+    if g.device.type == "cuda":
+        index = _cuda_index(op, g.device)
+        vals = _core.multi_dot_cuda(addrs, codes, g.data_ptr(), g_code, g.numel(), index, cuda_stream(index))
+    else:
+        vals = _core.multi_dot(addrs, codes, g.data_ptr(), g_code, g.numel(), threads)
+    return torch.tensor(vals, dtype=torch.float64)
 
 
 def gram(tensors: Sequence[torch.Tensor], *, threads: int = 0) -> torch.Tensor:
     """The K x K matrix of pairwise dot products of K tensors, in one pass (float64)."""
     op = "gram"
     numel = tensors[0].numel() if tensors else 0
-    addrs, codes = _inputs(op, tensors, numel)
+    dev = tensors[0].device if tensors else torch.device("cpu")
+    addrs, codes = _inputs(op, tensors, numel, dev)
     K = len(tensors)
-    return torch.tensor(_core.gram(addrs, codes, numel, threads), dtype=torch.float64).reshape(K, K)
+    if dev.type == "cuda":
+        index = _cuda_index(op, dev)
+        vals = _core.gram_cuda(addrs, codes, numel, index, cuda_stream(index))
+    else:
+        vals = _core.gram(addrs, codes, numel, threads)
+    return torch.tensor(vals, dtype=torch.float64).reshape(K, K)

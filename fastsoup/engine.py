@@ -15,19 +15,69 @@ import math
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from ._dtypes import BY_CODE
 from ._dtypes import info as dtype_info
 from ._dtypes import parse_float_dtype
+from . import distributed as _distributed
 from ._native import _core
 from .io.checkpoint import Checkpoint, check_compatible, open_checkpoint
 from .io.writer import AtomicOutput, TensorSpec, plan_output
 
+SLOT_BYTES = 32 << 20  # CUDA pipeline: host input bytes per pinned slot (all inputs together)
+NSLOTS = 3  # pinned slots in the ring: fill j+1 while j is copied and j-1 is summed
 WINDOW_BYTES = 64 << 20  # input bytes per step, all K inputs together: bounds resident memory
 BUFFER_BYTES = 2 << 20  # one staging buffer of file output: small enough to stay in L3 (measured: 2 MiB best)
 NBUFFERS = 4
 AUTO_PROGRESS_BYTES = 256 << 20  # progress=None shows a bar on a terminal from this much input
+
+
+@dataclass(frozen=True)
+class Device:
+    """Where the engine computes: ``Device("cpu")`` or ``Device("cuda", index)``."""
+
+    type: str = "cpu"
+    index: int = 0
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.type == "cuda"
+
+    def __str__(self) -> str:
+        return f"cuda:{self.index}" if self.is_cuda else "cpu"
+
+
+CPU = Device()
+
+
+def resolve_device(device: Any) -> Device:
+    """"cpu", "cuda", "cuda:N" or a torch.device -> :class:`Device`, checking that CUDA is usable."""
+    if device is None or isinstance(device, Device):
+        return device or CPU
+    text = str(device)
+    if text == "cpu":
+        return CPU
+    if text == "cuda" or text.startswith("cuda:"):
+        if not _core.cuda_compiled:
+            raise ValueError(f"device={device!r}: this build of fastsoup has no CUDA (reinstall where nvcc is found)")
+        count = _core.cuda_device_count()
+        if count == 0:
+            raise ValueError(f"device={device!r}: no CUDA device is visible to this process")
+        if text == "cuda":
+            from . import _torch
+
+            index = _torch.current_cuda_index()
+        else:
+            try:
+                index = int(text.split(":", 1)[1])
+            except ValueError:
+                raise ValueError(f"device={device!r}: expected 'cuda' or 'cuda:N'") from None
+        if not 0 <= index < count:
+            raise ValueError(f"device={device!r}: {count} CUDA device(s) visible")
+        return Device("cuda", index)
+    raise ValueError(f"device={device!r}: expected 'cpu', 'cuda' or 'cuda:N'")
 
 
 def average(
@@ -36,7 +86,7 @@ def average(
     *,
     out: str | os.PathLike | None = None,
     dtype: Any = None,
-    device: str = "cpu",
+    device: Any = "cpu",
     threads: int | None = None,
     shard_size: int | str | None = None,
     progress: bool | None = None,
@@ -57,8 +107,11 @@ def average(
             if it ends in ``.safetensors``, else a sharded folder) and return the path.
         dtype: output dtype ("fp16", "bf16", "fp32", or a torch dtype); default: each tensor's dtype
             in the first ingredient. Integer and bool tensors are copied from the first ingredient.
-        device: "cpu".
-        threads: CPU threads (default: every core this process may use).
+        device: "cpu", or "cuda"/"cuda:N": file inputs stream through pinned memory to the GPU, the
+            fused kernel sums there; ``out=None`` then returns CUDA tensors (inputs already on that
+            GPU are read in place), a path is written back through pinned memory.
+        threads: CPU threads (default: every core this process may use; on CUDA, the threads that
+            fill the pinned buffers).
         shard_size: largest output shard (bytes or e.g. "5GB"); default: shard like the first
             ingredient.
         progress: show a progress bar (default: on a terminal, for merges of 256 MB or more).
@@ -87,8 +140,9 @@ def average(
         if total == 0.0:
             raise ValueError(f"weights sum to zero ({list(weights)}): cannot normalize; use fastsoup.weighted_sum")
         ws = [w / total for w in ws]
-    return _merge(ingredients, ws, out=out, dtype=dtype, device=device, threads=threads, shard_size=shard_size,
-                  progress=progress, overwrite=overwrite, fsync=fsync, desc="average")
+    with _distributed.merge_job(out, overwrite=overwrite, what="fastsoup.average"):  # collective under torch.distributed
+        return _merge(ingredients, ws, out=out, dtype=dtype, device=device, threads=threads, shard_size=shard_size,
+                      progress=progress, overwrite=overwrite, fsync=fsync, desc="average")
 
 
 def weighted_sum(
@@ -97,7 +151,7 @@ def weighted_sum(
     *,
     out: str | os.PathLike | None = None,
     dtype: Any = None,
-    device: str = "cpu",
+    device: Any = "cpu",
     threads: int | None = None,
     shard_size: int | str | None = None,
     progress: bool | None = None,
@@ -111,8 +165,9 @@ def weighted_sum(
     """
     ingredients = list(ingredients)
     ws = _check_weights(weights, len(ingredients))
-    return _merge(ingredients, ws, out=out, dtype=dtype, device=device, threads=threads, shard_size=shard_size,
-                  progress=progress, overwrite=overwrite, fsync=fsync, desc="weighted_sum")
+    with _distributed.merge_job(out, overwrite=overwrite, what="fastsoup.weighted_sum"):  # collective under torch.distributed
+        return _merge(ingredients, ws, out=out, dtype=dtype, device=device, threads=threads, shard_size=shard_size,
+                      progress=progress, overwrite=overwrite, fsync=fsync, desc="weighted_sum")
 
 
 def _check_weights(weights: Sequence[float], k: int) -> list[float]:
@@ -128,15 +183,15 @@ def _check_weights(weights: Sequence[float], k: int) -> list[float]:
 
 
 def _merge(ingredients, weights, *, out, dtype, device, threads, shard_size, progress, overwrite, fsync, desc):
-    if device not in (None, "cpu"):
-        raise ValueError(f"device={device!r}: this build of fastsoup merges on 'cpu' only")
+    dev = resolve_device(device)
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads must be a positive integer, got {threads!r}")
     out_override = parse_float_dtype(dtype) if dtype is not None else None
     opened = [open_checkpoint(src) for src in ingredients]
     try:
         check_compatible(opened)
-        return _run(opened, weights, out, out_override, threads or 0, shard_size, progress, overwrite, fsync, desc)
+        return _run(opened, weights, out, out_override, threads or 0, shard_size, progress, overwrite, fsync, desc,
+                    device=dev)
     finally:
         for src, ck in zip(ingredients, opened):
             if ck is not src:
@@ -151,7 +206,7 @@ def _output_dtype(ref, override):
 
 
 def _run(ckpts: list[Checkpoint], weights, out, override, threads, shard_size, progress, overwrite, fsync, desc,
-         layout: Checkpoint | None = None):
+         layout: Checkpoint | None = None, device: Device = CPU):
     # `layout` (default: the first input) gives the tensor order, default dtypes, shards and metadata.
     first = layout if layout is not None else ckpts[0]
     K = len(ckpts)
@@ -168,7 +223,7 @@ def _run(ckpts: list[Checkpoint], weights, out, override, threads, shard_size, p
         result = {}
         dests = []
         for name in names:
-            t = _torch.empty(first[name].shape, out_dtypes[name][0])
+            t = _torch.empty(first[name].shape, out_dtypes[name][0], device=str(device))
             result[name] = t
             dests.append((-1, t.data_ptr()))
     else:
@@ -184,7 +239,9 @@ def _run(ckpts: list[Checkpoint], weights, out, override, threads, shard_size, p
                            metadata=metadata)
         locations = plan.locations()
         dests = [locations[name] for name in names]
-        writer = AtomicOutput(plan, overwrite=overwrite, fsync=fsync)
+        # One process: AtomicOutput and every tensor; in a collective merge (torch.distributed) this
+        # rank's writer and the tensors of its shards only.
+        writer, names, dests = _distributed.output(plan, names, dests, weights, overwrite=overwrite, fsync=fsync)
 
     # Segments, fused where contiguous in every input and in the output.
     segs = _Segments(K)
@@ -197,16 +254,16 @@ def _run(ckpts: list[Checkpoint], weights, out, override, threads, shard_size, p
             inputs = []
             for ck in ckpts:
                 ref = ck[name]
-                addr, is_mapped, obj = ck.buffer(ref)
-                if not is_mapped:
+                addr, loc, obj = ck.buffer(ref, device)
+                if loc != 1:
                     keep.append(obj)
-                inputs.append((addr, dtype_info(ref.dtype).code, is_mapped))
+                inputs.append((addr, dtype_info(ref.dtype).code, loc))
             segs.weighted(ref0.numel, dfile, doff, dtype_info(od).code, inputs)
         else:
-            addr, is_mapped, obj = ckpts[0].buffer(ckpts[0][name])
-            if not is_mapped:
+            addr, loc, obj = ckpts[0].buffer(ckpts[0][name], device)
+            if loc != 1:
                 keep.append(obj)
-            segs.copy(ref0.nbytes, dfile, doff, addr, is_mapped)
+            segs.copy(ref0.nbytes, dfile, doff, addr, loc)
     total_in = segs.total_in
 
     bar = _progress_bar(progress, total_in, desc)
@@ -219,7 +276,8 @@ def _run(ckpts: list[Checkpoint], weights, out, override, threads, shard_size, p
         if writer is not None:
             writer.open()
         try:
-            segs.run(weights, fds=writer.fds if writer is not None else [], threads=threads, progress=callback)
+            segs.run(weights, fds=writer.fds if writer is not None else [], threads=threads, progress=callback,
+                     device=device)
         except BaseException:
             if writer is not None:
                 writer.abort()
@@ -256,7 +314,8 @@ class _Segments:
         self._last = None  # (kind, out_file, out_end, out_code, input ends, input codes, mapped)
 
     def weighted(self, n: int, out_file: int, out_offset: int, out_code: int, inputs, weights=None) -> None:
-        """out[:n] = cast(sum_k w_k * in_k[:n]); inputs: K ``(address, dtype code, mapped)``.
+        """out[:n] = cast(sum_k w_k * in_k[:n]); inputs: K ``(address, dtype code, location)`` with
+        location 0 host memory, 1 a file mapping (True/False work), 2 device memory.
 
         ``weights``: this segment's own K weights (then every segment of the plan must have them);
         None: the weights given to :meth:`run`.
@@ -265,7 +324,7 @@ class _Segments:
             raise ValueError(f"expected {self.K} inputs, got {len(inputs)}")
         addrs = [a for a, _, _ in inputs]
         codes = [c for _, c, _ in inputs]
-        mapped = [1 if m else 0 for _, _, m in inputs]
+        mapped = [int(m) for _, _, m in inputs]
         units = [BY_CODE[c].itemsize for c in codes]
         ends = [a + n * u for a, u in zip(addrs, units)]
         self.total_in += n * sum(units)
@@ -274,12 +333,12 @@ class _Segments:
             raise ValueError(f"expected {self.K} weights, got {len(ws)}")
         self._add(0, n, out_file, out_offset, out_code, n * BY_CODE[out_code].itemsize, addrs, codes, mapped, ends, ws)
 
-    def copy(self, nbytes: int, out_file: int, out_offset: int, addr: int, mapped: bool) -> None:
-        """out[:nbytes] = the bytes at addr (tensors that are not averaged)."""
+    def copy(self, nbytes: int, out_file: int, out_offset: int, addr: int, loc: int) -> None:
+        """out[:nbytes] = the bytes at addr (tensors that are not averaged); loc as in :meth:`weighted`."""
         pad = [0] * (self.K - 1)
         self.total_in += nbytes
         self._add(1, nbytes, out_file, out_offset, 0, nbytes, [addr] + pad, [0] * self.K,
-                  [1 if mapped else 0] + pad, [addr + nbytes] + pad, None)
+                  [int(loc)] + pad, [addr + nbytes] + pad, None)
 
     def _add(self, kind, n, dfile, doff, out_code, out_len, addrs, codes, mapped, ends, ws):
         last = self._last
@@ -301,12 +360,26 @@ class _Segments:
             self.in_mapped.extend(mapped)
         self._last = (kind, dfile, doff + out_len, out_code, ends, codes, mapped, ws)
 
-    def run(self, weights=None, *, fds=(), threads: int = 0, progress=None, accumulate: bool = False) -> None:
+    def run(self, weights=None, *, fds=(), threads: int = 0, progress=None, accumulate: bool = False,
+            device: Device = CPU) -> None:
         """Runs the plan in the native executor (GIL released; Ctrl-C is seen between steps).
-        ``weights``: K weights for every segment; None when the segments carry their own."""
+        ``weights``: K weights for every segment; None when the segments carry their own.
+        ``device``: CUDA runs the pipeline of pinned slots and the fused kernel on torch's current
+        stream of that device (outputs with out_file -1 are then device addresses)."""
         if (weights is None) != bool(self.weights) and self.n:
             raise ValueError("pass weights to run() exactly when the segments have none of their own")
         ws = [float(w) for w in weights] if weights is not None else self.weights
+        if device.is_cuda:
+            from . import _torch
+
+            _core.merge_cuda(
+                ws, self.n, self.kind, self.out_file, self.out_offset, self.out_dtype, self.in_addr, self.in_dtype,
+                self.in_mapped, list(fds), device.index, _torch.cuda_stream(device.index), SLOT_BYTES, NSLOTS,
+                threads, progress, accumulate,
+            )
+            return
+        if 2 in self.in_mapped:
+            raise ValueError("a device (CUDA) input in a CPU merge: run on that device")
         _core.merge(
             ws, self.n, self.kind, self.out_file, self.out_offset, self.out_dtype,
             self.in_addr, self.in_dtype, self.in_mapped, list(fds), threads, WINDOW_BYTES, BUFFER_BYTES, NBUFFERS,
@@ -324,4 +397,4 @@ def _progress_bar(progress: bool | None, total: int, desc: str):
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc=desc, dynamic_ncols=True, leave=False)
 
 
-__all__ = ["average", "weighted_sum"]
+__all__ = ["CPU", "Device", "average", "resolve_device", "weighted_sum"]

@@ -21,8 +21,9 @@ from typing import Any
 from ._dtypes import BY_NAME, parse_float_dtype
 from ._dtypes import info as dtype_info
 from ._errors import FastsoupError
+from . import distributed as _distributed
 from ._native import _core
-from .engine import _Segments, _run
+from .engine import CPU, Device, _Segments, _run, resolve_device
 from .io.checkpoint import Checkpoint, check_compatible, open_checkpoint
 
 _F32 = BY_NAME["float32"].code
@@ -36,7 +37,9 @@ class Soup:
             ``nn.Module``): the tensor names, shapes and dtypes of the soup, and its file layout
             when saved. A module given here is the default target of :meth:`load_into` and
             :meth:`candidate`.
-        device: where the sum lives: "cpu".
+        device: where the sum lives and the kernels run: "cpu", or "cuda"/"cuda:N" (the CUDA engine:
+            checkpoints stream through pinned memory to the GPU; a model on that GPU is written in
+            place).
         threads: CPU threads of the kernels (default: all).
 
     Example:
@@ -46,12 +49,8 @@ class Soup:
         >>> soup.load_into(model)  # the uniform soup, written into model's parameters  # doctest: +SKIP
     """
 
-    def __init__(self, template: Any, *, device: str = "cpu", threads: int | None = None):
-        if str(device) != "cpu":
-            raise ValueError(
-                f"device={device!r}: the soup's float32 sum is kept on 'cpu' in this build; a model on a GPU "
-                "still works (load_into and candidate copy the parameters to it)"
-            )
+    def __init__(self, template: Any, *, device: Any = "cpu", threads: int | None = None):
+        self._device = resolve_device(device)
         if threads is not None and (not isinstance(threads, int) or threads < 1):
             raise ValueError(f"threads must be a positive integer, got {threads!r}")
         self._threads = threads or 0
@@ -78,7 +77,7 @@ class Soup:
         self._members: list[Checkpoint] = []  # the opened ingredients, in the same order
 
     @classmethod
-    def like(cls, template: Any, *, device: str = "cpu", threads: int | None = None) -> Soup:
+    def like(cls, template: Any, *, device: Any = "cpu", threads: int | None = None) -> Soup:
         """An empty soup with the tensors of ``template`` (a checkpoint source or an ``nn.Module``)."""
         return cls(template, device=device, threads=threads)
 
@@ -131,17 +130,17 @@ class Soup:
         if self._scratch is None:
             from . import _torch
 
-            self._scratch = _torch.empty((self._numel,), "float32")
+            self._scratch = _torch.empty((self._numel,), "float32", device=str(self._device))
         base, scratch = self._sum.data_ptr(), self._scratch.data_ptr()
         segs = _Segments(2)
         keep = []
         for name, (off, numel) in self._floats.items():
-            addr, mapped, obj = ck.buffer(ck[name])
-            if not mapped:
+            addr, loc, obj = ck.buffer(ck[name], self._device)
+            if loc != 1:
                 keep.append(obj)
             segs.weighted(numel, -1, scratch + 4 * off, _F32,
-                          [(base + 4 * off, _F32, False), (addr, dtype_info(ck[name].dtype).code, mapped)])
-        segs.run([1.0, w], threads=self._threads)
+                          [(base + 4 * off, _F32, self._loc), (addr, dtype_info(ck[name].dtype).code, loc)])
+        segs.run([1.0, w], threads=self._threads, device=self._device)
         del keep
         self._write(model, self._scratch, 1.0 / total, extras=True)
         self._pending = (w, ck)
@@ -171,13 +170,14 @@ class Soup:
         base = self._sum.data_ptr()
         for name, ref in self._layout.items():
             if name in self._floats:
-                t = _torch.empty(ref.shape, override or ref.dtype)
+                t = _torch.empty(ref.shape, override or ref.dtype, device=str(self._device))
                 off, numel = self._floats[name]
-                segs.weighted(numel, -1, t.data_ptr(), dtype_info(override or ref.dtype).code, [(base + 4 * off, _F32, False)])
+                segs.weighted(numel, -1, t.data_ptr(), dtype_info(override or ref.dtype).code,
+                              [(base + 4 * off, _F32, self._loc)])
             else:
                 t = self._extras[name].clone()
             out[name] = t
-        segs.run([1.0 / self.total_weight], threads=self._threads)
+        segs.run([1.0 / self.total_weight], threads=self._threads, device=self._device)
         return out
 
     def load_into(self, model: Any = None) -> Any:
@@ -211,8 +211,9 @@ class Soup:
                 flat[name] = self._extras[name]
         src = open_checkpoint(flat)
         override = parse_float_dtype(dtype) if dtype is not None else None
-        return _run([src], [1.0 / self.total_weight], out, override, self._threads, shard_size, progress, overwrite,
-                    fsync, "save", layout=self._layout)
+        with _distributed.merge_job(out, overwrite=overwrite, what="Soup.save"):  # collective under torch.distributed
+            return _run([src], [1.0 / self.total_weight], out, override, self._threads, shard_size, progress,
+                        overwrite, fsync, "save", layout=self._layout, device=self._device)
 
     def __len__(self) -> int:
         return len(self.ingredients)
@@ -228,18 +229,26 @@ class Soup:
         if self._sum is None:
             from . import _torch
 
-            self._sum = _torch.empty((self._numel,), "float32").zero_()
+            self._sum = _torch.empty((self._numel,), "float32", device=str(self._device)).zero_()
         return ck
+
+    @property
+    def device(self) -> Device:
+        return self._device
+
+    @property
+    def _loc(self) -> int:  # where the sums are, for the engine's segment lists
+        return 2 if self._device.is_cuda else 0
 
     def _accumulate(self, ck: Checkpoint, w: float) -> None:
         base = self._sum.data_ptr()
         segs, keep = _Segments(1), []
         for name, (off, numel) in self._floats.items():
-            addr, mapped, obj = ck.buffer(ck[name])
-            if not mapped:
+            addr, loc, obj = ck.buffer(ck[name], self._device)
+            if loc != 1:
                 keep.append(obj)
-            segs.weighted(numel, -1, base + 4 * off, _F32, [(addr, dtype_info(ck[name].dtype).code, mapped)])
-        segs.run([w], threads=self._threads, accumulate=True)
+            segs.weighted(numel, -1, base + 4 * off, _F32, [(addr, dtype_info(ck[name].dtype).code, loc)])
+        segs.run([w], threads=self._threads, accumulate=True, device=self._device)
 
     def _keep_extras(self, ck: Checkpoint) -> None:
         self._extras = {name: ck.tensor(name) for name in self._others}
@@ -258,18 +267,19 @@ class Soup:
 
     def _write(self, model: Any, flat, scale: float, *, extras: bool) -> None:
         base = flat.data_ptr()
-        sources = {name: [(base + 4 * off, _F32, False)] for name, (off, _) in self._floats.items()}
+        sources = {name: [(base + 4 * off, _F32, self._loc)] for name, (off, _) in self._floats.items()}
         _write_model(model, self._layout, sources, [scale], self._staging, self._extras if extras else None,
-                     self._threads)
+                     self._threads, self._device)
 
 
 def _write_model(model: Any, layout: Checkpoint, sources: dict, weights, staging: dict, extras: dict | None,
-                 threads: int) -> None:
+                 threads: int, device: Device = CPU) -> None:
     """model's float tensors ``name`` = cast(sum_k w_k * sources[name][k]), one executor call.
 
-    ``sources``: name -> K ``(address, dtype code, mapped)``; ``weights``: K numbers for every tensor,
-    or a dict name -> K numbers. Tensors on a GPU or not contiguous go through host staging buffers
-    kept in ``staging``; non-float tensors are copied from ``extras`` (when given).
+    ``sources``: name -> K ``(address, dtype code, location)``; ``weights``: K numbers for every
+    tensor, or a dict name -> K numbers. On ``device`` "cpu", tensors on a GPU or not contiguous go
+    through pinned host buffers kept in ``staging``; on a CUDA device, tensors on it are written in
+    place and others through buffers on it. Non-float tensors are copied from ``extras`` (when given).
     """
     from . import _torch
 
@@ -291,16 +301,17 @@ def _write_model(model: Any, layout: Checkpoint, sources: dict, weights, staging
         if dtype_info(dt).kind != "float":
             raise FastsoupError(f"{what}: tensor {name!r} is {dt}, the soup's is a float")
         dst = t
-        if t.device.type != "cpu" or not t.is_contiguous():
+        direct = _torch.on_device(t, device) if device.is_cuda else (t.device.type == "cpu" and t.is_contiguous())
+        if not direct:
             dst = staging.get(name)
-            if dst is None or dst.dtype != t.dtype:
-                dst = staging[name] = _torch.staging_like(t)
+            if dst is None or dst.dtype != t.dtype or str(dst.device) != (str(device) if device.is_cuda else "cpu"):
+                dst = staging[name] = _torch.staging_like(t, str(device) if device.is_cuda else "cpu")
             staged.append((t, dst))
         if t.numel():
             segs.weighted(t.numel(), -1, dst.data_ptr(), dtype_info(dt).code, src,
                           weights[name] if per_tensor else None)
     if segs.n:
-        segs.run(None if per_tensor else weights, threads=threads)
+        segs.run(None if per_tensor else weights, threads=threads, device=device)
     for t, dst in staged:
         t.copy_(dst, non_blocking=True)
     if extras is not None:
@@ -310,22 +321,24 @@ def _write_model(model: Any, layout: Checkpoint, sources: dict, weights, staging
         _torch.synchronize(staged[0][0].device)
 
 
-def _load_checkpoint(ck: Checkpoint, model: Any, threads: int = 0, staging: dict | None = None) -> None:
+def _load_checkpoint(ck: Checkpoint, model: Any, threads: int = 0, staging: dict | None = None,
+                     device: Device = CPU) -> None:
     """Loads one checkpoint into ``model`` in place (cast to the model's dtypes): one read of it.
     ``staging`` keeps host buffers between calls for models on a GPU."""
     sources, extras, keep = {}, {}, []
     for name, ref in ck.items():
         if dtype_info(ref.dtype).kind == "float":
-            addr, mapped, obj = ck.buffer(ref)
-            if not mapped:
+            addr, loc, obj = ck.buffer(ref, device)
+            if loc != 1:
                 keep.append(obj)
-            sources[name] = [(addr, dtype_info(ref.dtype).code, mapped)]
+            sources[name] = [(addr, dtype_info(ref.dtype).code, loc)]
         else:
             extras[name] = ck.tensor(name)
-    _write_model(model, ck, sources, [1.0], staging if staging is not None else {}, extras, threads)
+    _write_model(model, ck, sources, [1.0], staging if staging is not None else {}, extras, threads, device)
 
 
-def _mix_into_model(ckpts: list[Checkpoint], model: Any, weights, staging: dict, threads: int = 0) -> None:
+def _mix_into_model(ckpts: list[Checkpoint], model: Any, weights, staging: dict, threads: int = 0,
+                    device: Device = CPU) -> None:
     """model's float tensors = cast(sum_k w_k theta_k), reading the K checkpoints once (one executor
     call). ``weights``: K numbers, or a dict tensor name -> K numbers (layer-wise)."""
     first = ckpts[0]
@@ -336,12 +349,12 @@ def _mix_into_model(ckpts: list[Checkpoint], model: Any, weights, staging: dict,
         row = []
         for ck in ckpts:
             r = ck[name]
-            addr, mapped, obj = ck.buffer(r)
-            if not mapped:
+            addr, loc, obj = ck.buffer(r, device)
+            if loc != 1:
                 keep.append(obj)
-            row.append((addr, dtype_info(r.dtype).code, mapped))
+            row.append((addr, dtype_info(r.dtype).code, loc))
         sources[name] = row
-    _write_model(model, first, sources, weights, staging, None, threads)
+    _write_model(model, first, sources, weights, staging, None, threads, device)
 
 
 def _dots(ckpts: list[Checkpoint], grads: dict, threads: int = 0) -> dict:

@@ -100,17 +100,23 @@ class Checkpoint(Mapping):
             return f"{self.source} ({os.path.basename(ref.file)}): tensor {name!r}"
         return f"{self.source}: tensor {name!r}"
 
-    def buffer(self, ref: TensorRef) -> tuple[int, bool, Any]:
-        """(address of the data, whether it is a native file mapping, object to keep alive).
+    def buffer(self, ref: TensorRef, device: Any = None) -> tuple[int, int, Any]:
+        """(address of the data, where it is, object to keep alive). Where: 1 a native file
+        mapping, 0 host memory, 2 the memory of ``device`` (an engine ``Device``; only when given).
 
         In-memory tensors on another device or not contiguous are copied to a contiguous CPU
         tensor here; keep the returned object alive while the address is used.
         """
         if ref.file is not None:
             m = self._maps[ref.file]
-            return m.address + ref.offset, True, m
+            return m.address + ref.offset, 1, m
+        if device is not None and device.is_cuda:
+            from .. import _torch
+
+            if _torch.on_device(ref.tensor, device):
+                return ref.tensor.data_ptr(), 2, ref.tensor
         addr, keep = _host_buffer(ref.tensor)
-        return addr, False, keep
+        return addr, 0, keep
 
     def tensor(self, name: str):
         """A torch tensor holding a copy of one tensor (imports torch)."""

@@ -31,6 +31,7 @@ import torch
 
 from .._errors import FastsoupError
 from .._native import _core
+from ..engine import CPU, resolve_device
 from ..io.checkpoint import Checkpoint, check_compatible, open_checkpoint
 from ..soup import Soup, _load_checkpoint
 from . import cache as _cache
@@ -184,6 +185,11 @@ class Search:
         self.ckpts: list[Checkpoint] = [open_checkpoint(src) for src in self.sources]
         self.device = torch.device(device) if device is not None else _model_device(model)
         self.model = model.to(self.device)
+        # The soup and the parameter writes run where the model is: the CUDA engine for a model on a
+        # GPU (checkpoints stream through pinned memory; the fp32 sum stays on the GPU), else the CPU.
+        self.engine_device = CPU
+        if self.device.type == "cuda" and _core.cuda_compiled and _core.cuda_device_count() > 0:
+            self.engine_device = resolve_device(f"cuda:{self.device.index if self.device.index is not None else 0}")
         layout = open_checkpoint(model)
         check_compatible([layout] + self.ckpts)
         self.model_fp = _cache.fingerprint_model(model)
@@ -242,7 +248,7 @@ class Search:
             if not missing:
                 self.stats.cached += len(sets)
                 continue
-            _load_checkpoint(ck, self.model, staging=self._staging)
+            _load_checkpoint(ck, self.model, staging=self._staging, device=self.engine_device)
             for d in missing:
                 bar = progress_bar(self.progress, len(self.data[d].batches), f"{d}: {self.names[i]}")
                 try:
@@ -270,7 +276,7 @@ class Search:
         out = {d: self.cached(members, d, weights) for d in sets}
         missing = [d for d, t in out.items() if t is None]
         if missing:
-            soup = Soup.like(self.model)
+            soup = Soup.like(self.model, device=self.engine_device)
             for n, i in enumerate(members):
                 soup.add(self.ckpts[i], 1.0 if weights is None else weights[n])
             soup.load_into(self.model)
@@ -379,7 +385,7 @@ def run_greedy(s: Search, *, strict: bool = False, order: Sequence[int] | None =
             else:
                 t0 = time.perf_counter()
                 if soup is None:
-                    soup = Soup.like(s.model)
+                    soup = Soup.like(s.model, device=s.engine_device)
                 for i in kept[summed:]:
                     soup.add(s.ckpts[i])
                 summed = len(kept)

@@ -1,0 +1,58 @@
+// The CUDA backend's host API. Plain C++ (no CUDA types, streams are passed as integers), so the
+// bindings compile with the host compiler; the implementations are in csrc/cuda/*.cu.
+//
+// Numerics are the CPU kernels' (kernels.h): weighted_sum gives the same bits (-0.0 start,
+// acc = acc + w_k * x_k with each * and + rounded to binary32, no FMA, round-to-nearest-even cast);
+// multi_dot sums binary32 products in a fixed tree per block and block partials in binary64 in a
+// fixed order, so results are bit-identical run to run (and within rounding of the CPU's).
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "fastsoup/dtype.h"
+#include "fastsoup/io.h"
+#include "fastsoup/kernels.h"
+
+namespace fastsoup {
+namespace cuda {
+
+// Inputs per kernel launch (their pointers, dtypes and weights travel by value in the launch).
+constexpr int kMaxInputs = 16;
+
+// Devices present (0 when the driver or a device is missing: the CPU path keeps working).
+int device_count();
+std::string device_name(int device);
+
+// Where a pointer lives, for the boundary checks: 0 host/unknown, 1 device memory of `device`.
+bool is_device_pointer(const void* p, int device);
+
+// out = cast(sum_k w_k * in_k) on `device`, launched on `stream` (a cudaStream_t as an integer;
+// 0 is the legacy default stream). Inputs and out are device pointers. Any K (groups of
+// kMaxInputs accumulate in float32). Returns after the launch (asynchronous), except K > kMaxInputs
+// with a non-float32 output, which needs a float32 temporary (allocated and freed on the stream).
+Status weighted_sum(const WeightedSumParams& p, int device, uintptr_t stream);
+
+// K dot products with g, on the device; waits for the result (synchronizes `stream`).
+Status multi_dot(const MultiDotParams& p, int device, uintptr_t stream);
+
+// The K x K Gram matrix (K multi_dot passes over the inputs).
+Status gram(const GramParams& p, int device, uintptr_t stream);
+
+// Streams a merge plan (io.h) through the GPU. Per input, in_mapped says where the data is:
+// 0 host memory, 1 a host file mapping, 2 device memory (used in place). Host inputs go through a
+// ring of pinned slots: CPU threads fill slot j+1 while slot j is copied (copy stream) and slot j-1
+// is summed (`stream`), with events between them. Outputs: out_file -1 is a device address (the
+// result stays on the GPU); otherwise a file, written through pinned memory by pwrite. GPU memory
+// used: the ring, whatever K and the model size. Synchronizes `stream` before returning.
+struct CudaMergeOptions {
+  int device = 0;
+  uintptr_t stream = 0;
+  int64_t slot_bytes = 32ll << 20;  // input bytes per step (all host inputs together)
+  int nslots = 3;
+  int fill_threads = 0;  // CPU threads filling the pinned slots (0: all)
+};
+void run_merge(const MergePlan& plan, const CudaMergeOptions& options, const MergeProgress& progress);
+
+}  // namespace cuda
+}  // namespace fastsoup
