@@ -126,7 +126,7 @@ def _greedy(args) -> int:
         overwrite=args.overwrite,
     )
     print(report.table())
-    print(f"wrote {report.out} and {report.results_path} in {report.seconds:.2f} s", file=sys.stderr)
+    _note(f"wrote {report.out} and {report.results_path} in {report.seconds:.2f} s")
     return 0
 
 
@@ -157,7 +157,7 @@ def _learned(args) -> int:
             data = prepare(load_callable(spec)(), next(model.parameters()).device, name=name)
             print(f"{name} accuracy {100 * evaluate(model, data).score:.2f}")
     path = r.save(args.out, overwrite=args.overwrite)
-    print(f"wrote {path} in {time.perf_counter() - start:.2f} s", file=sys.stderr)
+    _note(f"wrote {path} in {time.perf_counter() - start:.2f} s")
     return 0
 
 
@@ -229,15 +229,25 @@ def _average(args) -> int:
         overwrite=args.overwrite,
         fsync=args.fsync,
     )
-    print(f"wrote {path} from {len(args.inputs)} checkpoints in {time.perf_counter() - start:.2f} s", file=sys.stderr)
+    _note(f"wrote {path} from {len(args.inputs)} checkpoints in {time.perf_counter() - start:.2f} s")
     return 0
+
+
+def _note(msg: str) -> None:
+    """A status line on stderr (under torchrun: from rank 0 only)."""
+    from .distributed import is_main_process
+
+    if is_main_process():
+        print(msg, file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         from . import FastsoupError, native_info
+        from .distributed import cli_begin
 
+        cli_begin(args)  # launched by torchrun: join the process group (average, greedy, learned)
         if args.command == "info":
             print(json.dumps(native_info(), indent=2))
             return 0
@@ -264,6 +274,10 @@ def main(argv: list[str] | None = None) -> int:
         msg = "; ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
         print(f"fastsoup: error: {msg}", file=sys.stderr)
         return 1
+    finally:
+        from .distributed import cli_end
+
+        cli_end()
 
 
 if __name__ == "__main__":

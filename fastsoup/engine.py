@@ -24,7 +24,7 @@ from ._dtypes import parse_float_dtype
 from . import distributed as _distributed
 from ._native import _core
 from .io.checkpoint import Checkpoint, check_compatible, open_checkpoint
-from .io.writer import AtomicOutput, TensorSpec, plan_output
+from .io.writer import TensorSpec, plan_output
 
 SLOT_BYTES = 32 << 20  # CUDA pipeline: host input bytes per pinned slot (all inputs together)
 NSLOTS = 3  # pinned slots in the ring: fill j+1 while j is copied and j-1 is summed

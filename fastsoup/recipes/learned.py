@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from .. import distributed as _distributed
 from .._errors import FastsoupError
 from ..io.checkpoint import Checkpoint, check_compatible, open_checkpoint
 from ..search import cache as _cache
@@ -96,10 +97,13 @@ class LearnedResult:
         from ..io.writer import save
         from ..search.greedy import sidecar_path
 
-        path = save(self.state_dict(), out, **options)
-        with open(sidecar_path(out), "w") as f:
-            json.dump(self.to_json(), f, indent=1)
-        return path
+        def write() -> str:
+            path = save(self.state_dict(), out, **options)
+            with open(sidecar_path(out), "w") as f:
+                json.dump(self.to_json(), f, indent=1)
+            return path
+
+        return _distributed.rank0(write)  # collective under torch.distributed: rank 0 writes
 
     def to_json(self) -> dict:
         return {
@@ -200,7 +204,7 @@ def learned_soup(
         raise FastsoupError(f"learned_soup needs float32 parameters ({bad[:5]} are not): call model.float() first")
     if dev.type != "cpu":
         raise FastsoupError("learned_soup computes on the CPU in this build (the CUDA engine comes with its own issue)")
-    held = prepare(heldout, dev)
+    held = prepare(heldout, dev, split="rows")  # torch.distributed: every rank takes a share of every batch
     names = [n for n, r in ckpts[0].items() if r.dtype in ("float16", "bfloat16", "float32", "float64")]
     w0 = _initial_weights(init, K)
     config = {"layerwise": layerwise, "epochs": epochs, "steps": steps, "lr": lr, "init": list(w0),
@@ -210,11 +214,9 @@ def learned_soup(
     if cache_dir is not None:
         fps = [_cache.fingerprint_checkpoint(ck) for ck in ckpts]
         k = _cache.key("learned", _cache.fingerprint_model(model), held.fingerprint, fps, config)
-        os.makedirs(cache_dir, exist_ok=True)
         cache_path = os.path.join(os.fspath(cache_dir), f"learned-{k}.json")
-        if os.path.exists(cache_path):
-            with open(cache_path) as f:
-                d = json.load(f)
+        d = _distributed.rank0(_read_cached, cache_path)  # under torch.distributed only rank 0 reads it
+        if d is not None:
             return LearnedResult(torch.tensor(d["coefficients"], dtype=torch.float32), d["tensor_names"] or names,
                                  d["beta"], d["score"], d["loss"], d["uniform_loss"], d["losses"], sources, layerwise,
                                  parametrization, config, time.perf_counter() - start)
@@ -255,12 +257,17 @@ def learned_soup(
         for step in range(total):
             if not order:
                 order = torch.randperm(len(batches), generator=gen).tolist()
-            x, y = held.batches[order.pop(0)]
+            b = order.pop(0)
+            x, y = held.batches[b]
             alpha = alphas()
             write(alpha)
             model.zero_grad(set_to_none=False)
             out = _forward(model, x)
-            loss = torch.nn.functional.cross_entropy(out * beta if logit_scale else out, y)
+            if held.split is None:
+                loss = torch.nn.functional.cross_entropy(out * beta if logit_scale else out, y)
+            else:  # this rank's rows: its share of the batch's mean loss (summed over ranks below)
+                loss = torch.nn.functional.cross_entropy(out * beta if logit_scale else out, y,
+                                                         reduction="sum") / held.split.sizes[b]
             loss.backward()
             grads = {n: _grad(state[n]) for n in names}
             dots = _dots(ckpts, {n: g for n, g in grads.items() if g is not None})
@@ -270,6 +277,8 @@ def learned_soup(
                     G[i] = torch.tensor(dots[n], dtype=torch.float64)
             if not layerwise:
                 G = G[[i for i, n in enumerate(names) if n not in aliases]].sum(0, keepdim=True)
+            if held.split is not None:  # torch.distributed: sum the shares (rank order, float64) on every rank
+                G, loss = _sum_shares(held.split.comm, G, loss, beta)
             G = G.float()
             alpha.backward(G)
             opt.step()
@@ -294,11 +303,32 @@ def learned_soup(
     result = LearnedResult(coeff.clone(), names, b, ev.score, final_loss, uniform_loss, losses, sources, layerwise,
                            parametrization, config, time.perf_counter() - start)
     if cache_path is not None:
-        tmp = cache_path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(result.to_json(), f)
-        os.replace(tmp, cache_path)
+        _distributed.rank0(_write_cached, cache_path, result.to_json(), share=False)
     return result
+
+
+def _read_cached(path: str) -> dict | None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _write_cached(path: str, obj: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+    os.replace(tmp, path)
+
+
+def _sum_shares(comm, G: torch.Tensor, loss: torch.Tensor, beta: torch.nn.Parameter):
+    """G and the loss summed over the ranks (each computed them on its rows); beta's gradient likewise, in place."""
+    beta_grad = beta.grad if beta.grad is not None else torch.zeros_like(beta)
+    G, loss_sum, beta_sum = comm.sum(G, loss.detach(), beta_grad)
+    if beta.grad is not None:
+        beta.grad.copy_(beta_sum.to(beta.grad.dtype))
+    return G, loss_sum
 
 
 def _initial_weights(init: Any, K: int) -> list[float]:

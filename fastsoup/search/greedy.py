@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from .. import distributed as _distributed
 from .._errors import FastsoupError
 from .._native import _core
 from ..engine import CPU, resolve_device
@@ -113,8 +114,7 @@ class GreedyResult:
         overwrite, fsync, progress), and a JSON sidecar with the ingredients, scores and history:
         ``NAME.json`` next to a ``NAME.safetensors`` file, ``soup.json`` inside a sharded folder."""
         path = self.soup().save(out, **options)
-        with open(sidecar_path(path), "w") as f:
-            json.dump(self.to_json(), f, indent=1)
+        _distributed.rank0(_write_json, sidecar_path(path), self.to_json(), share=False)  # rank 0 under torch.distributed
         return path
 
     def to_json(self) -> dict:
@@ -200,7 +200,8 @@ class Search:
                 raise ValueError("'heldout' is the held-out set's name; give the eval set another name")
             self.data[name] = prepare(loader, self.device, name=name)
         self.stats.prepare_seconds = sum(d.prepare_seconds for d in self.data.values())
-        self.cache = _cache.LogitCache(cache_dir) if cache_dir is not None else None
+        # Under torch.distributed only rank 0 touches the cache; the other ranks get its answers.
+        self.cache = _distributed.open_cache(_cache.LogitCache, cache_dir) if cache_dir is not None else None
         if self.cache is not None:
             self.cache.check("model", self.model_fp, describe=f"the model ({type(model).__name__})")
             for name, d in self.data.items():
@@ -362,7 +363,7 @@ def run_greedy(s: Search, *, strict: bool = False, order: Sequence[int] | None =
     kept = [first]
     best_score = scores[first]
     best_correct = correct_count(logits[first], held.labels) if accuracy else None
-    nb = len(held.batches)
+    nb = held.num_batches
     history = [{"step": 0, "index": first, "name": s.names[first], "score": best_score, "accepted": True,
                 "batches": nb, "of": nb, "source": "individual"}]
     soup: Soup | None = None  # its sum is the sum of kept[:summed] (a prefix: decisions from the cache are
@@ -482,6 +483,11 @@ def ensemble_logits(logits: Sequence[torch.Tensor]) -> torch.Tensor:
     for t in logits:
         total += t.double()
     return (total / len(logits)).float()
+
+
+def _write_json(path: str, obj: Any) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
 
 
 def _name(src: Any, i: int) -> str:

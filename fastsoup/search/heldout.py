@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from .. import distributed as _distributed
 from .._errors import FastsoupError
 
 Metric = Callable[[torch.Tensor, torch.Tensor], float]
@@ -32,18 +33,28 @@ class HeldOut:
     labels: torch.Tensor  # all labels, concatenated, on the CPU
     fingerprint: str
     prepare_seconds: float = 0.0
+    split: Any = None  # a fastsoup.distributed.Split when `batches` holds this rank's part of the set only
 
     @property
     def size(self) -> int:
         return int(self.labels.shape[0])
 
     @property
+    def num_batches(self) -> int:
+        """Batches of the whole set (split across ranks, ``batches`` holds this rank's parts)."""
+        return len(self.batches) if self.split is None else len(self.split.sizes)
+
+    @property
     def nbytes(self) -> int:
         return sum(_nbytes(x) for x, _ in self.batches) + self.labels.numel() * self.labels.element_size()
 
 
-def prepare(data: Iterable, device: torch.device | str, *, name: str = "heldout") -> HeldOut:
+def prepare(data: Iterable, device: torch.device | str, *, name: str = "heldout", split: str | None = "batches") -> HeldOut:
     """Runs ``data`` (an iterable or DataLoader of batches) once and keeps its tensors on ``device``.
+
+    Under torch.distributed (every rank gives the whole set), each rank keeps its part only:
+    ``split="batches"``: batch i on rank i % world; ``"rows"``: a range of rows of every batch; None:
+    all of it (see :mod:`fastsoup.distributed`).
 
     A batch is ``(inputs, labels)`` or a dict with ``"labels"`` (or ``"label"``) and ``"images"`` (or
     ``"inputs"``/``"input"``); inputs are a tensor, a tuple of tensors (``model(*inputs)``) or a dict
@@ -58,6 +69,8 @@ def prepare(data: Iterable, device: torch.device | str, *, name: str = "heldout"
     device = torch.device(device)
     h = hashlib.blake2b(digest_size=16)
     batches, labels = [], []
+    comm = _distributed.current() if split is not None else None
+    parts, offset = [], 0
     try:
         iterator = iter(data)
     except TypeError:
@@ -71,10 +84,20 @@ def prepare(data: Iterable, device: torch.device | str, *, name: str = "heldout"
         _hash(h, x)
         _hash(h, y)
         labels.append(y.detach().cpu())
-        batches.append((_to(x, device), y.detach().to(device)))
-    if not batches or sum(y.shape[0] for y in labels) == 0:
+        if comm is None:
+            batches.append((_to(x, device), y.detach().to(device)))
+        else:  # torch.distributed: this rank's part only
+            part = _distributed.take_part(comm, split, i, offset, x, y)
+            if part is not None:
+                batches.append((_to(part[0], device), part[1].detach().to(device)))
+                parts.append(part[2])
+        offset += int(y.shape[0])
+    if not labels or sum(y.shape[0] for y in labels) == 0:
         raise FastsoupError(f"{name}: the data set is empty (no batches, or no examples): greedy search needs held-out examples")
-    return HeldOut(name, batches, torch.cat(labels), h.hexdigest(), time.perf_counter() - start)
+    held = HeldOut(name, batches, torch.cat(labels), h.hexdigest(), time.perf_counter() - start)
+    if comm is not None:
+        held.split = _distributed.agree_split(comm, split, parts, [int(y.shape[0]) for y in labels], held.fingerprint, name)
+    return held
 
 
 @dataclass
@@ -102,6 +125,8 @@ def evaluate(
             once ``correct + remaining < need`` (it cannot be reached), and the result is incomplete.
         progress: a tqdm-like bar to update by one per batch, or None.
     """
+    if data.split is not None:  # split across the ranks of torch.distributed: collective
+        return _distributed.evaluate(model, data, metric, need=need, progress=progress)
     was_training = model.training
     model.eval()
     outs, correct, seen, done = [], 0, 0, 0

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from .. import distributed as _distributed
 from .._errors import FastsoupError
 
 
@@ -143,12 +144,16 @@ def run_report(
     path = g.save(out, overwrite=overwrite, progress=progress)
     if results is None:
         results = os.path.join(cache_dir if cache_dir else os.path.dirname(os.path.abspath(out)), "results.jsonl")
+    _distributed.rank0(_write_rows, results, rows, share=False)  # rank 0 under torch.distributed
+    return Report(rows, sets, path, results, time.perf_counter() - start, greedy=g, ensemble=e)
+
+
+def _write_rows(results: str, rows: list[dict]) -> None:
     tmp = results + ".tmp"
     with open(tmp, "w") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
     os.replace(tmp, results)
-    return Report(rows, sets, path, results, time.perf_counter() - start, greedy=g, ensemble=e)
 
 
 def plot_results(results: str, out: str, *, x: str = "heldout", y: str | None = None) -> str:
