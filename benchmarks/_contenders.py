@@ -61,15 +61,23 @@ def fastsoup_api(paths, out):
     fastsoup.average(paths, out=out, progress=False)
 
 
+def fastsoup_cuda(paths, out):
+    import fastsoup
+
+    fastsoup.average(paths, out=out, device="cuda", progress=False)
+
+
 def import_only(paths, out):
     import fastsoup  # noqa: F401
 
 
 CONTENDERS = {
     "naive_safetensors": naive_safetensors,
+    "naive_safetensors_1t": naive_safetensors,  # the same with torch.set_num_threads(1)
     "naive_torch_load": naive_torch_load,
     "naive_torch_load_mmap": lambda p, o: naive_torch_load(p, o, mmap=True),
     "fastsoup_api": fastsoup_api,
+    "fastsoup_cuda": fastsoup_cuda,
     "import_fastsoup": import_only,
 }
 
@@ -79,9 +87,15 @@ def main() -> None:
     fn = CONTENDERS[name]
     # Imports happen before the clock (the CLI contender of bench_merge times a whole process).
     if name.startswith("naive"):
-        import torch  # noqa: F401
-    elif name == "fastsoup_api":
+        import torch
+
+        if name.endswith("_1t"):
+            torch.set_num_threads(1)
+    elif name in ("fastsoup_api", "fastsoup_cuda"):
         import fastsoup  # noqa: F401
+
+        if not all(p.endswith(".safetensors") or os.path.isdir(p) for p in paths):
+            import torch  # noqa: F401  (fastsoup reads torch files with torch.load: imported before the clock too)
     t0 = time.perf_counter()
     fn(paths, out)
     seconds = time.perf_counter() - t0
