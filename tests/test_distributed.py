@@ -248,7 +248,11 @@ def history(result) -> list:
 def one_process(setup, tmp_path_factory):
     zoo = setup[0]
     cache = tmp_path_factory.mktemp("one_process_cache")
-    r = fastsoup.greedy_soup(zoo.paths, zoo.model(), heldout(), cache_dir=cache)
+    # The ranks run their batches in the set's order (hardest-first ordering is single-process only),
+    # so the reference, whose batch counts are compared, runs them in that order too.
+    from fastsoup.search.greedy import Search, run_greedy
+
+    r = run_greedy(Search(zoo.paths, zoo.model(), heldout(), cache_dir=cache), hardest_first=False)
     return r, cache
 
 

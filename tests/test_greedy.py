@@ -624,3 +624,20 @@ def test_import_fastsoup_does_not_import_torch():
     assert r.stdout.split() == ["False", "True", "True", "True", "True"]
     with pytest.raises(AttributeError, match="no attribute 'greedy_soups'"):
         fastsoup.greedy_soups
+
+
+def test_hardest_first_batches_give_the_same_decisions(zoo):
+    """Running the batches where the current soup errs most first changes only when a rejected
+    candidate stops, never a decision or a score."""
+    from fastsoup.search.greedy import Search, run_greedy
+
+    runs = {}
+    for hardest in (True, False):
+        s = Search(zoo.paths, zoo.model(), zoo.heldout, progress=False)
+        runs[hardest] = run_greedy(s, hardest_first=hardest)
+    a, b = runs[True], runs[False]
+    assert a.indices == b.indices and a.score == b.score
+    assert [(h["index"], h["accepted"]) for h in a.history] == [(h["index"], h["accepted"]) for h in b.history]
+    for ha, hb in zip(a.history, b.history):
+        if ha["accepted"]:
+            assert ha["score"] == hb["score"] and ha["batches"] == hb["batches"] == ha["of"]

@@ -344,7 +344,8 @@ def greedy_soup(
     return run_greedy(s, strict=strict, order=order)
 
 
-def run_greedy(s: Search, *, strict: bool = False, order: Sequence[int] | None = None) -> GreedyResult:
+def run_greedy(s: Search, *, strict: bool = False, order: Sequence[int] | None = None,
+               hardest_first: bool = True) -> GreedyResult:
     """The greedy loop over a prepared :class:`Search` (see :func:`greedy_soup`)."""
     held = s.heldout
     logits = s.individual_logits()
@@ -366,6 +367,10 @@ def run_greedy(s: Search, *, strict: bool = False, order: Sequence[int] | None =
     nb = held.num_batches
     history = [{"step": 0, "index": first, "name": s.names[first], "score": best_score, "accepted": True,
                 "batches": nb, "of": nb, "source": "individual"}]
+    # Hardest batches first: a candidate is rejected once its errors exceed the current soup's total,
+    # so the batches where the current soup errs most are run first (accuracy does not depend on
+    # the order: the decisions stay those of a full evaluation).
+    best_logits = logits[first]
     soup: Soup | None = None  # its sum is the sum of kept[:summed] (a prefix: decisions from the cache are
     summed = 0                # added lazily, only when a later candidate needs evaluating, so each is read once)
     before = _core.counters()["mapped_bytes_read"]
@@ -376,6 +381,7 @@ def run_greedy(s: Search, *, strict: bool = False, order: Sequence[int] | None =
         if rec is not None and rec.get("index") == j and rec.get("fingerprint") == s.fps[j]:
             accepted, score, correct, batches, source = rec["accepted"], rec["score"], rec.get("correct"), rec["batches"], "journal"
             s.stats.cached += 1
+            ev = None
         else:
             cached = s.cached(members, "heldout")
             if cached is not None:
@@ -396,7 +402,8 @@ def run_greedy(s: Search, *, strict: bool = False, order: Sequence[int] | None =
                 need = (best_correct + (1 if strict else 0)) if accuracy else None
                 bar = progress_bar(s.progress, nb, f"greedy {step}/{len(ranking) - 1}: {s.names[j]}")
                 try:
-                    ev = evaluate(s.model, held, s.metric, need=need, progress=bar)
+                    ev = evaluate(s.model, held, s.metric, need=need, progress=bar,
+                                  order=_hardest_first(held, best_logits) if hardest_first and accuracy else None)
                 finally:
                     if bar is not None:
                         bar.close()
@@ -424,6 +431,7 @@ def run_greedy(s: Search, *, strict: bool = False, order: Sequence[int] | None =
         if accepted:
             kept.append(j)
             best_score, best_correct = score, correct
+            best_logits = ev.logits if ev is not None and ev.logits is not None else s.cached(kept, "heldout")
             if pending:
                 soup.accept()
                 summed = len(kept)
@@ -455,6 +463,19 @@ def greedy_ensemble(
     """
     s = Search(ingredients, model, heldout, metric=metric, cache_dir=cache_dir, device=device, progress=progress)
     return run_greedy_ensemble(s, strict=strict)
+
+
+def _hardest_first(held: HeldOut, logits: torch.Tensor | None) -> list[int] | None:
+    """Batch indices by the current soup's errors in each, most first (ties: the set's order)."""
+    if logits is None or held.split is not None:
+        return None
+    wrong = (logits.argmax(dim=-1) != held.labels).to(torch.int64)
+    errors, start = [], 0
+    for _, y in held.batches:
+        n = int(y.shape[0])
+        errors.append(int(wrong[start:start + n].sum()))
+        start += n
+    return sorted(range(len(errors)), key=lambda b: -errors[b])
 
 
 def run_greedy_ensemble(s: Search, *, strict: bool = False, data: str = "heldout") -> EnsembleResult:

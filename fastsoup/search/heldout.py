@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,6 +116,7 @@ def evaluate(
     *,
     need: int | None = None,
     progress: Any = None,
+    order: Sequence[int] | None = None,
 ) -> Evaluation:
     """Evaluates ``model`` on ``data``.
 
@@ -124,16 +125,27 @@ def evaluate(
         need: accuracy only: the number of correct examples the model must reach; evaluation stops
             once ``correct + remaining < need`` (it cannot be reached), and the result is incomplete.
         progress: a tqdm-like bar to update by one per batch, or None.
+        order: the order to run the batches in (a permutation of their indices; logits come back in
+            the set's order). Accuracy does not depend on it; early rejection comes sooner when the
+            batches most likely to be wrong run first. Ignored under torch.distributed (the ranks
+            run their parts in the set's order).
     """
     if data.split is not None:  # split across the ranks of torch.distributed: collective
         return _distributed.evaluate(model, data, metric, need=need, progress=progress)
+    nb = len(data.batches)
+    if order is None:
+        order = range(nb)
+    elif sorted(order) != list(range(nb)):
+        raise ValueError(f"order must be a permutation of the {nb} batch indices")
     was_training = model.training
     model.eval()
-    outs, correct, seen, done = [], 0, 0, 0
+    outs: list = [None] * nb
+    correct, seen, done = 0, 0, 0
     total = data.size
     try:
         with torch.inference_mode():
-            for x, y in data.batches:
+            for b in order:
+                x, y = data.batches[b]
                 logits = _call(model, x)
                 if not isinstance(logits, torch.Tensor):
                     logits = getattr(logits, "logits", None)
@@ -143,7 +155,7 @@ def evaluate(
                     raise FastsoupError(
                         f"{data.name}: the model returned {logits.shape[0]} rows of logits for a batch of {y.shape[0]} labels"
                     )
-                outs.append(logits.detach().float().cpu())
+                outs[b] = logits.detach().float().cpu()
                 done += 1
                 seen += y.shape[0]
                 if progress is not None:
