@@ -301,7 +301,13 @@ def cli_end() -> None:
         import torch.distributed as dist
 
         if dist.is_initialized():
-            dist.destroy_process_group()
+            # Every rank done with its last collective before any rank tears the group down: a rank
+            # leaving while the other still has gloo work in flight was seen to abort a process
+            # at exit ("terminate called without an active exception").
+            try:
+                dist.barrier()
+            finally:
+                dist.destroy_process_group()
         _COMMS.clear()
 
 

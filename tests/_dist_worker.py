@@ -139,6 +139,7 @@ def main() -> None:
                              "traceback": traceback.format_exc()}
     with open(os.path.join(cfg["work"], f"rank{rank}.json"), "w") as f:
         json.dump(results, f)
+    dist.barrier()  # no rank tears the group down while another still has gloo work in flight
     dist.destroy_process_group()
 
 
