@@ -54,6 +54,57 @@ Inputs make_inputs(const char* op, const std::vector<uintptr_t>& addrs, const st
   return in;
 }
 
+// Parameters of the three primitives from the binding's plain values; `in` (and `weights`, `out`)
+// must outlive them. Shared by the CPU and the CUDA entry points.
+WeightedSumParams weighted_sum_params(const char* op, const Inputs& in, const std::vector<float>& weights, int64_t n,
+                                      uintptr_t out, int out_dtype, bool accumulate) {
+  if (weights.size() != in.ptrs.size())
+    throw std::invalid_argument(std::string(op) + ": got " + std::to_string(in.ptrs.size()) + " inputs and " +
+                                std::to_string(weights.size()) + " weights");
+  WeightedSumParams p;
+  p.inputs = in.ptrs.data();
+  p.input_dtypes = in.dtypes.data();
+  p.weights = weights.data();
+  p.num_inputs = static_cast<int64_t>(in.ptrs.size());
+  p.out = reinterpret_cast<void*>(out);
+  p.out_dtype = to_dtype(op, "out", out_dtype);
+  p.n = n;
+  p.accumulate = accumulate;
+  return p;
+}
+
+MultiDotParams multi_dot_params(const char* op, const Inputs& in, uintptr_t g, int g_dtype, int64_t n,
+                                std::vector<double>& out) {
+  out.assign(in.ptrs.size(), 0.0);
+  MultiDotParams p;
+  p.inputs = in.ptrs.data();
+  p.input_dtypes = in.dtypes.data();
+  p.num_inputs = static_cast<int64_t>(in.ptrs.size());
+  p.g = reinterpret_cast<const void*>(g);
+  p.g_dtype = to_dtype(op, "g", g_dtype);
+  p.n = n;
+  p.out = out.data();
+  return p;
+}
+
+GramParams gram_params(const Inputs& in, int64_t n, std::vector<double>& flat) {
+  flat.assign(in.ptrs.size() * in.ptrs.size(), 0.0);
+  GramParams p;
+  p.inputs = in.ptrs.data();
+  p.input_dtypes = in.dtypes.data();
+  p.num_inputs = static_cast<int64_t>(in.ptrs.size());
+  p.n = n;
+  p.out = flat.data();
+  return p;
+}
+
+std::vector<std::vector<double>> square(const std::vector<double>& flat, size_t K) {
+  std::vector<std::vector<double>> out(K, std::vector<double>(K));
+  for (size_t a = 0; a < K; ++a)
+    for (size_t b = 0; b < K; ++b) out[a][b] = flat[a * K + b];
+  return out;
+}
+
 void check_threads(const char* op, int threads) {
   if (threads < 0) throw std::invalid_argument(std::string(op) + ": threads must be >= 0 (0 = all cores)");
 }
@@ -149,19 +200,8 @@ PYBIND11_MODULE(_core, m) {
       [](const std::vector<uintptr_t>& inputs, const std::vector<int>& dtypes, const std::vector<float>& weights,
          int64_t n, uintptr_t out, int out_dtype, bool accumulate, int threads) {
         Inputs in = make_inputs("weighted_sum", inputs, dtypes);
-        if (weights.size() != inputs.size())
-          throw std::invalid_argument("weighted_sum: got " + std::to_string(inputs.size()) + " inputs and " +
-                                      std::to_string(weights.size()) + " weights");
         check_threads("weighted_sum", threads);
-        WeightedSumParams p;
-        p.inputs = in.ptrs.data();
-        p.input_dtypes = in.dtypes.data();
-        p.weights = weights.data();
-        p.num_inputs = static_cast<int64_t>(inputs.size());
-        p.out = reinterpret_cast<void*>(out);
-        p.out_dtype = to_dtype("weighted_sum", "out", out_dtype);
-        p.n = n;
-        p.accumulate = accumulate;
+        WeightedSumParams p = weighted_sum_params("weighted_sum", in, weights, n, out, out_dtype, accumulate);
         p.threads = threads;
         check(weighted_sum_cpu(p));
       },
@@ -175,15 +215,8 @@ PYBIND11_MODULE(_core, m) {
          int threads) {
         Inputs in = make_inputs("multi_dot", inputs, dtypes);
         check_threads("multi_dot", threads);
-        std::vector<double> out(inputs.size());
-        MultiDotParams p;
-        p.inputs = in.ptrs.data();
-        p.input_dtypes = in.dtypes.data();
-        p.num_inputs = static_cast<int64_t>(inputs.size());
-        p.g = reinterpret_cast<const void*>(g);
-        p.g_dtype = to_dtype("multi_dot", "g", g_dtype);
-        p.n = n;
-        p.out = out.data();
+        std::vector<double> out;
+        MultiDotParams p = multi_dot_params("multi_dot", in, g, g_dtype, n, out);
         p.threads = threads;
         check(multi_dot_cpu(p));
         return out;
@@ -196,20 +229,11 @@ PYBIND11_MODULE(_core, m) {
       [](const std::vector<uintptr_t>& inputs, const std::vector<int>& dtypes, int64_t n, int threads) {
         Inputs in = make_inputs("gram", inputs, dtypes);
         check_threads("gram", threads);
-        const size_t K = inputs.size();
-        std::vector<double> flat(K * K);
-        GramParams p;
-        p.inputs = in.ptrs.data();
-        p.input_dtypes = in.dtypes.data();
-        p.num_inputs = static_cast<int64_t>(K);
-        p.n = n;
-        p.out = flat.data();
+        std::vector<double> flat;
+        GramParams p = gram_params(in, n, flat);
         p.threads = threads;
         check(gram_cpu(p));
-        std::vector<std::vector<double>> out(K, std::vector<double>(K));
-        for (size_t a = 0; a < K; ++a)
-          for (size_t b = 0; b < K; ++b) out[a][b] = flat[a * K + b];
-        return out;
+        return square(flat, inputs.size());
       },
       py::arg("inputs"), py::arg("dtypes"), py::arg("n"), py::arg("threads") = 0,
       py::call_guard<py::gil_scoped_release>(), "K x K matrix of pairwise dot products, one pass.");
@@ -304,18 +328,7 @@ PYBIND11_MODULE(_core, m) {
       [](const std::vector<uintptr_t>& inputs, const std::vector<int>& dtypes, const std::vector<float>& weights,
          int64_t n, uintptr_t out, int out_dtype, bool accumulate, int device, uintptr_t stream) {
         Inputs in = make_inputs("weighted_sum_cuda", inputs, dtypes);
-        if (weights.size() != inputs.size())
-          throw std::invalid_argument("weighted_sum_cuda: got " + std::to_string(inputs.size()) + " inputs and " +
-                                      std::to_string(weights.size()) + " weights");
-        WeightedSumParams p;
-        p.inputs = in.ptrs.data();
-        p.input_dtypes = in.dtypes.data();
-        p.weights = weights.data();
-        p.num_inputs = static_cast<int64_t>(inputs.size());
-        p.out = reinterpret_cast<void*>(out);
-        p.out_dtype = to_dtype("weighted_sum_cuda", "out", out_dtype);
-        p.n = n;
-        p.accumulate = accumulate;
+        WeightedSumParams p = weighted_sum_params("weighted_sum_cuda", in, weights, n, out, out_dtype, accumulate);
         check(cuda::weighted_sum(p, device, stream));
       },
       py::arg("inputs"), py::arg("dtypes"), py::arg("weights"), py::arg("n"), py::arg("out"), py::arg("out_dtype"),
@@ -326,15 +339,8 @@ PYBIND11_MODULE(_core, m) {
       [](const std::vector<uintptr_t>& inputs, const std::vector<int>& dtypes, uintptr_t g, int g_dtype, int64_t n,
          int device, uintptr_t stream) {
         Inputs in = make_inputs("multi_dot_cuda", inputs, dtypes);
-        std::vector<double> out(inputs.size());
-        MultiDotParams p;
-        p.inputs = in.ptrs.data();
-        p.input_dtypes = in.dtypes.data();
-        p.num_inputs = static_cast<int64_t>(inputs.size());
-        p.g = reinterpret_cast<const void*>(g);
-        p.g_dtype = to_dtype("multi_dot_cuda", "g", g_dtype);
-        p.n = n;
-        p.out = out.data();
+        std::vector<double> out;
+        MultiDotParams p = multi_dot_params("multi_dot_cuda", in, g, g_dtype, n, out);
         check(cuda::multi_dot(p, device, stream));
         return out;
       },
@@ -344,19 +350,10 @@ PYBIND11_MODULE(_core, m) {
       "gram_cuda",
       [](const std::vector<uintptr_t>& inputs, const std::vector<int>& dtypes, int64_t n, int device, uintptr_t stream) {
         Inputs in = make_inputs("gram_cuda", inputs, dtypes);
-        const size_t K = inputs.size();
-        std::vector<double> flat(K * K);
-        GramParams p;
-        p.inputs = in.ptrs.data();
-        p.input_dtypes = in.dtypes.data();
-        p.num_inputs = static_cast<int64_t>(K);
-        p.n = n;
-        p.out = flat.data();
+        std::vector<double> flat;
+        GramParams p = gram_params(in, n, flat);
         check(cuda::gram(p, device, stream));
-        std::vector<std::vector<double>> out(K, std::vector<double>(K));
-        for (size_t a = 0; a < K; ++a)
-          for (size_t b = 0; b < K; ++b) out[a][b] = flat[a * K + b];
-        return out;
+        return square(flat, inputs.size());
       },
       py::arg("inputs"), py::arg("dtypes"), py::arg("n"), py::arg("device"), py::arg("stream"),
       py::call_guard<py::gil_scoped_release>(), "K x K Gram matrix over device addresses.");
