@@ -638,7 +638,7 @@ def evaluate(model, data, metric, *, need: int | None, progress: Any):
     evaluation are gathered in the set's order. Same result, on every rank, as one process."""
     import torch
 
-    from .search.heldout import Evaluation, _call, correct_count, score_logits
+    from .search.heldout import Evaluation, correct_count, model_logits, score_logits
 
     sp: Split = data.split
     comm = sp.comm
@@ -660,14 +660,7 @@ def evaluate(model, data, metric, *, need: int | None, progress: Any):
                     try:
                         x, y = data.batches[r]
                         b, off, rows = sp.parts[r]
-                        logits = _call(model, x)
-                        if not isinstance(logits, torch.Tensor):
-                            logits = getattr(logits, "logits", None)
-                            if not isinstance(logits, torch.Tensor):
-                                raise FastsoupError("the model must return a logits tensor (or an object with .logits)")
-                        if logits.shape[0] != y.shape[0]:
-                            raise FastsoupError(f"{data.name}: the model returned {logits.shape[0]} rows of logits for "
-                                                f"a batch of {y.shape[0]} labels")
+                        logits = model_logits(model, x, y, data.name)
                         outs.append((off, logits.detach().float().cpu()))
                         info.append((b, rows, int((logits.argmax(dim=-1) == y).sum()) if accuracy else 0))
                         if progress is not None:

@@ -251,14 +251,7 @@ def _run(ckpts: list[Checkpoint], weights, out, override, threads, shard_size, p
         if ref0.nbytes == 0:
             continue
         if is_float:
-            inputs = []
-            for ck in ckpts:
-                ref = ck[name]
-                addr, loc, obj = ck.buffer(ref, device)
-                if loc != 1:
-                    keep.append(obj)
-                inputs.append((addr, dtype_info(ref.dtype).code, loc))
-            segs.weighted(ref0.numel, dfile, doff, dtype_info(od).code, inputs)
+            segs.weighted(ref0.numel, dfile, doff, dtype_info(od).code, [_source(ck, name, device, keep) for ck in ckpts])
         else:
             addr, loc, obj = ckpts[0].buffer(ckpts[0][name], device)
             if loc != 1:
@@ -289,6 +282,16 @@ def _run(ckpts: list[Checkpoint], weights, out, override, threads, shard_size, p
             bar.close()
         del keep
     return result if out is None else os.fspath(out)
+
+
+def _source(ck: Checkpoint, name: str, device: Device, keep: list) -> tuple[int, int, int]:
+    """One input of a segment: ``(address, dtype code, location)`` of tensor ``name`` of ``ck`` (see
+    ``Checkpoint.buffer``); anything that must stay alive while the address is used goes to ``keep``."""
+    ref = ck[name]
+    addr, loc, obj = ck.buffer(ref, device)
+    if loc != 1:
+        keep.append(obj)
+    return addr, dtype_info(ref.dtype).code, loc
 
 
 class _Segments:

@@ -23,7 +23,7 @@ from ._dtypes import info as dtype_info
 from ._errors import FastsoupError
 from . import distributed as _distributed
 from ._native import _core
-from .engine import CPU, Device, _Segments, _run, resolve_device
+from .engine import CPU, Device, _Segments, _run, _source, resolve_device
 from .io.checkpoint import Checkpoint, check_compatible, open_checkpoint
 
 _F32 = BY_NAME["float32"].code
@@ -135,11 +135,8 @@ class Soup:
         segs = _Segments(2)
         keep = []
         for name, (off, numel) in self._floats.items():
-            addr, loc, obj = ck.buffer(ck[name], self._device)
-            if loc != 1:
-                keep.append(obj)
             segs.weighted(numel, -1, scratch + 4 * off, _F32,
-                          [(base + 4 * off, _F32, self._loc), (addr, dtype_info(ck[name].dtype).code, loc)])
+                          [(base + 4 * off, _F32, self._loc), _source(ck, name, self._device, keep)])
         segs.run([1.0, w], threads=self._threads, device=self._device)
         del keep
         self._write(model, self._scratch, 1.0 / total, extras=True)
@@ -244,10 +241,7 @@ class Soup:
         base = self._sum.data_ptr()
         segs, keep = _Segments(1), []
         for name, (off, numel) in self._floats.items():
-            addr, loc, obj = ck.buffer(ck[name], self._device)
-            if loc != 1:
-                keep.append(obj)
-            segs.weighted(numel, -1, base + 4 * off, _F32, [(addr, dtype_info(ck[name].dtype).code, loc)])
+            segs.weighted(numel, -1, base + 4 * off, _F32, [_source(ck, name, self._device, keep)])
         segs.run([w], threads=self._threads, accumulate=True, device=self._device)
 
     def _keep_extras(self, ck: Checkpoint) -> None:
@@ -328,10 +322,7 @@ def _load_checkpoint(ck: Checkpoint, model: Any, threads: int = 0, staging: dict
     sources, extras, keep = {}, {}, []
     for name, ref in ck.items():
         if dtype_info(ref.dtype).kind == "float":
-            addr, loc, obj = ck.buffer(ref, device)
-            if loc != 1:
-                keep.append(obj)
-            sources[name] = [(addr, dtype_info(ref.dtype).code, loc)]
+            sources[name] = [_source(ck, name, device, keep)]
         else:
             extras[name] = ck.tensor(name)
     _write_model(model, ck, sources, [1.0], staging if staging is not None else {}, extras, threads, device)
@@ -344,16 +335,8 @@ def _mix_into_model(ckpts: list[Checkpoint], model: Any, weights, staging: dict,
     first = ckpts[0]
     sources, keep = {}, []
     for name, ref in first.items():
-        if dtype_info(ref.dtype).kind != "float":
-            continue
-        row = []
-        for ck in ckpts:
-            r = ck[name]
-            addr, loc, obj = ck.buffer(r, device)
-            if loc != 1:
-                keep.append(obj)
-            row.append((addr, dtype_info(r.dtype).code, loc))
-        sources[name] = row
+        if dtype_info(ref.dtype).kind == "float":
+            sources[name] = [_source(ck, name, device, keep) for ck in ckpts]
     _write_model(model, first, sources, weights, staging, None, threads, device)
 
 

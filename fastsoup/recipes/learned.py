@@ -35,7 +35,7 @@ from .. import distributed as _distributed
 from .._errors import FastsoupError
 from ..io.checkpoint import Checkpoint, check_compatible, open_checkpoint
 from ..search import cache as _cache
-from ..search.heldout import HeldOut, evaluate, prepare, progress_bar
+from ..search.heldout import HeldOut, evaluate, model_device, model_logits, prepare, progress_bar
 from ..soup import _dots, _mix_into_model
 
 PARAMETRIZATIONS = ("softmax", "free")
@@ -195,7 +195,7 @@ def learned_soup(
         raise ValueError(f"need lr > 0 and epochs >= 1 (or steps >= 1), got lr={lr}, epochs={epochs}, steps={steps}")
     K = len(sources)
     ckpts: list[Checkpoint] = [open_checkpoint(s) for s in sources]
-    dev = torch.device(device) if device is not None else _device(model)
+    dev = torch.device(device) if device is not None else model_device(model)
     model = model.to(dev)
     check_compatible([open_checkpoint(model)] + ckpts)
     params = dict(model.named_parameters())
@@ -203,7 +203,7 @@ def learned_soup(
     if bad:
         raise FastsoupError(f"learned_soup needs float32 parameters ({bad[:5]} are not): call model.float() first")
     if dev.type != "cpu":
-        raise FastsoupError("learned_soup computes on the CPU in this build (the CUDA engine comes with its own issue)")
+        raise FastsoupError("learned_soup computes on the CPU in this build: pass a model on the CPU (device=\"cpu\")")
     held = prepare(heldout, dev, split="rows")  # torch.distributed: every rank takes a share of every batch
     names = [n for n, r in ckpts[0].items() if r.dtype in ("float16", "bfloat16", "float32", "float64")]
     w0 = _initial_weights(init, K)
@@ -262,7 +262,7 @@ def learned_soup(
             alpha = alphas()
             write(alpha)
             model.zero_grad(set_to_none=False)
-            out = _forward(model, x)
+            out = model_logits(model, x)
             if held.split is None:
                 loss = torch.nn.functional.cross_entropy(out * beta if logit_scale else out, y)
             else:  # this rank's rows: its share of the batch's mean loss (summed over ranks below)
@@ -349,31 +349,11 @@ def _heldout_loss(model, held: HeldOut, ckpts, weights, staging, beta: float) ->
     return float(torch.nn.functional.cross_entropy(ev.logits * beta, held.labels))
 
 
-def _forward(model, x):
-    if isinstance(x, dict):
-        out = model(**x)
-    elif isinstance(x, (tuple, list)):
-        out = model(*x)
-    else:
-        out = model(x)
-    if not isinstance(out, torch.Tensor):
-        out = getattr(out, "logits", None)
-        if not isinstance(out, torch.Tensor):
-            raise FastsoupError("the model must return a logits tensor (or an object with .logits)")
-    return out
-
-
 def _grad(t: torch.Tensor):
     g = t.grad if isinstance(t, torch.nn.Parameter) else None
     if g is None:
         return None
     return g.detach().contiguous() if g.device.type == "cpu" else g.detach().cpu().contiguous()
-
-
-def _device(model: torch.nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    return torch.device("cpu")
 
 
 __all__ = ["LearnedResult", "learned_soup"]

@@ -30,7 +30,6 @@ from typing import Any
 import torch
 
 from .. import distributed as _distributed
-from .._errors import FastsoupError
 from .._native import _core
 from ..engine import CPU, resolve_device
 from ..io.checkpoint import Checkpoint, check_compatible, open_checkpoint
@@ -44,6 +43,7 @@ from .heldout import (
     correct_count,
     evaluate,
     metric_name,
+    model_device,
     prepare,
     progress_bar,
     score_logits,
@@ -183,7 +183,7 @@ class Search:
         self.stats = SearchStats()
         self.names = [_name(src, i) for i, src in enumerate(self.sources)]
         self.ckpts: list[Checkpoint] = [open_checkpoint(src) for src in self.sources]
-        self.device = torch.device(device) if device is not None else _model_device(model)
+        self.device = torch.device(device) if device is not None else model_device(model)
         self.model = model.to(self.device)
         # The soup and the parameter writes run where the model is: the CUDA engine for a model on a
         # GPU (checkpoints stream through pinned memory; the fp32 sum stays on the GPU), else the CPU.
@@ -515,14 +515,6 @@ def _name(src: Any, i: int) -> str:
     if isinstance(src, (str, os.PathLike)):
         return os.fspath(src)
     return f"<ingredient {i}>"
-
-
-def _model_device(model: torch.nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
 
 
 __all__ = ["EnsembleResult", "GreedyResult", "Search", "SearchStats", "ensemble_logits", "greedy_ensemble", "greedy_soup",

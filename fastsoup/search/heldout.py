@@ -146,15 +146,7 @@ def evaluate(
         with torch.inference_mode():
             for b in order:
                 x, y = data.batches[b]
-                logits = _call(model, x)
-                if not isinstance(logits, torch.Tensor):
-                    logits = getattr(logits, "logits", None)
-                    if not isinstance(logits, torch.Tensor):
-                        raise FastsoupError("the model must return a logits tensor (or an object with .logits)")
-                if logits.shape[0] != y.shape[0]:
-                    raise FastsoupError(
-                        f"{data.name}: the model returned {logits.shape[0]} rows of logits for a batch of {y.shape[0]} labels"
-                    )
+                logits = model_logits(model, x, y, data.name)
                 outs[b] = logits.detach().float().cpu()
                 done += 1
                 seen += y.shape[0]
@@ -213,6 +205,28 @@ def _split(batch: Any, name: str, i: int):
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
         return batch[0], batch[1]
     raise FastsoupError(f"{name}: batch {i} is a {type(batch).__name__}; expected (inputs, labels)")
+
+
+def model_logits(model, x, y=None, name: str = "data") -> torch.Tensor:
+    """The model's logits on one batch (a tensor, or the ``.logits`` of what it returns), checked to
+    have one row per label when ``y`` is given."""
+    logits = _call(model, x)
+    if not isinstance(logits, torch.Tensor):
+        logits = getattr(logits, "logits", None)
+        if not isinstance(logits, torch.Tensor):
+            raise FastsoupError("the model must return a logits tensor (or an object with .logits)")
+    if y is not None and logits.shape[0] != y.shape[0]:
+        raise FastsoupError(f"{name}: the model returned {logits.shape[0]} rows of logits for a batch of {y.shape[0]} labels")
+    return logits
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where the model's first parameter (or buffer) is; the CPU for a model without tensors."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
 
 
 def _call(model, x):
