@@ -252,7 +252,7 @@ def one_process(setup, tmp_path_factory):
     # so the reference, whose batch counts are compared, runs them in that order too.
     from fastsoup.search.greedy import Search, run_greedy
 
-    r = run_greedy(Search(zoo.paths, zoo.model(), heldout(), cache_dir=cache), hardest_first=False)
+    r = run_greedy(Search(zoo.paths, zoo.model(), heldout(), cache_dir=cache), reorder="none")
     return r, cache
 
 

@@ -153,9 +153,14 @@ def test_tied_scores_keep_the_input_order(zoo, reference, where):
         assert (result.indices, result.score) == (kept, score)
         assert result.indices[0] == twins[0]
         # the twin's soup with it is exactly it (x + x, halved): a tie, kept by >= and not by >
-        # (early rejection must evaluate a candidate that can still tie to the end)
-        assert result.history[1]["index"] == twins[1] and result.history[1]["score"] == result.individual_scores[twins[0]]
-        assert result.history[1]["accepted"] is (not strict)
+        # (early rejection must evaluate a candidate that can still tie to the end; under > a tie
+        # cannot pass, and it stops once it has made all of the soup's errors)
+        h = result.history[1]
+        assert h["index"] == twins[1] and h["accepted"] is (not strict)
+        if strict:
+            assert h["score"] is None and h["batches"] < h["of"]
+        else:
+            assert h["score"] == result.individual_scores[twins[0]] and h["batches"] == h["of"]
 
 
 def plain_greedy(sds, data, order, strict=False):
@@ -269,7 +274,8 @@ def test_rerun_with_the_cache_evaluates_nothing(zoo, tmp_path):
     calls = count_forward(model)
     first = fastsoup.greedy_soup(zoo.paths, model, zoo.heldout, cache_dir=cache)
     assert first.stats.evaluations == 2 * len(zoo.paths) - 1 and first.stats.cached == 0
-    assert len(calls) == len(zoo.paths) * len(zoo.heldout) + first.stats.batches_evaluated
+    assert first.stats.reorder == "examples" and first.stats.check_batches == 3  # the regrouping check, once
+    assert len(calls) == len(zoo.paths) * len(zoo.heldout) + first.stats.batches_evaluated + first.stats.check_batches
     assert (cache / "manifest.json").exists() and (cache / "journal.jsonl").exists()
 
     model = zoo.model()
@@ -323,7 +329,8 @@ def test_resume_after_a_failure(zoo, tmp_path):
     done = next(k for k in range(2, n - 1) if uninterrupted.history[k + 1]["batches"] >= 2)
     cache = tmp_path / "cache"
     model = zoo.model()
-    before_fail = n * nb + sum(h["batches"] for h in uninterrupted.history[1:done + 1]) + 1  # in step done + 1
+    check = uninterrupted.stats.check_batches  # the one-time regrouping check, before the first candidate's batches
+    before_fail = n * nb + check + sum(h["batches"] for h in uninterrupted.history[1:done + 1]) + 1  # in step done + 1
     calls = count_forward(model, fail_after=before_fail)
     with pytest.raises(Boom):
         fastsoup.greedy_soup(zoo.paths, model, zoo.heldout, cache_dir=cache)
@@ -337,7 +344,7 @@ def test_resume_after_a_failure(zoo, tmp_path):
     resumed = fastsoup.greedy_soup(zoo.paths, model, zoo.heldout, cache_dir=cache)
     assert [h["source"] for h in resumed.history[1:]] == ["journal"] * done + ["evaluated"] * (n - 1 - done)
     assert resumed.stats.evaluations == n - 1 - done  # the ingredients' logits were cached, the steps journaled
-    assert len(calls) == sum(h["batches"] for h in uninterrupted.history[done + 1:])
+    assert len(calls) == sum(h["batches"] for h in uninterrupted.history[done + 1:]) + resumed.stats.check_batches
     assert full_history(resumed) == full_history(uninterrupted)
     assert (resumed.indices, resumed.score) == (uninterrupted.indices, uninterrupted.score)
     # the soup is rebuilt from the kept ingredients once, then one read per candidate
@@ -361,7 +368,7 @@ def test_a_torn_last_journal_line_is_ignored(zoo, tmp_path):
     calls = count_forward(model)
     again = fastsoup.greedy_soup(zoo.paths, model, zoo.heldout, cache_dir=cache)
     assert [h["source"] for h in again.history[1:]] == ["journal"] * (len(zoo.paths) - 2) + ["evaluated"]
-    assert again.stats.evaluations == 1 and len(calls) == last["batches"]
+    assert again.stats.evaluations == 1 and len(calls) == last["batches"] + again.stats.check_batches
     assert full_history(again) == full_history(first)
 
 
@@ -626,18 +633,109 @@ def test_import_fastsoup_does_not_import_torch():
         fastsoup.greedy_soups
 
 
-def test_hardest_first_batches_give_the_same_decisions(zoo):
-    """Running the batches where the current soup errs most first changes only when a rejected
-    candidate stops, never a decision or a score."""
+@pytest.mark.parametrize("strict", [False, True], ids=["ge", "gt"])
+def test_every_reorder_gives_the_same_decisions(zoo, reference, strict):
+    """Hardest examples first (regrouped), hardest batches first, or the set's order: they change only
+    when a rejected candidate stops, never a decision or a score."""
     from fastsoup.search.greedy import Search, run_greedy
 
     runs = {}
-    for hardest in (True, False):
+    for reorder in ("examples", "batches", "none"):
         s = Search(zoo.paths, zoo.model(), zoo.heldout, progress=False)
-        runs[hardest] = run_greedy(s, hardest_first=hardest)
-    a, b = runs[True], runs[False]
-    assert a.indices == b.indices and a.score == b.score
-    assert [(h["index"], h["accepted"]) for h in a.history] == [(h["index"], h["accepted"]) for h in b.history]
-    for ha, hb in zip(a.history, b.history):
-        if ha["accepted"]:
-            assert ha["score"] == hb["score"] and ha["batches"] == hb["batches"] == ha["of"]
+        runs[reorder] = run_greedy(s, strict=strict, reorder=reorder)
+        assert runs[reorder].stats.reorder == reorder and runs[reorder].stats.reorder_note == ""
+    kept, score, _ = reference[strict]
+    for reorder, r in runs.items():
+        assert (r.indices, r.score) == (kept, score), reorder
+        assert [(h["index"], h["accepted"]) for h in r.history] == [(h["index"], h["accepted"]) for h in runs["none"].history]
+        for h, h0 in zip(r.history, runs["none"].history):
+            if h["accepted"]:
+                assert h["score"] == h0["score"] and h["batches"] == h["of"]
+    assert runs["examples"].stats.check_batches == 3 and runs["batches"].stats.check_batches == 0
+    assert runs["examples"].stats.batches_saved > 0  # early rejection was exercised
+
+
+def test_regrouped_evaluation_equals_the_sets_batches(zoo):
+    from fastsoup.search.heldout import check_regrouping, regroup, regroupable
+
+    held = prepare(zoo.heldout, "cpu")
+    assert regroupable(held) is None
+    model = zoo.model()
+    model.load_state_dict(zoo.state_dicts[0])
+    natural = evaluate(model, held)
+    order = torch.randperm(held.size, generator=torch.Generator().manual_seed(0))
+    plan = regroup(held, order)
+    assert [len(i) for i in plan.ids] == [int(y.shape[0]) for _, y in held.batches]  # the set's batch sizes
+    assert torch.equal(torch.cat(plan.ids).sort().values, torch.arange(held.size))
+    assert check_regrouping(model, held, plan) is None
+    got = evaluate(model, held, regrouping=plan)
+    assert bits_equal(got.logits, natural.logits) and got.correct == natural.correct
+    # hardest first by its own margins: all of its errors come first, and one more correct example
+    # than it has is out of reach after the first batch
+    from fastsoup.search.greedy import _hardest_examples
+
+    own = regroup(held, _hardest_examples(held, natural.logits))
+    assert int((natural.logits.argmax(-1) != held.labels).sum()) <= len(own.ids[0])
+    stopped = evaluate(model, held, need=natural.correct + 1, regrouping=own)
+    assert not stopped.complete and stopped.batches == 1
+    assert evaluate(model, held, need=natural.correct, regrouping=own).correct == natural.correct  # reachable: to the end
+    with pytest.raises(ValueError, match="permutation of the 301 example"):
+        regroup(held, torch.arange(held.size - 1))
+    with pytest.raises(ValueError, match="permutation of the 301 example"):
+        regroup(held, torch.zeros(held.size, dtype=torch.int64))
+
+
+class BatchCentred(_tiny.MLP):
+    """Logits minus half the batch's mean logits: an example's logits depend on the rest of its batch."""
+
+    def forward(self, x):
+        out = super().forward(x)
+        return out - 0.5 * out.mean(dim=0, keepdim=True)
+
+
+class RowBiased(_tiny.MLP):
+    """A bias that grows with the row's position in the batch."""
+
+    def forward(self, x):
+        out = super().forward(x)
+        rows = torch.arange(out.shape[0], dtype=out.dtype)[:, None]
+        return out + 1e-3 * rows * torch.arange(out.shape[1], dtype=out.dtype)
+
+
+@pytest.mark.parametrize("cls,why", [(BatchCentred, "logits change when its rows"), (RowBiased, "rows are reversed")],
+                         ids=["batch-dependent", "position-dependent"])
+def test_a_model_whose_logits_depend_on_the_batch_keeps_the_sets_batches(zoo, cls, why):
+    kept, score, scores = _reference.greedy_soup(zoo.state_dicts, cls(), zoo.heldout)
+    result = fastsoup.greedy_soup(zoo.paths, cls(), zoo.heldout)
+    assert result.stats.reorder == "batches" and why in result.stats.reorder_note
+    assert (result.indices, result.score, result.individual_scores) == (kept, score, scores)
+
+
+class Padded(_tiny.MLP):
+    """Takes inputs padded with zero columns (to a width that differs from batch to batch)."""
+
+    def forward(self, x):
+        return super().forward(x[:, :_tiny.IN])
+
+
+def test_batches_that_cannot_be_regrouped_keep_the_sets_batches(zoo):
+    data = [(torch.cat([x, torch.zeros(x.shape[0], i)], 1), y) for i, (x, y) in enumerate(zoo.heldout)]
+    kept, score, _ = _reference.greedy_soup(zoo.state_dicts, Padded(), data)
+    result = fastsoup.greedy_soup(zoo.paths, Padded(), data)
+    assert result.stats.reorder == "batches" and "differs from batch 0" in result.stats.reorder_note
+    assert (result.indices, result.score) == (kept, score)
+    with pytest.raises(ValueError, match="reorder must be one of"):
+        fastsoup.greedy_soup(zoo.paths, zoo.model(), zoo.heldout, reorder="random")
+
+
+class Keyed(_tiny.MLP):
+    def forward(self, inputs, scale):
+        return super().forward(inputs * scale)
+
+
+def test_dict_inputs_are_regrouped(zoo):
+    data = [{"inputs": {"inputs": x, "scale": torch.ones(x.shape[0], 1)}, "labels": y} for x, y in zoo.heldout]
+    kept, score, _ = _reference.greedy_soup(zoo.state_dicts, _tiny.MLP(), zoo.heldout)
+    result = fastsoup.greedy_soup(zoo.paths, Keyed(), data)
+    assert result.stats.reorder == "examples" and result.stats.reorder_note == ""
+    assert (result.indices, result.score) == (kept, score)

@@ -8,7 +8,10 @@ its time goes to the data pipeline run again for every candidate, two state-dict
 2. the running soup is a float32 :class:`~fastsoup.Soup`; a candidate is one fused pass that reads
    the new checkpoint once and writes the model's parameters in place, and accepting it reads nothing;
 3. accuracy is evaluated batch by batch and a candidate is rejected as soon as it cannot reach the
-   threshold (exact: the decisions are those of a full evaluation);
+   threshold (exact: the decisions are those of a full evaluation); the examples the current soup
+   gets most wrong run first, regrouped into batches of the set's sizes, so a rejected candidate
+   stops after a fraction of the set (regrouping is checked once per search to leave every
+   example's logits unchanged bit for bit; a model that fails the check keeps the set's batches);
 4. logits of every ingredient and every fully evaluated soup, and every decision, are kept in
    ``cache_dir``: a rerun evaluates nothing, and an interrupted search resumes at the next untried
    candidate.
@@ -38,14 +41,18 @@ from . import cache as _cache
 from .heldout import (
     Evaluation,
     HeldOut,
+    CHECK_BATCHES,
     Metric,
     check_metric,
+    check_regrouping,
     correct_count,
     evaluate,
     metric_name,
     model_device,
     prepare,
     progress_bar,
+    regroup,
+    regroupable,
     score_logits,
 )
 
@@ -62,6 +69,9 @@ class SearchStats:
     cached: int = 0  # evaluations answered by the cache or the journal
     batches_evaluated: int = 0  # candidate batches run
     batches_saved: int = 0  # candidate batches skipped by early rejection
+    reorder: str = ""  # how candidate batches were ordered: "examples", "batches" or "none"
+    reorder_note: str = ""  # why examples were not regrouped, when "examples" was asked for
+    check_batches: int = 0  # model calls of the one-time check that regrouping changes no logit
     bytes_read_individual: int = 0  # checkpoint bytes read from files to score the ingredients
     bytes_read_search: int = 0  # checkpoint bytes read from files by the greedy search
 
@@ -157,6 +167,10 @@ def sidecar_path(out: str | os.PathLike) -> str:
 class Search:
     """The shared state of the searches: opened ingredients, prepared data, the cache.
 
+    ``regrouping``: None until a search first regroups the held-out examples; then "ok", or why the
+    model's logits change with regrouping (the check of :func:`~fastsoup.search.heldout.check_regrouping`
+    runs once per Search).
+
     Checks everything before any evaluation: the ingredients against each other and against the
     model, the data sets (non-empty), and the cache (same model and data as when it was written).
     """
@@ -209,6 +223,7 @@ class Search:
         self._memory: dict[str, torch.Tensor] = {}
         self._staging: dict[str, torch.Tensor] = {}
         self._individual: dict[str, list[torch.Tensor]] = {}
+        self.regrouping: str | None = None
 
     @property
     def heldout(self) -> HeldOut:
@@ -309,6 +324,7 @@ def greedy_soup(
     device: Any = None,
     order: Sequence[int] | None = None,
     progress: bool | None = None,
+    reorder: str = "examples",
 ) -> GreedyResult:
     """Greedy soup, the paper's Recipe 1: rank the ingredients by held-out score, start from the best,
     try each next one once, keep it if the soup's held-out score does not drop.
@@ -327,6 +343,14 @@ def greedy_soup(
         device: the evaluation device (default: the model's); the held-out tensors are kept there.
         order: indices of the ingredients in the order to try them (overrides the ranking).
         progress: progress bars (default: on a terminal).
+        reorder: accuracy only, how a candidate's held-out examples are ordered for early rejection
+            (none of these changes a decision or a score): ``"examples"`` (default) runs first the
+            examples the current soup gets most wrong (smallest margin), regrouped into batches of
+            the set's sizes; it needs batches of tensors of one shape, and a model whose logits for
+            an example do not depend on the rest of its batch, which is checked bit for bit once;
+            otherwise (reported in ``result.stats.reorder_note``) it falls back to ``"batches"``:
+            the set's batches, those where the current soup errs most first; ``"none"``: the set's
+            order.
 
     Returns:
         A :class:`GreedyResult`.
@@ -341,12 +365,17 @@ def greedy_soup(
         >>> result.save("greedy.safetensors")  # doctest: +SKIP
     """
     s = Search(ingredients, model, heldout, metric=metric, cache_dir=cache_dir, device=device, progress=progress)
-    return run_greedy(s, strict=strict, order=order)
+    return run_greedy(s, strict=strict, order=order, reorder=reorder)
+
+
+REORDERS = ("examples", "batches", "none")
 
 
 def run_greedy(s: Search, *, strict: bool = False, order: Sequence[int] | None = None,
-               hardest_first: bool = True) -> GreedyResult:
+               reorder: str = "examples") -> GreedyResult:
     """The greedy loop over a prepared :class:`Search` (see :func:`greedy_soup`)."""
+    if reorder not in REORDERS:
+        raise ValueError(f"reorder must be one of {', '.join(map(repr, REORDERS))}, got {reorder!r}")
     held = s.heldout
     logits = s.individual_logits()
     scores = [score_logits(t, held.labels, s.metric) for t in logits]
@@ -367,10 +396,17 @@ def run_greedy(s: Search, *, strict: bool = False, order: Sequence[int] | None =
     nb = held.num_batches
     history = [{"step": 0, "index": first, "name": s.names[first], "score": best_score, "accepted": True,
                 "batches": nb, "of": nb, "source": "individual"}]
-    # Hardest batches first: a candidate is rejected once its errors exceed the current soup's total,
-    # so the batches where the current soup errs most are run first (accuracy does not depend on
-    # the order: the decisions stay those of a full evaluation).
+    # Hardest first: a candidate is rejected once its errors exceed what the threshold allows, so the
+    # examples (or whole batches) where the current soup errs most run first; accuracy does not depend
+    # on the order, so the decisions stay those of a full evaluation.
     best_logits = logits[first]
+    if not accuracy or held.split is not None:
+        reorder = "none"
+    elif reorder == "examples":
+        why = regroupable(held)
+        if why is not None:
+            reorder, s.stats.reorder_note = "batches", f"examples not regrouped: {why}"
+    plan = plan_for = None  # the regrouping for the current soup (`plan_for`: its logits)
     soup: Soup | None = None  # its sum is the sum of kept[:summed] (a prefix: decisions from the cache are
     summed = 0                # added lazily, only when a later candidate needs evaluating, so each is read once)
     before = _core.counters()["mapped_bytes_read"]
@@ -400,10 +436,21 @@ def run_greedy(s: Search, *, strict: bool = False, order: Sequence[int] | None =
                 pending = True
                 t1 = time.perf_counter()
                 need = (best_correct + (1 if strict else 0)) if accuracy else None
+                batch_order = None
+                if reorder == "examples" and best_logits is not None and plan_for is not best_logits:
+                    plan, plan_for = regroup(held, _hardest_examples(held, best_logits)), best_logits
+                    if s.regrouping is None:  # once per Search, with real weights (this candidate's)
+                        s.regrouping = check_regrouping(s.model, held, plan) or "ok"
+                        s.stats.check_batches += CHECK_BATCHES
+                    if s.regrouping != "ok":
+                        reorder, plan = "batches", None
+                        s.stats.reorder_note = f"examples not regrouped: {s.regrouping}"
+                if reorder == "batches":
+                    batch_order = _hardest_first(held, best_logits)
                 bar = progress_bar(s.progress, nb, f"greedy {step}/{len(ranking) - 1}: {s.names[j]}")
                 try:
-                    ev = evaluate(s.model, held, s.metric, need=need, progress=bar,
-                                  order=_hardest_first(held, best_logits) if hardest_first and accuracy else None)
+                    ev = evaluate(s.model, held, s.metric, need=need, progress=bar, order=batch_order,
+                                  regrouping=plan if reorder == "examples" else None)
                 finally:
                     if bar is not None:
                         bar.close()
@@ -438,6 +485,7 @@ def run_greedy(s: Search, *, strict: bool = False, order: Sequence[int] | None =
         history.append({"step": step, "index": j, "name": s.names[j], "score": score, "accepted": accepted,
                         "batches": batches, "of": nb, "source": source})
     s.stats.bytes_read_search += _core.counters()["mapped_bytes_read"] - before
+    s.stats.reorder = reorder
     return GreedyResult(
         ingredients=[s.sources[i] for i in kept], indices=kept, score=best_score, history=history,
         individual_scores=scores, order=ranking, names=s.names, metric=metric_name(s.metric), strict=bool(strict),
@@ -463,6 +511,18 @@ def greedy_ensemble(
     """
     s = Search(ingredients, model, heldout, metric=metric, cache_dir=cache_dir, device=device, progress=progress)
     return run_greedy_ensemble(s, strict=strict)
+
+
+def _hardest_examples(held: HeldOut, logits: torch.Tensor) -> torch.Tensor:
+    """Example indices by the current soup's margin (its logit of the true class minus its best other
+    logit), smallest first: the examples it gets most confidently wrong, then those it barely gets
+    right, where a candidate's errors concentrate (ties: the set's order)."""
+    labels = held.labels.to(torch.int64)
+    if logits.dim() != 2 or logits.shape[1] < 2:
+        return torch.arange(held.size)
+    true = logits.gather(1, labels[:, None])[:, 0]
+    other = logits.scatter(1, labels[:, None], float("-inf")).max(dim=1).values
+    return torch.argsort(true - other, stable=True)
 
 
 def _hardest_first(held: HeldOut, logits: torch.Tensor | None) -> list[int] | None:

@@ -100,6 +100,103 @@ def prepare(data: Iterable, device: torch.device | str, *, name: str = "heldout"
     return held
 
 
+class Regrouping:
+    """A plan to run a :class:`HeldOut` set's examples in another order, regrouped into batches of the
+    set's own sizes (so the model sees the same batch shapes). Built by :func:`regroup`.
+
+    ``ids[t]``: the examples of batch t (ascending, on the CPU); ``parts[t]``: (source batch, rows on
+    the data's device) pairs that gather them.
+    """
+
+    def __init__(self, ids: list, parts: list):
+        self.ids, self.parts = ids, parts
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def batch(self, data: HeldOut, t: int):
+        """Batch t: (inputs, labels) gathered from the set's batches."""
+        parts = self.parts[t]
+        xs = [data.batches[b][0] for b, _ in parts]
+        ys = [data.batches[b][1] for b, _ in parts]
+        rows = [r for _, r in parts]
+        return _gather(xs, rows), _gather(ys, rows)
+
+
+def regroupable(data: HeldOut) -> str | None:
+    """None when the examples of ``data`` can be regrouped into other batches (every batch has the same
+    structure of inputs, each a tensor with one row per label and the same trailing shape, dtype and
+    device in every batch); else why not."""
+    if data.split is not None:
+        return "the set is split across torch.distributed ranks"
+    if len(data.batches) < 2:
+        return "the set has a single batch"
+    ref = _signature(data.batches[0])
+    if ref is None:
+        return "a batch holds something other than tensors with one row per label"
+    for i, batch in enumerate(data.batches[1:], 1):
+        if _signature(batch) != ref:
+            return f"batch {i} differs from batch 0 in structure, trailing shape, dtype or device"
+    return None
+
+
+def regroup(data: HeldOut, order: torch.Tensor) -> Regrouping:
+    """The plan to run the examples in ``order`` (a permutation of ``range(data.size)``): batch t holds
+    the next ``len(batch t)`` examples of ``order``, so the batch sizes are the set's own."""
+    sizes = [int(y.shape[0]) for _, y in data.batches]
+    offsets = torch.tensor([0] + sizes).cumsum(0)
+    source = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    order = torch.as_tensor(order, dtype=torch.int64).cpu()
+    if order.shape != (data.size,) or not torch.equal(torch.sort(order).values, torch.arange(data.size)):
+        raise ValueError(f"order must be a permutation of the {data.size} example indices")
+    device = _device_of(data.batches[0][1])
+    ids, parts, start = [], [], 0
+    for n in sizes:
+        chunk = torch.sort(order[start:start + n]).values
+        start += n
+        b = source[chunk]
+        bs, counts = torch.unique_consecutive(b, return_counts=True)
+        rows = (chunk - offsets[b]).split(counts.tolist())
+        ids.append(chunk)
+        parts.append([(int(bi), r.to(device)) for bi, r in zip(bs.tolist(), rows)])
+    return Regrouping(ids, parts)
+
+
+CHECK_BATCHES = 3  # model calls of check_regrouping
+
+
+def check_regrouping(model: torch.nn.Module, data: HeldOut, plan: Regrouping) -> str | None:
+    """Checks, with the model's current weights, that regrouping leaves every example's logits
+    unchanged bit for bit: the batch that gives most rows to the plan's first batch is run as it is,
+    in reverse row order, and inside the first batch of the plan (``CHECK_BATCHES`` model calls).
+    None when equal; else what differs.
+
+    This is what keeps hardest-first regrouping exact: a model whose outputs depend on the other
+    examples of the batch (or on the row position) fails it, and the search keeps the set's batches.
+    """
+    parts = plan.parts[0]
+    k = max(range(len(parts)), key=lambda i: int(parts[i][1].numel()))
+    b, rows = parts[k]
+    x, y = data.batches[b]
+    rev = torch.arange(int(y.shape[0]) - 1, -1, -1, device=_device_of(y))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            natural = model_logits(model, x, y, data.name).float().cpu()
+            reversed_ = model_logits(model, _gather([x], [rev]), y, data.name).float().cpu()
+            px, py = plan.batch(data, 0)
+            inside = model_logits(model, px, py, data.name).float().cpu()
+    finally:
+        model.train(was_training)
+    at = sum(int(r.numel()) for _, r in parts[:k])
+    if not torch.equal(reversed_.flip(0).view(torch.int32), natural.view(torch.int32)):
+        return f"batch {b}'s logits change when its rows are reversed"
+    if not torch.equal(inside[at:at + int(rows.numel())].view(torch.int32), natural[rows.cpu()].view(torch.int32)):
+        return f"batch {b}'s logits change when its rows are batched with other examples"
+    return None
+
+
 @dataclass
 class Evaluation:
     logits: torch.Tensor | None  # all logits (CPU, float32) when evaluated to the end
@@ -117,6 +214,7 @@ def evaluate(
     need: int | None = None,
     progress: Any = None,
     order: Sequence[int] | None = None,
+    regrouping: Regrouping | None = None,
 ) -> Evaluation:
     """Evaluates ``model`` on ``data``.
 
@@ -129,10 +227,14 @@ def evaluate(
             the set's order). Accuracy does not depend on it; early rejection comes sooner when the
             batches most likely to be wrong run first. Ignored under torch.distributed (the ranks
             run their parts in the set's order).
+        regrouping: run the examples regrouped by this plan (:func:`regroup`) instead of the set's
+            batches (``order`` then indexes its batches); logits come back in the set's order.
+            Exact only for models whose logits do not depend on the rest of the batch: see
+            :func:`check_regrouping`.
     """
     if data.split is not None:  # split across the ranks of torch.distributed: collective
         return _distributed.evaluate(model, data, metric, need=need, progress=progress)
-    nb = len(data.batches)
+    nb = len(data.batches) if regrouping is None else len(regrouping)
     if order is None:
         order = range(nb)
     elif sorted(order) != list(range(nb)):
@@ -145,7 +247,7 @@ def evaluate(
     try:
         with torch.inference_mode():
             for b in order:
-                x, y = data.batches[b]
+                x, y = data.batches[b] if regrouping is None else regrouping.batch(data, b)
                 logits = model_logits(model, x, y, data.name)
                 outs[b] = logits.detach().float().cpu()
                 done += 1
@@ -159,6 +261,8 @@ def evaluate(
     finally:
         model.train(was_training)
     logits = torch.cat(outs)
+    if regrouping is not None:  # back to the set's order
+        logits = torch.empty_like(logits).index_copy_(0, torch.cat(regrouping.ids), logits)
     return Evaluation(logits, score_logits(logits, data.labels, metric), correct if metric == "accuracy" else None, done, True)
 
 
@@ -264,6 +368,52 @@ def _hash(h, x) -> None:
         h.update(b")")
     else:
         h.update(repr(x).encode())
+
+
+def _device_of(x) -> torch.device:
+    if isinstance(x, torch.Tensor):
+        return x.device
+    if isinstance(x, dict):
+        return _device_of(next(iter(x.values())))
+    return _device_of(x[0])
+
+
+def _signature(batch):
+    """(structure, trailing shapes, dtypes, devices) of a batch whose every tensor has one row per
+    label; None when it holds anything else."""
+    x, y = batch
+    if not isinstance(y, torch.Tensor) or y.dim() == 0:
+        return None
+    n = int(y.shape[0])
+
+    def sig(t):
+        if isinstance(t, torch.Tensor):
+            if t.dim() == 0 or int(t.shape[0]) != n:
+                raise TypeError
+            return ("t", tuple(t.shape[1:]), t.dtype, t.device)
+        if isinstance(t, dict):
+            return ("d", tuple((k, sig(t[k])) for k in sorted(t)))
+        if isinstance(t, (tuple, list)) and t:
+            return (type(t).__name__, tuple(sig(v) for v in t))
+        raise TypeError
+
+    try:
+        return sig(x), sig(y)
+    except TypeError:
+        return None
+
+
+def _gather(items: list, rows: list):
+    """The rows ``rows[i]`` of ``items[i]`` (tensors, or dicts/tuples of tensors of one structure),
+    concatenated in that order."""
+    first = items[0]
+    if isinstance(first, torch.Tensor):
+        if len(items) == 1:
+            return first.index_select(0, rows[0])
+        return torch.cat([t.index_select(0, r) for t, r in zip(items, rows)])
+    if isinstance(first, dict):
+        return {k: _gather([t[k] for t in items], rows) for k in first}
+    return type(first)(_gather([t[i] for t in items], rows) for i in range(len(first)))
 
 
 def _nbytes(x) -> int:
