@@ -49,8 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("inputs", nargs="+", metavar="CKPT", help="checkpoints fine-tuned from one init")
     g.add_argument("--model", required=True, metavar="MOD:FACTORY",
                    help="a function returning the nn.Module, e.g. mypkg.models:make_model (or path/file.py:make_model)")
-    g.add_argument("--heldout", required=True, metavar="MOD:LOADER",
-                   help="a function returning the held-out (inputs, labels) batches, e.g. a DataLoader")
+    g.add_argument("--heldout", metavar="MOD:LOADER",
+                   help="a function returning the held-out (inputs, labels) batches, e.g. a DataLoader; without it, "
+                        "the held-out set stored in --cache by an earlier run (no data pipeline)")
     g.add_argument("--eval", action="append", default=[], metavar="NAME=MOD:LOADER",
                    help="another data set to report (repeatable), e.g. shift=mypkg.data:ood_loader")
     g.add_argument("-o", "--out", required=True, metavar="OUT", help="where to write the greedy soup (safetensors)")

@@ -120,6 +120,12 @@ def test_greedy_cli_table_results_and_rerun(zoo, tmp_path, capsys):
     assert " 0 evaluations" in stdout2
     assert stdout2.splitlines()[:-1] == stdout.splitlines()[:-1]
 
+    # Rerun without --heldout: the held-out set stored in the cache (the eval set is given again).
+    i = argv.index("--heldout")
+    rc, stdout3, err3 = _run(argv[:i] + argv[i + 2:] + ["--overwrite"], capsys)
+    assert rc == 0, err3
+    assert stdout3.splitlines()[:-1] == stdout.splitlines()[:-1]
+
 
 def test_plot(zoo, tmp_path, capsys):
     pytest.importorskip("matplotlib")
@@ -136,13 +142,13 @@ def test_plot(zoo, tmp_path, capsys):
     assert rc == 1 and "no data set 'nope'" in err
 
 
-@pytest.mark.parametrize("case", ["empty", "bad-spec", "missing-func", "bad-eval", "exists"])
+@pytest.mark.parametrize("case", ["empty", "bad-spec", "missing-func", "bad-eval", "exists", "no-heldout"])
 def test_greedy_cli_errors(zoo, tmp_path, capsys, case):
     root, mod, paths = zoo
     out = tmp_path / "o.safetensors"
     argv = ["greedy", *paths, "--model", f"{mod}:net", "--heldout", f"{mod}:heldout", "-o", str(out), "--no-progress"]
     expect = {"empty": "empty", "bad-spec": "expected MODULE:FUNCTION", "missing-func": "no function",
-              "bad-eval": "expected NAME=MOD:LOADER", "exists": "exists"}[case]
+              "bad-eval": "expected NAME=MOD:LOADER", "exists": "exists", "no-heldout": "give --heldout"}[case]
     if case == "empty":
         argv[argv.index(f"{mod}:heldout")] = f"{mod}:empty"
     elif case == "bad-spec":
@@ -153,6 +159,9 @@ def test_greedy_cli_errors(zoo, tmp_path, capsys, case):
         argv += ["--eval", "shifted"]
     elif case == "exists":
         out.write_bytes(b"x")
+    elif case == "no-heldout":
+        i = argv.index("--heldout")
+        argv = argv[:i] + argv[i + 2:]
     rc, _, err = _run(argv, capsys)
     assert rc == 1
     assert err.startswith("fastsoup: error:") and expect in err, err

@@ -739,3 +739,85 @@ def test_dict_inputs_are_regrouped(zoo):
     result = fastsoup.greedy_soup(zoo.paths, Keyed(), data)
     assert result.stats.reorder == "examples" and result.stats.reorder_note == ""
     assert (result.indices, result.score) == (kept, score)
+
+
+# --- the held-out data stored in the cache ---------------------------------------------------------------
+
+
+class CountingLoader:
+    """Re-iterable batches that count how often the data pipeline ran."""
+
+    def __init__(self, batches):
+        self.batches, self.passes = batches, 0
+
+    def __iter__(self):
+        self.passes += 1
+        return iter(self.batches)
+
+
+def test_a_rerun_from_the_stored_heldout_runs_no_pipeline(zoo, tmp_path):
+    cache = tmp_path / "cache"
+    loader = CountingLoader(zoo.heldout)
+    first = fastsoup.greedy_soup(zoo.paths, zoo.model(), loader, cache_dir=cache)
+    assert loader.passes == 1 and (cache / "data" / "heldout.safetensors").exists()
+    model = zoo.model()
+    calls = count_forward(model)
+    again = fastsoup.greedy_soup(zoo.paths, model, None, cache_dir=cache)
+    assert loader.passes == 1 and len(calls) == 0 and again.stats.evaluations == 0
+    assert full_history(again) == full_history(first)
+    assert (again.indices, again.score, again.individual_scores) == (first.indices, first.score, first.individual_scores)
+    ens = fastsoup.greedy_ensemble(zoo.paths, zoo.model(), None, cache_dir=cache)
+    assert ens.individual_scores == first.individual_scores
+    # the stored batches are the pipeline's, bit for bit, with their sizes and dtypes
+    from fastsoup.search.heldout import load_heldout
+
+    batches, fp = load_heldout(str(cache / "data" / "heldout.safetensors"))
+    assert fp == prepare(zoo.heldout, "cpu").fingerprint
+    assert len(batches) == len(zoo.heldout)
+    for (x, y), (x0, y0) in zip(batches, zoo.heldout):
+        assert bits_equal(x, x0) and torch.equal(y, y0) and y.dtype == y0.dtype
+
+
+def test_a_resume_from_the_stored_heldout_equals_an_uninterrupted_search(zoo, tmp_path):
+    n, nb = len(zoo.paths), len(zoo.heldout)
+    uninterrupted = fastsoup.greedy_soup(zoo.paths, zoo.model(), zoo.heldout)
+    cache = tmp_path / "cache"
+    model = zoo.model()
+    count_forward(model, fail_after=n * nb + uninterrupted.stats.check_batches + uninterrupted.history[1]["batches"] + 1)
+    with pytest.raises(Boom):
+        fastsoup.greedy_soup(zoo.paths, model, zoo.heldout, cache_dir=cache)
+    resumed = fastsoup.greedy_soup(zoo.paths, zoo.model(), None, cache_dir=cache)
+    assert [h["source"] for h in resumed.history[1:2]] == ["journal"]
+    assert full_history(resumed) == full_history(uninterrupted)
+    assert (resumed.indices, resumed.score) == (uninterrupted.indices, uninterrupted.score)
+
+
+def test_stored_heldout_errors(zoo, tmp_path):
+    with pytest.raises(ValueError, match="heldout=None takes the held-out data stored in cache_dir"):
+        fastsoup.greedy_soup(zoo.paths, zoo.model(), None)
+    with pytest.raises(fastsoup.FastsoupError, match="no stored held-out data"):
+        fastsoup.greedy_soup(zoo.paths, zoo.model(), None, cache_dir=tmp_path / "empty")
+    # a damaged stored set: its bytes no longer give the fingerprint it was stored with
+    cache = tmp_path / "cache"
+    fastsoup.greedy_soup(zoo.paths, zoo.model(), zoo.heldout, cache_dir=cache)
+    path = cache / "data" / "heldout.safetensors"
+    raw = bytearray(path.read_bytes())
+    raw[-5] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.raises(fastsoup.FastsoupError, match="does not match the fingerprint it was stored with"):
+        fastsoup.greedy_soup(zoo.paths, zoo.model(), None, cache_dir=cache)
+    # the data set given again: the damaged copy is replaced
+    fastsoup.greedy_soup(zoo.paths, zoo.model(), zoo.heldout, cache_dir=cache)
+    assert fastsoup.greedy_soup(zoo.paths, zoo.model(), None, cache_dir=cache).stats.evaluations == 0
+    # batches holding other than tensors are not stored
+    other = tmp_path / "other"
+    data = [((x, [f"id{i}"] * len(y)), y) for i, (x, y) in enumerate(zoo.heldout)]
+
+    class Tagged(_tiny.MLP):
+        def forward(self, x, tags):
+            return super().forward(x)
+
+    fastsoup.greedy_soup(zoo.paths, Tagged(), data, cache_dir=other)
+    assert not (other / "data" / "heldout.safetensors").exists()
+    with pytest.raises(fastsoup.FastsoupError, match="no stored held-out data"):
+        fastsoup.greedy_soup(zoo.paths, Tagged(), None, cache_dir=other)

@@ -11,6 +11,8 @@ its decisions are those of a full evaluation.
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -195,6 +197,53 @@ def check_regrouping(model: torch.nn.Module, data: HeldOut, plan: Regrouping) ->
     if not torch.equal(inside[at:at + int(rows.numel())].view(torch.int32), natural[rows.cpu()].view(torch.int32)):
         return f"batch {b}'s logits change when its rows are batched with other examples"
     return None
+
+
+STORED_FORMAT = "fastsoup-heldout-1"
+
+
+def save_heldout(data: HeldOut, path: str) -> bool:
+    """Writes a prepared set's batches (CPU copies, in their dtypes) to one safetensors file, with its
+    fingerprint and the structure of its batches in the header; returns False and writes nothing when
+    a batch holds something other than tensors (or a dtype safetensors cannot store)."""
+    from ..io.writer import save
+
+    tensors: dict = {}
+    specs = []
+    try:
+        for i, (x, y) in enumerate(data.batches):
+            specs.append([_flatten(x, f"{i}.x", tensors), _flatten(y, f"{i}.y", tensors)])
+    except TypeError:
+        return False
+    meta = {"format": STORED_FORMAT, "name": data.name, "fingerprint": data.fingerprint, "batches": json.dumps(specs)}
+    try:
+        save(tensors, path, metadata=meta, overwrite=True)
+    except FastsoupError:  # e.g. a dtype safetensors has no code for
+        return False
+    return True
+
+
+def load_heldout(path: str) -> tuple[list, str]:
+    """The batches (CPU tensors) a :func:`save_heldout` file holds, and the fingerprint it recorded.
+
+    Raises:
+        FastsoupError: the file is missing, unreadable or not a stored held-out set.
+    """
+    from ..io.checkpoint import open_checkpoint
+
+    if not os.path.exists(path):
+        raise FastsoupError(f"{path}: no stored held-out data (a search with this cache_dir stores it; give the data "
+                            "set itself instead)")
+    ck = open_checkpoint(path)
+    meta = ck.metadata or {}
+    if meta.get("format") != STORED_FORMAT:
+        raise FastsoupError(f"{path}: not a held-out set stored by fastsoup (format {meta.get('format')!r})")
+    try:
+        specs = json.loads(meta["batches"])
+        batches = [(_unflatten(sx, ck), _unflatten(sy, ck)) for sx, sy in specs]
+    except (KeyError, ValueError, TypeError) as e:
+        raise FastsoupError(f"{path}: the stored held-out set is damaged ({e}): delete it to store it again") from None
+    return batches, meta.get("fingerprint", "")
 
 
 @dataclass
@@ -414,6 +463,28 @@ def _gather(items: list, rows: list):
     if isinstance(first, dict):
         return {k: _gather([t[k] for t in items], rows) for k in first}
     return type(first)(_gather([t[i] for t in items], rows) for i in range(len(first)))
+
+
+def _flatten(x, name: str, out: dict):
+    """The structure of x with every tensor replaced by its name in ``out`` (where it is put)."""
+    if isinstance(x, torch.Tensor):
+        out[name] = x.detach().cpu().contiguous()
+        return name
+    if isinstance(x, dict) and all(isinstance(k, str) for k in x):
+        return {"dict": [[k, _flatten(v, f"{name}.{j}", out)] for j, (k, v) in enumerate(x.items())]}
+    if isinstance(x, (tuple, list)):
+        return {type(x).__name__: [_flatten(v, f"{name}.{j}", out) for j, v in enumerate(x)]}
+    raise TypeError(f"cannot store a {type(x).__name__}")
+
+
+def _unflatten(spec, ck):
+    if isinstance(spec, str):
+        return ck.tensor(spec)
+    (kind, items), = spec.items()
+    if kind == "dict":
+        return {k: _unflatten(v, ck) for k, v in items}
+    values = [_unflatten(v, ck) for v in items]
+    return tuple(values) if kind == "tuple" else values
 
 
 def _nbytes(x) -> int:

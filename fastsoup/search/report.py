@@ -84,16 +84,19 @@ def greedy_report(
     inputs: Sequence[str],
     *,
     model: str,
-    heldout: str,
+    heldout: str | None,
     evals: dict[str, str],
     out: str,
     **options: Any,
 ) -> Report:
-    """``fastsoup greedy``: loads ``MOD:FUNC`` specs of the model factory and data loaders, then :func:`run_report`."""
+    """``fastsoup greedy``: loads ``MOD:FUNC`` specs of the model factory and data loaders, then :func:`run_report`.
+    ``heldout=None``: the held-out set stored in the cache (``cache_dir``) by an earlier run."""
     if os.path.exists(out) and not options.get("overwrite", False):
         raise FastsoupError(f"{out} exists: pass --overwrite to replace it")
+    if heldout is None and options.get("cache_dir") is None:
+        raise FastsoupError("give --heldout MOD:LOADER, or --cache DIR of an earlier run (which stored the held-out set)")
     net = load_callable(model)()
-    data = load_callable(heldout)()
+    data = load_callable(heldout)() if heldout is not None else None
     eval_data = {name: load_callable(spec)() for name, spec in evals.items()}
     return run_report(inputs, net, data, eval_data, out=out, **options)
 
