@@ -476,9 +476,10 @@ def hardest_first_analysis(cfg, sts, base, xte, yte):
     rejection runs when the held-out set is taken
     - ``loader_order``: batch by batch in the loader's order;
     - ``batch_hardest_first``: whole batches, those where the current soup errs most first (ties in
-      loader order), as fastsoup's greedy search does since commit 0016f90;
+      loader order), as fastsoup's ``reorder="batches"``;
     - ``example_hardest_first``: examples sorted by the current soup's margin (true-class logit minus
-      the best other one, smallest first), re-batched in batches of the same size for every candidate;
+      the best other one, smallest first), re-batched in batches of the same size for every candidate,
+      as fastsoup's default ``reorder="examples"`` (so it should equal the batches fastsoup ran);
     - ``rebatched_once``: examples re-batched once, sorted by the first soup's (the best ingredient's)
       margin, then whole batches hardest-first by the current soup as above (one fixed set of batches
       for the whole search, so a cache of logits stays valid)."""
@@ -857,11 +858,12 @@ def main(argv=None) -> int:
             ev = summary["fastsoup_first"]
             per_batch = ev["eval_seconds"] / max(1, ev["batches_evaluated"])
             log(f"early rejection replay (candidate batches run, of {a['candidate_batches']}): loader order "
-                f"{a['loader_order']}; whole batches hardest-first {a['batch_hardest_first']} (fastsoup ran "
-                f"{ev['batches_evaluated']:.0f}); examples hardest-first, re-batched per candidate "
-                f"{a['example_hardest_first']} (candidate evaluation {ev['eval_seconds']:.2f} s -> "
-                f"~{per_batch * a['example_hardest_first']:.2f} s); re-batched once by the best ingredient's margin, "
-                f"then batches hardest-first {a['rebatched_once']} (~{per_batch * a['rebatched_once']:.2f} s)")
+                f"{a['loader_order']} (~{per_batch * a['loader_order']:.2f} s); whole batches hardest-first "
+                f"{a['batch_hardest_first']} (~{per_batch * a['batch_hardest_first']:.2f} s); examples hardest-first, "
+                f"re-batched per candidate {a['example_hardest_first']} (fastsoup ran {ev['batches_evaluated']:.0f} "
+                f"in {ev['eval_seconds']:.2f} s, reorder={raw['fastsoup_first'][0]['result'].stats.reorder!r}); "
+                f"re-batched once by the best ingredient's margin, then batches hardest-first {a['rebatched_once']} "
+                f"(~{per_batch * a['rebatched_once']:.2f} s)")
         # Cost model: P, M = one pipeline pass and one model pass (the baseline's per-pass medians);
         # f = fraction of candidate batches run. baseline ~ (2N-1)(P+M); fastsoup ~ P + N M + f (N-1) M.
         n = cfg.n
