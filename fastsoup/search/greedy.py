@@ -181,7 +181,7 @@ class Search:
         self,
         ingredients: Sequence[Any],
         model: torch.nn.Module,
-        heldout: Iterable,
+        heldout: Iterable | None,
         *,
         metric: str | Metric = "accuracy",
         cache_dir: str | os.PathLike | None = None,
