@@ -650,6 +650,11 @@ def main(argv=None) -> int:
         te_u8, yte = make_images(cfg, cfg.heldout, templates, g)
         xtr = transform_batch(tr_u8, cfg)
         if args.pipeline == "jpeg":
+            try:
+                import PIL  # noqa: F401
+            except ImportError:
+                raise SystemExit("--pipeline jpeg needs Pillow: pip install pillow (or pip install -e '.[bench]'), "
+                                 "or run --pipeline memory") from None
             files = write_jpegs(te_u8, os.path.join(workdir, "heldout-jpeg"))
             dataset = JpegFiles(files, yte, cfg.resize, cfg.crop)
             # the held-out tensors the pipeline gives (for the ingredients' setup and the untimed analysis)

@@ -333,7 +333,7 @@ class Search:
 def greedy_soup(
     ingredients: Sequence[Any],
     model: torch.nn.Module,
-    heldout: Iterable,
+    heldout: Iterable | None,
     *,
     metric: str | Metric = "accuracy",
     strict: bool = False,
@@ -516,7 +516,7 @@ def run_greedy(s: Search, *, strict: bool = False, order: Sequence[int] | None =
 def greedy_ensemble(
     ingredients: Sequence[Any],
     model: torch.nn.Module,
-    heldout: Iterable,
+    heldout: Iterable | None,
     *,
     metric: str | Metric = "accuracy",
     strict: bool = False,
