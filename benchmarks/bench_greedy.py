@@ -153,13 +153,12 @@ def make_images(cfg: Config, n: int, templates: torch.Tensor, g: torch.Generator
     return u8, y
 
 
-class JpegFiles(Dataset):
-    """Held-out images as JPEG files, read as torchvision's ``ImageFolder`` does (its default PIL
-    loader), with the eval transform on the PIL image: Resize (PIL bilinear), CenterCrop, ToTensor,
-    Normalize. ``files[i]`` has label ``labels[i]``."""
+class EvalImages(Dataset):
+    """Held-out images with their labels; ``__getitem__`` gives one image through the eval transform
+    (the subclass's ``tensor(i)``: decode or not, resize, crop, as float CHW in [0, 1]), normalized."""
 
-    def __init__(self, files: list, labels: torch.Tensor, resize: int, crop: int):
-        self.files, self.labels = files, labels.tolist()
+    def __init__(self, items, labels: torch.Tensor, resize: int, crop: int):
+        self.items, self.labels = items, labels.tolist()
         self.resize, self.crop = resize, crop
         self.mean = torch.tensor(MEAN).view(3, 1, 1)
         self.std = torch.tensor(STD).view(3, 1, 1)
@@ -168,16 +167,24 @@ class JpegFiles(Dataset):
         return len(self.labels)
 
     def __getitem__(self, i: int):
+        return (self.tensor(i) - self.mean) / self.std, self.labels[i]
+
+
+class JpegFiles(EvalImages):
+    """Held-out images as JPEG files (``items``: paths), read as torchvision's ``ImageFolder`` does
+    (its default PIL loader), with the eval transform on the PIL image: Resize (PIL bilinear),
+    CenterCrop, ToTensor (then Normalize)."""
+
+    def tensor(self, i: int) -> torch.Tensor:
         import numpy as np
         from PIL import Image
 
-        with open(self.files[i], "rb") as f:
+        with open(self.items[i], "rb") as f:
             img = Image.open(f).convert("RGB")
         img = img.resize((self.resize, self.resize), Image.BILINEAR)
         o = (self.resize - self.crop) // 2
         img = img.crop((o, o, o + self.crop, o + self.crop))
-        x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).float().div_(255)
-        return (x - self.mean) / self.std, self.labels[i]
+        return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).float().div_(255)
 
 
 def write_jpegs(u8: torch.Tensor, folder: str, quality: int = 90) -> list:
@@ -193,27 +200,17 @@ def write_jpegs(u8: torch.Tensor, folder: str, quality: int = 90) -> list:
     return paths
 
 
-class DecodedImages(Dataset):
-    """Decoded uint8 HWC images in memory; ``__getitem__`` runs the eval transform on one image:
-    ToTensor (HWC uint8 -> CHW float / 255), Resize (bilinear, antialiased), CenterCrop, Normalize."""
+class DecodedImages(EvalImages):
+    """Decoded uint8 HWC images in memory (``items``: an N x H x W x 3 tensor), through the eval
+    transform: ToTensor (HWC uint8 -> CHW float / 255), Resize (bilinear, antialiased), CenterCrop
+    (then Normalize)."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, resize: int, crop: int):
-        self.images, self.labels = images, labels.tolist()
-        self.resize, self.crop = resize, crop
-        self.mean = torch.tensor(MEAN).view(3, 1, 1)
-        self.std = torch.tensor(STD).view(3, 1, 1)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int):
-        x = self.images[i].permute(2, 0, 1).float().div_(255)
+    def tensor(self, i: int) -> torch.Tensor:
+        x = self.items[i].permute(2, 0, 1).float().div_(255)
         x = F.interpolate(x[None], size=(self.resize, self.resize), mode="bilinear", align_corners=False,
                           antialias=True)[0]
         o = (self.resize - self.crop) // 2
-        x = x[:, o:o + self.crop, o:o + self.crop]
-        x = (x - self.mean) / self.std
-        return x, self.labels[i]
+        return x[:, o:o + self.crop, o:o + self.crop]
 
 
 def transform_batch(u8: torch.Tensor, cfg: Config) -> torch.Tensor:
