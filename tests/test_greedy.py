@@ -15,7 +15,7 @@ from torch import nn
 import fastsoup
 from fastsoup import _reference
 from fastsoup.search import CacheMismatchError
-from fastsoup.search.heldout import evaluate, prepare
+from fastsoup.search.heldout import evaluate, load_heldout, prepare
 from conftest import bits_equal
 
 import _tiny
@@ -759,7 +759,8 @@ def test_a_rerun_from_the_stored_heldout_runs_no_pipeline(zoo, tmp_path):
     cache = tmp_path / "cache"
     loader = CountingLoader(zoo.heldout)
     first = fastsoup.greedy_soup(zoo.paths, zoo.model(), loader, cache_dir=cache)
-    assert loader.passes == 1 and (cache / "data" / "heldout.safetensors").exists()
+    assert loader.passes == 1 and (cache / "data" / "heldout.bin").exists() and (cache / "data" / "heldout.json").exists()
+    assert not [p for p in os.listdir(cache / "data") if ".tmp-" in p]
     model = zoo.model()
     calls = count_forward(model)
     again = fastsoup.greedy_soup(zoo.paths, model, None, cache_dir=cache)
@@ -771,7 +772,7 @@ def test_a_rerun_from_the_stored_heldout_runs_no_pipeline(zoo, tmp_path):
     # the stored batches are the pipeline's, bit for bit, with their sizes and dtypes
     from fastsoup.search.heldout import load_heldout
 
-    batches, fp = load_heldout(str(cache / "data" / "heldout.safetensors"))
+    batches, fp = load_heldout(str(cache / "data" / "heldout"))
     assert fp == prepare(zoo.heldout, "cpu").fingerprint
     assert len(batches) == len(zoo.heldout)
     for (x, y), (x0, y0) in zip(batches, zoo.heldout):
@@ -800,11 +801,15 @@ def test_stored_heldout_errors(zoo, tmp_path):
     # a damaged stored set: its bytes no longer give the fingerprint it was stored with
     cache = tmp_path / "cache"
     fastsoup.greedy_soup(zoo.paths, zoo.model(), zoo.heldout, cache_dir=cache)
-    path = cache / "data" / "heldout.safetensors"
+    path = cache / "data" / "heldout.bin"
     raw = bytearray(path.read_bytes())
     raw[-5] ^= 0xFF
     path.write_bytes(bytes(raw))
     with pytest.raises(fastsoup.FastsoupError, match="does not match the fingerprint it was stored with"):
+        fastsoup.greedy_soup(zoo.paths, zoo.model(), None, cache_dir=cache)
+    # truncated: said so
+    path.write_bytes(bytes(raw[: len(raw) // 2]))
+    with pytest.raises(fastsoup.FastsoupError, match="truncated"):
         fastsoup.greedy_soup(zoo.paths, zoo.model(), None, cache_dir=cache)
     # the data set given again: the damaged copy is replaced
     fastsoup.greedy_soup(zoo.paths, zoo.model(), zoo.heldout, cache_dir=cache)
@@ -818,6 +823,67 @@ def test_stored_heldout_errors(zoo, tmp_path):
             return super().forward(x)
 
     fastsoup.greedy_soup(zoo.paths, Tagged(), data, cache_dir=other)
-    assert not (other / "data" / "heldout.safetensors").exists()
+    assert not os.path.exists(other / "data") or not os.listdir(other / "data")
     with pytest.raises(fastsoup.FastsoupError, match="no stored held-out data"):
         fastsoup.greedy_soup(zoo.paths, Tagged(), None, cache_dir=other)
+
+
+def _rss_anon() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) << 10
+    raise RuntimeError("no RssAnon in /proc/self/status")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc (Linux) to read resident memory")
+def test_a_stored_set_on_the_cpu_is_memory_mapped_not_copied(tmp_path):
+    """200 MB of held-out inputs prepared with a store: the batches are views of the store's file, so
+    anonymous memory grows by a few batches, not by the set (without a store it grows by the set)."""
+    n, rows, width = 50, 1024, 1024  # 50 batches of 4 MiB
+
+    def batches():
+        for i in range(n):
+            g = torch.Generator().manual_seed(i)
+            yield torch.rand(rows, width, generator=g), torch.randint(0, 4, (rows,), generator=g)
+
+    size = n * rows * width * 4
+    before = _rss_anon()
+    held = prepare(batches(), "cpu", store=str(tmp_path / "set"))
+    grew_mapped = _rss_anon() - before
+    held.store.install()
+    assert os.path.getsize(tmp_path / "set.bin") >= size
+    again, fp = load_heldout(str(tmp_path / "set"))
+    assert fp == held.fingerprint and prepare(again, "cpu").fingerprint == held.fingerprint
+    x0, y0 = next(iter(batches()))
+    assert torch.equal(held.batches[0][0], x0) and torch.equal(again[0][1], y0)
+    total = sum(x.sum() for x, _ in held.batches)  # every page read through the mapping
+    assert torch.isfinite(total)
+    assert grew_mapped < size // 4, (grew_mapped, size)
+    del held, again
+    before = _rss_anon()
+    in_ram = prepare(batches(), "cpu")
+    assert _rss_anon() - before > size // 2  # the test measures what it claims: without a store, the set is in RAM
+    del in_ram
+
+
+def test_storing_is_atomic_and_a_refused_set_leaves_nothing(zoo, tmp_path):
+    cache = tmp_path / "cache"
+    fastsoup.greedy_soup(zoo.paths, zoo.model(), zoo.heldout, cache_dir=cache)
+    before = {p: (cache / "data" / p).read_bytes() for p in os.listdir(cache / "data")}
+    changed = [(x + 1, y) for x, y in zoo.heldout]
+    with pytest.raises(CacheMismatchError):
+        fastsoup.greedy_soup(zoo.paths, zoo.model(), changed, cache_dir=cache)
+    assert {p: (cache / "data" / p).read_bytes() for p in os.listdir(cache / "data")} == before  # untouched, no temporaries
+
+
+def test_a_batch_that_cannot_be_stored_midway_keeps_the_set_whole(zoo, tmp_path):
+    # batches 0-2 are stored (and mapped) before batch 3 turns out to hold a list of strings
+    data = [((x, ["tag"] * len(y)) if i == 3 else (x, None), y) for i, (x, y) in enumerate(zoo.heldout)]
+    data = [((x, t) if t is not None else x, y) for (x, t), y in data]
+    held = prepare(data, "cpu", store=str(tmp_path / "set"))
+    assert held.store is None and not os.listdir(tmp_path)  # nothing stored, no temporaries
+    ref = prepare(data, "cpu")
+    assert held.fingerprint == ref.fingerprint and torch.equal(held.labels, ref.labels)
+    for (x, y), (x0, y0) in zip(held.batches, zoo.heldout):
+        assert torch.equal(x if isinstance(x, torch.Tensor) else x[0], x0) and torch.equal(y, y0)

@@ -5,8 +5,9 @@ A cache directory holds::
     manifest.json     the fingerprints of the model and of every data set evaluated with this cache
     logits/KEY.safetensors   float32 logits of one evaluated model (an ingredient or a soup) on one data set
     journal.jsonl     one JSON record per decision of every search run with this cache
-    data/heldout.safetensors  the held-out set as the data pipeline gave it (its batches' tensors), so
-                      a rerun or a resume can skip the pipeline (``heldout=None``)
+    data/heldout.bin, data/heldout.json   the held-out set as the data pipeline gave it (its
+                      batches' tensors, memory-mapped while a search runs on the CPU), so a rerun or
+                      a resume can skip the pipeline (``heldout=None``)
 
 A logit key is a hash of the model's fingerprint, the data set's fingerprint and the soup's recipe
 (the fingerprints and weights of its ingredients, in the order they were summed).
@@ -97,25 +98,10 @@ class LogitCache:
     def _path(self, k: str) -> str:
         return os.path.join(self.root, "logits", k + ".safetensors")
 
-    def data_path(self, name: str) -> str:
-        """Where the prepared data set ``name`` is stored."""
-        return os.path.join(self.root, "data", name + ".safetensors")
-
-    def store_data(self, data) -> bool:
-        """Stores a prepared :class:`~fastsoup.search.heldout.HeldOut` set unless the same one (by
-        fingerprint) is there already; False when it cannot be stored (batches of non-tensors)."""
-        from ..io.checkpoint import open_checkpoint
-        from .heldout import save_heldout
-
-        path = self.data_path(data.name)
-        if os.path.exists(path):
-            try:
-                if (open_checkpoint(path).metadata or {}).get("fingerprint") == data.fingerprint:
-                    return True
-            except FastsoupError:
-                pass  # damaged: written again
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        return save_heldout(data, path)
+    def data_prefix(self, name: str) -> str:
+        """Where the prepared data set ``name`` is stored (``PREFIX.bin`` and ``PREFIX.json``, see
+        :class:`~fastsoup.search.heldout.Store`)."""
+        return os.path.join(self.root, "data", name)
 
     def get(self, k: str):
         """The cached float32 logits under k, or None."""

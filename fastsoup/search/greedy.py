@@ -212,31 +212,39 @@ class Search:
         self.fps = [_cache.fingerprint_checkpoint(ck) for ck in self.ckpts]
         # Under torch.distributed only rank 0 touches the cache; the other ranks get its answers.
         self.cache = _distributed.open_cache(_cache.LogitCache, cache_dir) if cache_dir is not None else None
-        stored = None
+        stored = store = None
+        if self.cache is not None and _distributed.current() is None:
+            store = self.cache.data_prefix("heldout")
         if heldout is None:  # the held-out set a search stored in the cache: no pipeline to run
             if cache_dir is None:
                 raise ValueError("heldout=None takes the held-out data stored in cache_dir: give cache_dir, or the data")
             if _distributed.current() is not None:
                 raise ValueError("heldout=None is not supported under torch.distributed: give every rank the data")
-            heldout, stored = load_heldout(self.cache.data_path("heldout"))
-        self.data: dict[str, HeldOut] = {"heldout": prepare(heldout, self.device, name="heldout")}
-        if stored is not None and self.heldout.fingerprint != stored:
-            os.remove(self.cache.data_path("heldout"))  # a run given the data set stores it again
-            raise FastsoupError(f"{self.cache.data_path('heldout')}: the stored held-out data does not match the "
-                                "fingerprint it was stored with (damaged; removed): give the data set")
-        for name, loader in (evals or {}).items():
-            if name == "heldout":
-                raise ValueError("'heldout' is the held-out set's name; give the eval set another name")
-            self.data[name] = prepare(loader, self.device, name=name)
+            heldout, stored = load_heldout(store)
+            store = None
+        # With a cache, the held-out set is written there as it is prepared (on the CPU it then lives in
+        # that file, memory-mapped); it is installed once the cache has accepted it.
+        self.data: dict[str, HeldOut] = {"heldout": prepare(heldout, self.device, name="heldout", store=store)}
+        try:
+            if stored is not None and self.heldout.fingerprint != stored:
+                raise FastsoupError(f"{self.cache.data_prefix('heldout')}.bin: the stored held-out data does not match the "
+                                    "fingerprint it was stored with (damaged): give the data set to store it again")
+            for name, loader in (evals or {}).items():
+                if name == "heldout":
+                    raise ValueError("'heldout' is the held-out set's name; give the eval set another name")
+                self.data[name] = prepare(loader, self.device, name=name)
+            if self.cache is not None:
+                self.cache.check("model", self.model_fp, describe=f"the model ({type(model).__name__})")
+                for name, d in self.data.items():
+                    self.cache.check("data:" + name, d.fingerprint, describe=f"the data set {name!r}")
+        except BaseException:
+            if self.heldout.store is not None:
+                self.heldout.store.discard()
+            raise
+        if self.heldout.store is not None:
+            self.heldout.store.install()  # a later run can skip the pipeline (heldout=None)
+            self.heldout.store = None
         self.stats.prepare_seconds = sum(d.prepare_seconds for d in self.data.values())
-        if self.cache is not None:
-            self.cache.check("model", self.model_fp, describe=f"the model ({type(model).__name__})")
-            for name, d in self.data.items():
-                self.cache.check("data:" + name, d.fingerprint, describe=f"the data set {name!r}")
-            if stored is None and _distributed.current() is None:
-                t = time.perf_counter()
-                self.cache.store_data(self.heldout)  # a later run can skip the pipeline (heldout=None)
-                self.stats.prepare_seconds += time.perf_counter() - t
         self._memory: dict[str, torch.Tensor] = {}
         self._staging: dict[str, torch.Tensor] = {}
         self._individual: dict[str, list[torch.Tensor]] = {}
@@ -351,9 +359,10 @@ def greedy_soup(
         model: an ``nn.Module`` whose state dict matches the ingredients; its parameters are
             overwritten during the search (load the result with ``result.load_into(model)``).
         heldout: ``(inputs, labels)`` batches (a DataLoader or any iterable); iterated once. With
-            ``cache_dir``, the batches are stored there too (``data/heldout.safetensors``, the size
-            of the prepared tensors); ``None`` then takes them from there instead of running the
-            data pipeline again (a rerun or a resume that trusts the stored data).
+            ``cache_dir``, the batches are written there as they come (``data/heldout.bin``, the
+            size of the prepared tensors); on the CPU the search then reads them memory-mapped from
+            that file, so the set need not fit in RAM. ``None`` takes them from there instead of
+            running the data pipeline again (a rerun or a resume that trusts the stored data).
         metric: "accuracy" (top-1; enables exact early rejection) or ``f(logits, labels) -> float``,
             higher is better.
         strict: keep a candidate only if it improves the score (``>``, as the official ``main.py``);

@@ -3,7 +3,9 @@
 The official greedy-soup loop runs the data pipeline (decode + transforms) again for every
 candidate. Here the pipeline runs once: :func:`prepare` keeps the model's input tensors (on the
 evaluation device) and the labels, and fingerprints their bytes so a cache can tell whether the data
-changed. :func:`evaluate` then runs the model batch by batch and, for accuracy, stops as soon as the
+changed. Given ``store=``, it also writes them, batch by batch as they come, to a file
+(:class:`Store`); on the CPU the set then lives in that file, memory-mapped copy-on-write, so it need
+not fit in RAM, and :func:`load_heldout` gives it back to a later run without the pipeline. :func:`evaluate` then runs the model batch by batch and, for accuracy, stops as soon as the
 candidate can no longer reach the acceptance threshold even with every remaining example right, so
 its decisions are those of a full evaluation.
 """
@@ -36,6 +38,7 @@ class HeldOut:
     fingerprint: str
     prepare_seconds: float = 0.0
     split: Any = None  # a fastsoup.distributed.Split when `batches` holds this rank's part of the set only
+    store: Any = None  # the Store written by prepare(store=...), until installed or discarded
 
     @property
     def size(self) -> int:
@@ -51,8 +54,14 @@ class HeldOut:
         return sum(_nbytes(x) for x, _ in self.batches) + self.labels.numel() * self.labels.element_size()
 
 
-def prepare(data: Iterable, device: torch.device | str, *, name: str = "heldout", split: str | None = "batches") -> HeldOut:
+def prepare(data: Iterable, device: torch.device | str, *, name: str = "heldout", split: str | None = "batches",
+            store: str | None = None) -> HeldOut:
     """Runs ``data`` (an iterable or DataLoader of batches) once and keeps its tensors on ``device``.
+
+    ``store``: a path prefix; the batches are also written to ``PREFIX.bin`` / ``PREFIX.json`` (see
+    :class:`Store`: temporary names until ``held.store.install()``), and on the CPU the returned
+    batches are copy-on-write mappings of that file instead of copies in RAM. Batches that hold
+    anything but tensors are not stored (``held.store`` is None then). Not under torch.distributed.
 
     Under torch.distributed (every rank gives the whole set), each rank keeps its part only:
     ``split="batches"``: batch i on rank i % world; ``"rows"``: a range of rows of every batch; None:
@@ -72,6 +81,8 @@ def prepare(data: Iterable, device: torch.device | str, *, name: str = "heldout"
     h = hashlib.blake2b(digest_size=16)
     batches, labels = [], []
     comm = _distributed.current() if split is not None else None
+    st = Store(store) if store is not None and comm is None else None
+    mapped = st is not None and device.type == "cpu"  # the CPU set lives in the store's file
     parts, offset = [], 0
     try:
         iterator = iter(data)
@@ -85,18 +96,36 @@ def prepare(data: Iterable, device: torch.device | str, *, name: str = "heldout"
             raise FastsoupError(f"{name}: batch {i} has a scalar label tensor; expected one label per example")
         _hash(h, x)
         _hash(h, y)
-        labels.append(y.detach().cpu())
-        if comm is None:
+        if st is not None and not st.add(x, y):  # not storable: keep the set in memory, as without a store
+            if mapped:
+                batches = st.mapped()
+                labels = [yb for _, yb in batches]
+            st.discard()
+            st, mapped = None, False
+        if mapped:
+            # Mapped from the store's file at the end, labels too: nothing of the batch stays in RAM (even
+            # a small tensor kept per batch would pin the freed memory of the large ones in the heap).
+            batches.append(None)
+        elif comm is None:
+            labels.append(y.detach().cpu())
             batches.append((_to(x, device), y.detach().to(device)))
         else:  # torch.distributed: this rank's part only
+            labels.append(y.detach().cpu())
             part = _distributed.take_part(comm, split, i, offset, x, y)
             if part is not None:
                 batches.append((_to(part[0], device), part[1].detach().to(device)))
                 parts.append(part[2])
         offset += int(y.shape[0])
+    if st is not None:
+        st.finish(name, h.hexdigest())
+        if mapped:
+            batches = st.mapped()
+            labels = [y for _, y in batches]
     if not labels or sum(y.shape[0] for y in labels) == 0:
+        if st is not None:
+            st.discard()
         raise FastsoupError(f"{name}: the data set is empty (no batches, or no examples): greedy search needs held-out examples")
-    held = HeldOut(name, batches, torch.cat(labels), h.hexdigest(), time.perf_counter() - start)
+    held = HeldOut(name, batches, torch.cat(labels), h.hexdigest(), time.perf_counter() - start, store=st)
     if comm is not None:
         held.split = _distributed.agree_split(comm, split, parts, [int(y.shape[0]) for y in labels], held.fingerprint, name)
     return held
@@ -199,51 +228,144 @@ def check_regrouping(model: torch.nn.Module, data: HeldOut, plan: Regrouping) ->
     return None
 
 
-STORED_FORMAT = "fastsoup-heldout-1"
+STORE_FORMAT = "fastsoup-heldout-1"
+_ALIGN = 64  # byte alignment of every tensor in a store's .bin
 
 
-def save_heldout(data: HeldOut, path: str) -> bool:
-    """Writes a prepared set's batches (CPU copies, in their dtypes) to one safetensors file, with its
-    fingerprint and the structure of its batches in the header; returns False and writes nothing when
-    a batch holds something other than tensors (or a dtype safetensors cannot store)."""
-    from ..io.writer import save
+class Store:
+    """A prepared data set on disk: ``PREFIX.bin`` holds the tensors' bytes (each 64-byte aligned,
+    written as the batches come, so the set never has to be in memory at once) and ``PREFIX.json``
+    the batches' structure, every tensor's dtype, shape and offset, the set's name and fingerprint.
 
-    tensors: dict = {}
-    specs = []
-    try:
-        for i, (x, y) in enumerate(data.batches):
-            specs.append([_flatten(x, f"{i}.x", tensors), _flatten(y, f"{i}.y", tensors)])
-    except TypeError:
-        return False
-    meta = {"format": STORED_FORMAT, "name": data.name, "fingerprint": data.fingerprint, "batches": json.dumps(specs)}
-    try:
-        save(tensors, path, metadata=meta, overwrite=True)
-    except FastsoupError:  # e.g. a dtype safetensors has no code for
-        return False
-    return True
+    Written under temporary names; :meth:`install` renames them into place (the .json last, so a
+    complete .json always describes a complete .bin), :meth:`discard` removes them.
+    """
+
+    def __init__(self, prefix: str):
+        self.prefix = os.fspath(prefix)
+        os.makedirs(os.path.dirname(os.path.abspath(self.prefix)), exist_ok=True)
+        self.tmp = f"{self.prefix}.tmp-{os.getpid()}-{id(self):x}"
+        self._file = open(self.tmp + ".bin", "wb")
+        self.tensors: list = []  # [dtype, shape, offset, nbytes]
+        self.batches: list = []  # [x structure, y structure]; leaves index self.tensors
+        self.offset = 0
+        self._map = None
+
+    def add(self, x, y) -> bool:
+        """Appends one batch; False (nothing appended) when it holds anything but tensors."""
+        if not (_storable(x) and _storable(y)):
+            return False
+        self.batches.append([self._put(x), self._put(y)])
+        return True
+
+    def _put(self, x):
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous()
+            pad = -self.offset % _ALIGN
+            if pad:
+                self._file.write(b"\0" * pad)
+                self.offset += pad
+            nbytes = t.numel() * t.element_size()
+            if nbytes:
+                self._file.write(t.reshape(-1).view(torch.uint8).numpy().data)
+            self.tensors.append([str(t.dtype).replace("torch.", ""), list(t.shape), self.offset, nbytes])
+            self.offset += nbytes
+            return len(self.tensors) - 1
+        if isinstance(x, dict):
+            return {"dict": [[k, self._put(v)] for k, v in x.items()]}
+        return {type(x).__name__: [self._put(v) for v in x]}
+
+    def finish(self, name: str, fingerprint: str) -> None:
+        """Closes the .bin and writes the (temporary) .json."""
+        self._file.close()
+        with open(self.tmp + ".json", "w") as f:
+            json.dump({"format": STORE_FORMAT, "name": name, "fingerprint": fingerprint, "bytes": self.offset,
+                       "tensors": self.tensors, "batches": self.batches}, f)
+
+    def mapped(self) -> list:
+        """The batches written so far, as copy-on-write views of the .bin (no copy in RAM)."""
+        if not self._file.closed:
+            self._file.flush()
+        return _batches_of(self.tmp + ".bin", self.tensors, self.batches, self.offset)
+
+    def install(self) -> None:
+        """Moves the files into place (replacing an earlier store of the same prefix)."""
+        os.replace(self.tmp + ".bin", self.prefix + ".bin")
+        os.replace(self.tmp + ".json", self.prefix + ".json")
+
+    def discard(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+        for ext in (".bin", ".json"):
+            try:
+                os.remove(self.tmp + ext)
+            except FileNotFoundError:
+                pass
 
 
-def load_heldout(path: str) -> tuple[list, str]:
-    """The batches (CPU tensors) a :func:`save_heldout` file holds, and the fingerprint it recorded.
+def load_heldout(prefix: str) -> tuple[list, str]:
+    """The batches a :class:`Store` at ``prefix`` holds (CPU tensors, copy-on-write views of its .bin)
+    and the fingerprint it was stored with.
 
     Raises:
-        FastsoupError: the file is missing, unreadable or not a stored held-out set.
+        FastsoupError: nothing is stored there, or the files are not (or no longer) a stored set.
     """
-    from ..io.checkpoint import open_checkpoint
-
+    path = prefix + ".json"
     if not os.path.exists(path):
         raise FastsoupError(f"{path}: no stored held-out data (a search with this cache_dir stores it; give the data "
                             "set itself instead)")
-    ck = open_checkpoint(path)
-    meta = ck.metadata or {}
-    if meta.get("format") != STORED_FORMAT:
-        raise FastsoupError(f"{path}: not a held-out set stored by fastsoup (format {meta.get('format')!r})")
     try:
-        specs = json.loads(meta["batches"])
-        batches = [(_unflatten(sx, ck), _unflatten(sy, ck)) for sx, sy in specs]
-    except (KeyError, ValueError, TypeError) as e:
-        raise FastsoupError(f"{path}: the stored held-out set is damaged ({e}): delete it to store it again") from None
+        with open(path) as f:
+            meta = json.load(f)
+        if meta.get("format") != STORE_FORMAT:
+            raise ValueError(f"format {meta.get('format')!r}, expected {STORE_FORMAT!r}")
+        batches = _batches_of(prefix + ".bin", meta["tensors"], meta["batches"], int(meta["bytes"]))
+    except (OSError, KeyError, ValueError, TypeError, AttributeError) as e:
+        raise FastsoupError(f"{prefix}.bin/.json: the stored held-out set is damaged ({e}): give the data set to "
+                            "store it again") from None
     return batches, meta.get("fingerprint", "")
+
+
+def _batches_of(path: str, tensors: list, batches: list, size: int) -> list:
+    import mmap
+
+    with open(path, "rb") as f:
+        have = os.fstat(f.fileno()).st_size
+        if have < size:
+            raise ValueError(f"{path} has {have} bytes, the set needs {size}: truncated")
+        # ACCESS_COPY: private pages, so a model that writes into its inputs never writes the file
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if have else None
+
+    def tensor(i):
+        dtype, shape, offset, nbytes = tensors[i]
+        dt = getattr(torch, dtype)
+        if not isinstance(dt, torch.dtype) or offset + nbytes > have:
+            raise ValueError(f"tensor {i}: dtype {dtype!r} or bytes [{offset}, {offset + nbytes}) out of range")
+        if nbytes == 0:
+            return torch.empty(shape, dtype=dt)
+        itemsize = torch.empty((), dtype=dt).element_size()
+        return torch.frombuffer(mm, dtype=dt, count=nbytes // itemsize, offset=offset).view(shape)
+
+    def build(spec):
+        if isinstance(spec, int):
+            return tensor(spec)
+        (kind, items), = spec.items()
+        if kind == "dict":
+            return {k: build(v) for k, v in items}
+        values = [build(v) for v in items]
+        return tuple(values) if kind == "tuple" else values
+
+    return [(build(sx), build(sy)) for sx, sy in batches]
+
+
+def _storable(x) -> bool:
+    if isinstance(x, torch.Tensor):
+        return True
+    if isinstance(x, dict):
+        return all(isinstance(k, str) and _storable(v) for k, v in x.items())
+    if isinstance(x, (tuple, list)):
+        return all(_storable(v) for v in x)
+    return False
 
 
 @dataclass
@@ -463,28 +585,6 @@ def _gather(items: list, rows: list):
     if isinstance(first, dict):
         return {k: _gather([t[k] for t in items], rows) for k in first}
     return type(first)(_gather([t[i] for t in items], rows) for i in range(len(first)))
-
-
-def _flatten(x, name: str, out: dict):
-    """The structure of x with every tensor replaced by its name in ``out`` (where it is put)."""
-    if isinstance(x, torch.Tensor):
-        out[name] = x.detach().cpu().contiguous()
-        return name
-    if isinstance(x, dict) and all(isinstance(k, str) for k in x):
-        return {"dict": [[k, _flatten(v, f"{name}.{j}", out)] for j, (k, v) in enumerate(x.items())]}
-    if isinstance(x, (tuple, list)):
-        return {type(x).__name__: [_flatten(v, f"{name}.{j}", out) for j, v in enumerate(x)]}
-    raise TypeError(f"cannot store a {type(x).__name__}")
-
-
-def _unflatten(spec, ck):
-    if isinstance(spec, str):
-        return ck.tensor(spec)
-    (kind, items), = spec.items()
-    if kind == "dict":
-        return {k: _unflatten(v, ck) for k, v in items}
-    values = [_unflatten(v, ck) for v in items]
-    return tuple(values) if kind == "tuple" else values
 
 
 def _nbytes(x) -> int:
