@@ -887,3 +887,21 @@ def test_a_batch_that_cannot_be_stored_midway_keeps_the_set_whole(zoo, tmp_path)
     assert held.fingerprint == ref.fingerprint and torch.equal(held.labels, ref.labels)
     for (x, y), (x0, y0) in zip(held.batches, zoo.heldout):
         assert torch.equal(x if isinstance(x, torch.Tensor) else x[0], x0) and torch.equal(y, y0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.uint8, torch.bool, torch.float64],
+                         ids=lambda d: str(d).replace("torch.", ""))
+def test_a_store_keeps_dtypes_shapes_and_structure(tmp_path, dtype):
+    g = torch.Generator().manual_seed(0)
+    data = []
+    for n in (5, 3, 0, 7):  # an empty batch too
+        x = (torch.rand(n, 3, 2, generator=g) * 10).to(dtype)
+        data.append(({"pixels": x, "extra": (torch.arange(n), x[:, 0])}, torch.randint(0, 3, (n,), generator=g)))
+    held = prepare(data, "cpu", store=str(tmp_path / "s"))
+    held.store.install()
+    back, fp = load_heldout(str(tmp_path / "s"))
+    assert fp == held.fingerprint == prepare(data, "cpu").fingerprint
+    for (x, y), (x0, y0) in zip(back, data):
+        assert x["pixels"].dtype == dtype and x["pixels"].shape == x0["pixels"].shape
+        assert torch.equal(x["pixels"], x0["pixels"]) and torch.equal(x["extra"][1], x0["extra"][1])
+        assert isinstance(x["extra"], tuple) and torch.equal(x["extra"][0], x0["extra"][0]) and torch.equal(y, y0)

@@ -5,7 +5,8 @@ candidate. Here the pipeline runs once: :func:`prepare` keeps the model's input 
 evaluation device) and the labels, and fingerprints their bytes so a cache can tell whether the data
 changed. Given ``store=``, it also writes them, batch by batch as they come, to a file
 (:class:`Store`); on the CPU the set then lives in that file, memory-mapped copy-on-write, so it need
-not fit in RAM, and :func:`load_heldout` gives it back to a later run without the pipeline. :func:`evaluate` then runs the model batch by batch and, for accuracy, stops as soon as the
+not fit in RAM, and :func:`load_heldout` gives it back to a later run without the pipeline.
+:func:`evaluate` then runs the model batch by batch and, for accuracy, stops as soon as the
 candidate can no longer reach the acceptance threshold even with every remaining example right, so
 its decisions are those of a full evaluation.
 """
@@ -249,7 +250,6 @@ class Store:
         self.tensors: list = []  # [dtype, shape, offset, nbytes]
         self.batches: list = []  # [x structure, y structure]; leaves index self.tensors
         self.offset = 0
-        self._map = None
 
     def add(self, x, y) -> bool:
         """Appends one batch; False (nothing appended) when it holds anything but tensors."""
@@ -343,8 +343,7 @@ def _batches_of(path: str, tensors: list, batches: list, size: int) -> list:
             raise ValueError(f"tensor {i}: dtype {dtype!r} or bytes [{offset}, {offset + nbytes}) out of range")
         if nbytes == 0:
             return torch.empty(shape, dtype=dt)
-        itemsize = torch.empty((), dtype=dt).element_size()
-        return torch.frombuffer(mm, dtype=dt, count=nbytes // itemsize, offset=offset).view(shape)
+        return torch.frombuffer(mm, dtype=dt, count=nbytes // dt.itemsize, offset=offset).view(shape)
 
     def build(spec):
         if isinstance(spec, int):
