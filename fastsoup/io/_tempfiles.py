@@ -1,0 +1,150 @@
+"""Temporary files beside a target, and the reaping of those a dead process left behind.
+
+Every temporary name fastsoup makes is ``.BASE.KIND-PID-TOKEN[SUFFIX]`` in the target's folder:
+``KIND`` is ``tmp`` (being written) or ``old`` (a replaced output being removed), ``PID`` the
+writer's process id, ``TOKEN`` 8 random hex digits, ``SUFFIX`` an optional extension (``.bin``).
+While a process writes a temporary file or folder it holds an ``flock`` on it (:func:`hold`).
+
+:func:`reap` removes the entries of a folder with such names whose process is gone: the PID is not
+alive on this machine *and* nobody holds the lock (so neither a reused PID nor a writer on another
+machine of a shared filesystem, where locks are shared, loses its file). Kills that no handler sees
+(``kill -9``, the OOM killer, a power loss) leave temporary files; the next run beside them reaps
+them.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import re
+import secrets
+import shutil
+import stat
+
+_NAME = re.compile(r"^\.(?P<base>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)-(?P<token>[0-9a-f]{8})(?P<suffix>\.[A-Za-z0-9]+)?$")
+
+
+def temp_path(target: str, kind: str = "tmp", suffix: str = "", token: str | None = None) -> str:
+    """A fresh temporary name beside ``target``: ``DIR/.BASE.KIND-PID-TOKEN SUFFIX``."""
+    if kind not in ("tmp", "old"):
+        raise ValueError(f"kind must be 'tmp' or 'old', got {kind!r}")
+    target = os.path.abspath(os.fspath(target))
+    token = token or secrets.token_hex(4)
+    return os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.{kind}-{os.getpid()}-{token}{suffix}")
+
+
+def parse(name: str) -> dict | None:
+    """The parts of a temporary name (base, kind, pid, token, suffix), or None if it is not one."""
+    m = _NAME.match(name)
+    if m is None:
+        return None
+    d = m.groupdict()
+    d["pid"] = int(d["pid"])
+    d["suffix"] = d["suffix"] or ""
+    return d
+
+
+def hold(path: str) -> int:
+    """Opens ``path`` (a file or a folder) and takes an exclusive ``flock`` on it: the lock says "in
+    use" to :func:`reap` for as long as the returned descriptor is open. Returns -1 where the
+    filesystem has no locks (reaping then relies on the PID alone)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return -1
+    return fd
+
+
+def release(fd: int) -> None:
+    """Closes a descriptor of :func:`hold` (dropping its lock)."""
+    if fd >= 0:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this machine (ours counts)."""
+    if pid <= 0:
+        return True  # not a real writer's id: never reap on its word
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, another user's
+        return True
+    return True
+
+
+def _locked(path: str) -> bool:
+    """True when another process holds the lock of :func:`hold` on ``path`` (or it cannot be told)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        # EWOULDBLOCK: held. Filesystems without locks (ENOLCK, EINVAL...): the PID alone decides.
+        return e.errno in (errno.EWOULDBLOCK, errno.EAGAIN)
+    finally:
+        os.close(fd)
+    return False
+
+
+def stale(folder: str, name: str) -> bool:
+    """Whether ``folder/name`` is a temporary entry of a process that is gone."""
+    parts = parse(name)
+    if parts is None:
+        return False
+    path = os.path.join(folder, name)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+        return False  # fastsoup makes only files and folders
+    return not pid_alive(parts["pid"]) and not _locked(path)
+
+
+def reap(folder: str, base: str | None = None) -> list[str]:
+    """Removes the temporary entries of dead processes in ``folder`` (those of ``base`` only, when
+    given). Returns the paths removed. Never raises for an entry it cannot remove."""
+    folder = os.fspath(folder) or "."
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    removed = []
+    for name in names:
+        parts = parse(name)
+        if parts is None or (base is not None and parts["base"] != base):
+            continue
+        if stale(folder, name):
+            path = os.path.join(folder, name)
+            remove(path)
+            if not os.path.lexists(path):
+                removed.append(path)
+    return removed
+
+
+def remove(path: str) -> None:
+    """Removes a temporary file or folder of fastsoup's own (missing is fine, errors are ignored)."""
+    try:
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.unlink(path)
+    except OSError:
+        pass
+
+
+__all__ = ["hold", "parse", "pid_alive", "reap", "release", "remove", "stale", "temp_path"]
