@@ -163,18 +163,34 @@ PYBIND11_MODULE(_core, m) {
   py::register_exception_translator([](std::exception_ptr p) {
     try {
       if (p) std::rethrow_exception(p);
+    } catch (const InputFault& e) {
+      py::object err = py::module_::import("fastsoup._core").attr("InputFaultError")(e.err, e.what(), e.path);
+      PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(err.ptr())), err.ptr());
     } catch (const OsError& e) {
       py::object err = py::module_::import("builtins").attr("OSError")(e.err, e.what(), e.path);
       PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(err.ptr())), err.ptr());
     }
   });
 
+  // OSError raised when an input faulted during a merge (truncated while mapped, or unreadable).
+  m.attr("InputFaultError") = py::reinterpret_steal<py::object>(
+      PyErr_NewExceptionWithDoc("fastsoup._core.InputFaultError",
+                                "An input file was truncated (or could not be read) while it was being read.",
+                                PyExc_OSError, nullptr));
+
   py::class_<MappedFile, std::shared_ptr<MappedFile>>(m, "MappedFile", py::buffer_protocol(),
-                                                      "A file mapped read-only (page cache, no copy).")
-      .def(py::init<std::string>(), py::arg("path"), py::call_guard<py::gil_scoped_release>())
+                                                      "A regular file mapped (read-only and shared, or private "
+                                                      "copy-on-write), guarded against truncation (see io.h).")
+      .def(py::init<std::string, bool>(), py::arg("path"), py::arg("writable") = false,
+           py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("path", &MappedFile::path)
       .def_property_readonly("address", &MappedFile::address, "Address of byte 0 (0 for an empty file).")
       .def_property_readonly("size", &MappedFile::size)
+      .def_property_readonly("writable", &MappedFile::writable)
+      .def("fileno", &MappedFile::fileno, "The descriptor the file was opened with (kept open; for fstat).")
+      .def_property_readonly("faults", &MappedFile::faults,
+                             "Reads of this mapping that faulted (a page past the end of a truncated file, or an "
+                             "I/O error) and read zeros instead.")
       .def(
           "advise",
           [](const MappedFile& f, size_t offset, size_t length, const std::string& advice) {
@@ -192,8 +208,20 @@ PYBIND11_MODULE(_core, m) {
         static const char empty = 0;
         void* ptr = f.size() ? reinterpret_cast<void*>(f.address()) : const_cast<char*>(&empty);
         return py::buffer_info(ptr, 1, py::format_descriptor<uint8_t>::format(), 1, {static_cast<py::ssize_t>(f.size())},
-                               {static_cast<py::ssize_t>(1)}, /*readonly=*/true);
+                               {static_cast<py::ssize_t>(1)}, /*readonly=*/!f.writable());
       });
+
+  py::class_<FaultGuard, std::shared_ptr<FaultGuard>>(
+      m, "FaultGuard", "Catches the faults of reads of a range of a file mapping made by someone else (torch.load's "
+                       "mmap): zeros are read instead and counted. Keep it alive no longer than the mapping.")
+      .def(py::init([](uintptr_t begin, size_t length, std::string path) {
+             return std::make_shared<FaultGuard>(reinterpret_cast<const void*>(begin), length, std::move(path));
+           }),
+           py::arg("begin"), py::arg("length"), py::arg("path"))
+      .def_property_readonly("faults", &FaultGuard::faults)
+      .def_property_readonly("active", &FaultGuard::active)
+      .def_property_readonly("path", &FaultGuard::path);
+  m.def("fault_count", &fault_count, "Faults caught in guarded mappings since the process started.");
 
   m.def(
       "weighted_sum",
@@ -259,12 +287,22 @@ PYBIND11_MODULE(_core, m) {
       py::call_guard<py::gil_scoped_release>(), "Write nbytes at addr to fd at offset (all of it, or OSError).");
 
   m.def(
+      "rename_noreplace", [](const std::string& from, const std::string& to) { rename2(from, to, RenameFlag::kNoReplace); },
+      py::arg("src"), py::arg("dst"), py::call_guard<py::gil_scoped_release>(),
+      "rename(src, dst) that fails with EEXIST when dst exists (renameat2 RENAME_NOREPLACE).");
+  m.def(
+      "rename_exchange", [](const std::string& a, const std::string& b) { rename2(a, b, RenameFlag::kExchange); },
+      py::arg("a"), py::arg("b"), py::call_guard<py::gil_scoped_release>(),
+      "Swap two existing paths atomically (renameat2 RENAME_EXCHANGE).");
+
+  m.def(
       "merge",
       [](const std::vector<float>& weights, const std::vector<int64_t>& seg_n, const std::vector<int>& seg_kind,
          const std::vector<int>& seg_out_file, const std::vector<int64_t>& seg_out_offset,
          const std::vector<int>& seg_out_dtype, const std::vector<uintptr_t>& in_addr, const std::vector<int>& in_dtype,
          const std::vector<uint8_t>& in_mapped, const std::vector<int>& fds, int threads, int64_t window_bytes,
-         int64_t buffer_bytes, int nbuffers, const py::object& progress, int prefetch_steps, bool release, bool accumulate) {
+         int64_t buffer_bytes, int nbuffers, const py::object& progress, int prefetch_steps, bool release, bool accumulate,
+         const std::vector<std::string>& fd_names) {
         check_threads("merge", threads);
         for (uint8_t loc : in_mapped)
           if (loc > 1) throw std::invalid_argument("merge: a device input in a CPU merge (use merge_cuda)");
@@ -276,6 +314,7 @@ PYBIND11_MODULE(_core, m) {
         plan.nbuffers = nbuffers;
         plan.prefetch_steps = prefetch_steps;
         plan.release = release;
+        plan.fd_names = fd_names;
         MergeProgress cb = progress_callback(progress);
         py::gil_scoped_release nogil;
         run_merge(plan, cb);
@@ -284,7 +323,7 @@ PYBIND11_MODULE(_core, m) {
       py::arg("seg_out_dtype"), py::arg("in_addr"), py::arg("in_dtype"), py::arg("in_mapped"), py::arg("fds"),
       py::arg("threads") = 0, py::arg("window_bytes") = int64_t(64) << 20, py::arg("buffer_bytes") = int64_t(16) << 20,
       py::arg("nbuffers") = 4, py::arg("progress") = py::none(), py::arg("prefetch_steps") = 2, py::arg("release") = true,
-      py::arg("accumulate") = false,
+      py::arg("accumulate") = false, py::arg("fd_names") = std::vector<std::string>(),
       "Run a streaming merge plan (built by fastsoup.engine); see csrc/include/fastsoup/io.h.");
 
   m.def("isa", [] { return std::string(isa_name(current_isa())); }, "The CPU instruction set the kernels use now.");
@@ -363,10 +402,12 @@ PYBIND11_MODULE(_core, m) {
          const std::vector<int>& seg_out_file, const std::vector<int64_t>& seg_out_offset,
          const std::vector<int>& seg_out_dtype, const std::vector<uintptr_t>& in_addr, const std::vector<int>& in_dtype,
          const std::vector<uint8_t>& in_loc, const std::vector<int>& fds, int device, uintptr_t stream,
-         int64_t slot_bytes, int nslots, int fill_threads, const py::object& progress, bool accumulate) {
+         int64_t slot_bytes, int nslots, int fill_threads, const py::object& progress, bool accumulate,
+         const std::vector<std::string>& fd_names) {
         check_threads("merge_cuda", fill_threads);
         MergePlan plan = make_plan(weights, seg_n, seg_kind, seg_out_file, seg_out_offset, seg_out_dtype, in_addr,
                                    in_dtype, in_loc, fds, accumulate);
+        plan.fd_names = fd_names;
         cuda::CudaMergeOptions o;
         o.device = device;
         o.stream = stream;
@@ -381,6 +422,7 @@ PYBIND11_MODULE(_core, m) {
       py::arg("seg_out_dtype"), py::arg("in_addr"), py::arg("in_dtype"), py::arg("in_loc"), py::arg("fds"),
       py::arg("device"), py::arg("stream"), py::arg("slot_bytes") = int64_t(32) << 20, py::arg("nslots") = 3,
       py::arg("fill_threads") = 0, py::arg("progress") = py::none(), py::arg("accumulate") = false,
+      py::arg("fd_names") = std::vector<std::string>(),
       "Run a merge plan through the GPU (in_loc: 0 host, 1 mapped file, 2 device); see fastsoup/cuda.h.");
 #else
   m.attr("cuda_compiled") = false;

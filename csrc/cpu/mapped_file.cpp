@@ -2,6 +2,7 @@
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <cstring>
@@ -40,11 +41,21 @@ void advise_range(const void* addr, size_t len, Advice advice) {
   (void)madvise(reinterpret_cast<void*>(begin), end - begin, to_madvise(advice));
 }
 
-MappedFile::MappedFile(std::string path) : path_(std::move(path)) {
-  int fd;
-  do {
-    fd = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
-  } while (fd < 0 && errno == EINTR);
+namespace {
+const char* kind_of(mode_t m) {
+  if (S_ISDIR(m)) return "a folder";
+  if (S_ISFIFO(m)) return "a FIFO (named pipe)";
+  if (S_ISCHR(m)) return "a character device";
+  if (S_ISBLK(m)) return "a block device";
+  if (S_ISSOCK(m)) return "a socket";
+  return "not a regular file";
+}
+}  // namespace
+
+MappedFile::MappedFile(std::string path, bool writable) : path_(std::move(path)), writable_(writable) {
+  // O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused below); no retry on
+  // EINTR here, so a signal (Ctrl-C) reaches the caller, which decides whether to try again.
+  const int fd = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY);
   if (fd < 0) {
     const int e = errno;
     throw OsError(e, std::string("cannot open for reading: ") + std::strerror(e), path_);
@@ -57,23 +68,28 @@ MappedFile::MappedFile(std::string path) : path_(std::move(path)) {
   }
   if (!S_ISREG(st.st_mode)) {
     ::close(fd);
-    throw OsError(EINVAL, "not a regular file", path_);
+    throw OsError(EINVAL, std::string("not a regular file: it is ") + kind_of(st.st_mode) + "; give a checkpoint file",
+                  path_);
   }
   size_ = static_cast<size_t>(st.st_size);
   if (size_ > 0) {
-    void* p = ::mmap(nullptr, size_, PROT_READ, MAP_SHARED, fd, 0);
+    void* p = writable ? ::mmap(nullptr, size_, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0)
+                       : ::mmap(nullptr, size_, PROT_READ, MAP_SHARED, fd, 0);
     if (p == MAP_FAILED) {
       const int e = errno;
       ::close(fd);
       throw OsError(e, std::string("cannot map: ") + std::strerror(e), path_);
     }
     base_ = p;
+    guard_ = new FaultGuard(base_, size_, path_, writable);
   }
-  ::close(fd);  // the mapping keeps the file alive
+  fd_ = fd;  // kept open: the identity of the file as opened (fstat) can be checked later
 }
 
 MappedFile::~MappedFile() {
+  delete guard_;  // before the range is unmapped
   if (base_) ::munmap(base_, size_);
+  if (fd_ >= 0) ::close(fd_);
 }
 
 void MappedFile::advise(size_t offset, size_t length, Advice advice) const {
@@ -81,6 +97,18 @@ void MappedFile::advise(size_t offset, size_t length, Advice advice) const {
     throw std::out_of_range("advise: range [" + std::to_string(offset) + ", " + std::to_string(offset + length) +
                             ") is outside " + path_ + " (" + std::to_string(size_) + " bytes)");
   advise_range(static_cast<const char*>(base_) + offset, length, advice);
+}
+
+void rename2(const std::string& from, const std::string& to, RenameFlag flag) {
+#ifdef SYS_renameat2
+  const long r = ::syscall(SYS_renameat2, AT_FDCWD, from.c_str(), AT_FDCWD, to.c_str(), static_cast<unsigned>(flag));
+  if (r == 0) return;
+  const int e = errno;
+#else
+  const int e = ENOSYS;
+#endif
+  throw OsError(e, std::string(flag == RenameFlag::kExchange ? "cannot exchange with " : "cannot rename to ") + to + ": " +
+                       std::strerror(e), from);
 }
 
 void pwrite_all(int fd, const void* buf, size_t n, int64_t offset, const std::string& what) {

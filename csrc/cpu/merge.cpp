@@ -33,6 +33,7 @@ void check_plan(const MergePlan& p) {
   if (p.in_addr.size() != SK || p.in_dtype.size() != SK || p.in_mapped.size() != SK)
     bad("in_addr, in_dtype and in_mapped must have segments * num_inputs = " + std::to_string(SK) + " entries");
   if (p.window_bytes <= 0 || p.buffer_bytes <= 0 || p.nbuffers < 2) bad("window/buffer sizes must be positive, nbuffers >= 2");
+  if (!p.fd_names.empty() && p.fd_names.size() != p.fds.size()) bad("fd_names must be empty or name every output file");
   for (size_t s = 0; s < S; ++s) {
     const MergeSegment& g = p.segments[s];
     const std::string at = "segment " + std::to_string(s) + ": ";
@@ -58,18 +59,18 @@ void check_plan(const MergePlan& p) {
 // A ring of staging buffers drained by one writer thread.
 class Writer {
  public:
-  Writer(int64_t cap, int nbuffers) : cap_(cap), nbuffers_(nbuffers) {}
+  Writer(int64_t cap, int nbuffers, const MergePlan& plan) : cap_(cap), nbuffers_(nbuffers), plan_(plan) {}
   ~Writer() {
     stop_and_join();
     for (char* b : all_) std::free(b);
   }
 
-  // Room for len bytes at (fd, offset) in the current buffer (contiguous with what it holds).
-  char* reserve(int fd, int64_t offset, int64_t len) {
-    if (cur_.data && (cur_.fd != fd || cur_.offset + cur_.len != offset || cur_.len + len > cap_)) submit();
+  // Room for len bytes at (output file `file`, offset) in the current buffer (contiguous with what it holds).
+  char* reserve(int file, int64_t offset, int64_t len) {
+    if (cur_.data && (cur_.file != file || cur_.offset + cur_.len != offset || cur_.len + len > cap_)) submit();
     if (!cur_.data) {
       cur_.data = acquire();
-      cur_.fd = fd;
+      cur_.file = file;
       cur_.offset = offset;
       cur_.len = 0;
     }
@@ -90,7 +91,7 @@ class Writer {
  private:
   struct Job {
     char* data = nullptr;
-    int fd = -1;
+    int file = -1;  // index into the plan's fds
     int64_t offset = 0;
     int64_t len = 0;
   };
@@ -136,7 +137,11 @@ class Writer {
       lk.unlock();
       std::exception_ptr err;
       try {
-        if (!error_) pwrite_all(j.fd, j.data, static_cast<size_t>(j.len), j.offset, "output file");
+        if (!error_) {
+          const size_t f = static_cast<size_t>(j.file);
+          pwrite_all(plan_.fds[f], j.data, static_cast<size_t>(j.len), j.offset,
+                     f < plan_.fd_names.size() ? plan_.fd_names[f] : std::string("output file"));
+        }
       } catch (...) {
         err = std::current_exception();
       }
@@ -160,6 +165,7 @@ class Writer {
 
   const int64_t cap_;
   const int nbuffers_;
+  const MergePlan& plan_;
   Job cur_;
   std::vector<char*> all_, free_;
   std::deque<Job> queue_;
@@ -260,7 +266,11 @@ void run_merge(const MergePlan& p, const MergeProgress& progress) {
   };
   for (int i = 0; i < p.prefetch_steps; ++i) prefetch(static_cast<size_t>(i));
 
-  Writer writer(p.buffer_bytes, p.nbuffers);
+  Writer writer(p.buffer_bytes, p.nbuffers, p);
+  std::vector<const void*> mapped_inputs;
+  for (size_t i = 0; i < p.in_addr.size(); ++i)
+    if (p.in_mapped[i] == 1) mapped_inputs.push_back(reinterpret_cast<const void*>(p.in_addr[i]));
+  FaultWatch watch(mapped_inputs);
   std::vector<const void*> ins(static_cast<size_t>(K));
   std::vector<DType> dts(static_cast<size_t>(K));
   int64_t done_in = 0, done_out = 0;
@@ -274,7 +284,7 @@ void run_merge(const MergePlan& p, const MergeProgress& progress) {
     const int64_t out_len = st.count * out_unit;
     char* dst;
     if (g.out_file < 0) dst = reinterpret_cast<char*>(g.out_offset) + st.begin * out_unit;
-    else dst = writer.reserve(p.fds[static_cast<size_t>(g.out_file)], g.out_offset + st.begin * out_unit, out_len);
+    else dst = writer.reserve(g.out_file, g.out_offset + st.begin * out_unit, out_len);
 
     int64_t step_in = 0;
     if (g.kind == SegmentKind::kCopy) {
@@ -307,6 +317,8 @@ void run_merge(const MergePlan& p, const MergeProgress& progress) {
       size_t len;
       if (p.release && input_range(st, k, &a, &len)) advise_range(a, len, Advice::kDontNeed);
     }
+    // An input truncated (or unreadable) while this step read it: stop, nothing is to be trusted.
+    if (watch.faulted()) throw InputFault(watch.path());
     done_in += step_in;
     done_out += out_len;
     if (progress) progress(done_in, done_out);

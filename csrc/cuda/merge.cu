@@ -7,10 +7,13 @@
 // step j overlaps the copy of j-1 and the kernel of j-2. Never DMA from pageable or mapped memory:
 // the fill is an explicit CPU copy into pinned memory (also what lets the kernel page-cache reads
 // run on every core).
+#include <errno.h>
+
 #include <algorithm>
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <vector>
 
 #include "../cpu/threadpool.h"
@@ -164,13 +167,22 @@ void run_merge(const MergePlan& p, const CudaMergeOptions& o, const MergeProgres
     bool busy = false;
     int fd = -1;
     int64_t offset = 0, len = 0;
+    std::string name;  // the output file, for error messages
   };
+  auto fd_name = [&](int32_t file) {
+    const size_t f = static_cast<size_t>(file);
+    return f < p.fd_names.size() ? p.fd_names[f] : std::string("output file");
+  };
+  std::vector<const void*> mapped_inputs;
+  for (size_t i = 0; i < p.in_addr.size(); ++i)
+    if (p.in_mapped[i] == kMapped) mapped_inputs.push_back(reinterpret_cast<const void*>(p.in_addr[i]));
+  FaultWatch watch(mapped_inputs);
   std::vector<Pending> pending(static_cast<size_t>(o.nslots));
   auto finish = [&](int s) {
     Pending& q = pending[static_cast<size_t>(s)];
     if (!q.busy) return;
     FS_CUDA_CHECK(cudaEventSynchronize(r.done[static_cast<size_t>(s)]));
-    if (q.fd >= 0) pwrite_all(q.fd, r.pinned_out[static_cast<size_t>(s)], static_cast<size_t>(q.len), q.offset, "output file");
+    if (q.fd >= 0) pwrite_all(q.fd, r.pinned_out[static_cast<size_t>(s)], static_cast<size_t>(q.len), q.offset, q.name);
     q = Pending{};
   };
 
@@ -196,9 +208,17 @@ void run_merge(const MergePlan& p, const CudaMergeOptions& o, const MergeProgres
           if (loc == kDevice) {
             FS_CUDA_CHECK(cudaMemcpyAsync(r.pinned_out[static_cast<size_t>(s)], src, static_cast<size_t>(st.count), cudaMemcpyDeviceToHost, stream));
             FS_CUDA_CHECK(cudaEventRecord(done, stream));
-            pending[static_cast<size_t>(s)] = {true, p.fds[static_cast<size_t>(g.out_file)], g.out_offset + st.begin, st.count};
+            pending[static_cast<size_t>(s)] = {true, p.fds[static_cast<size_t>(g.out_file)], g.out_offset + st.begin, st.count,
+                                               fd_name(g.out_file)};
           } else {
-            pwrite_all(p.fds[static_cast<size_t>(g.out_file)], src, static_cast<size_t>(st.count), g.out_offset + st.begin, "output file");
+            try {
+              pwrite_all(p.fds[static_cast<size_t>(g.out_file)], src, static_cast<size_t>(st.count), g.out_offset + st.begin,
+                         fd_name(g.out_file));
+            } catch (const OsError& e) {
+              // The kernel reads a mapped source for pwrite: a truncated one gives EFAULT, not SIGBUS.
+              if (e.err == EFAULT && loc == kMapped) throw InputFault(guarded_path(src));
+              throw;
+            }
           }
         } else {
           char* dst = reinterpret_cast<char*>(g.out_offset) + st.begin;
@@ -212,6 +232,7 @@ void run_merge(const MergePlan& p, const CudaMergeOptions& o, const MergeProgres
           FS_CUDA_CHECK(cudaEventRecord(done, stream));
           pending[static_cast<size_t>(s)] = {true, -1, 0, 0};
         }
+        if (watch.faulted()) throw InputFault(watch.path());
         done_in += st.count;
         done_out += st.count;
         if (progress) progress(done_in, done_out);
@@ -244,6 +265,8 @@ void run_merge(const MergePlan& p, const CudaMergeOptions& o, const MergeProgres
           std::memcpy(q.dst, q.src, static_cast<size_t>(q.len));
           if (q.mapped) advise_range(q.src, static_cast<size_t>(q.len), Advice::kDontNeed);
         });
+        // A fill thread read an input truncated under it (zeros were read): stop before using it.
+        if (watch.faulted()) throw InputFault(watch.path());
         FS_CUDA_CHECK(cudaMemcpyAsync(dev, pin, static_cast<size_t>(off), cudaMemcpyHostToDevice, r.copy_stream));
         FS_CUDA_CHECK(cudaEventRecord(copied, r.copy_stream));
         FS_CUDA_CHECK(cudaStreamWaitEvent(stream, copied, 0));
@@ -265,7 +288,8 @@ void run_merge(const MergePlan& p, const CudaMergeOptions& o, const MergeProgres
       if (!ks.ok) throw std::invalid_argument("merge (cuda): " + ks.message);
       if (g.out_file >= 0) {
         FS_CUDA_CHECK(cudaMemcpyAsync(r.pinned_out[static_cast<size_t>(s)], out, static_cast<size_t>(out_len), cudaMemcpyDeviceToHost, stream));
-        pending[static_cast<size_t>(s)] = {true, p.fds[static_cast<size_t>(g.out_file)], g.out_offset + st.begin * out_unit, out_len};
+        pending[static_cast<size_t>(s)] = {true, p.fds[static_cast<size_t>(g.out_file)], g.out_offset + st.begin * out_unit, out_len,
+                                           fd_name(g.out_file)};
       } else {
         pending[static_cast<size_t>(s)] = {true, -1, 0, 0};
       }
