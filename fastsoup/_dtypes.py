@@ -14,6 +14,14 @@ class DTypeInfo(NamedTuple):
     itemsize: int
     code: int  # native kernel code (fastsoup/dtype.h), -1 for types the kernels do not read
     kind: str  # "float": averaged; "passthrough": copied from the first ingredient; "unsupported"
+    bits: int = 0  # bits per element when not a whole number of bytes (4-bit, 6-bit floats); else 0
+
+    def nbytes(self, numel: int) -> int | None:
+        """Bytes of ``numel`` elements; None when they do not fill whole bytes (sub-byte types)."""
+        if not self.bits:
+            return numel * self.itemsize
+        total = numel * self.bits
+        return total // 8 if total % 8 == 0 else None
 
 
 _TABLE = [
@@ -30,8 +38,15 @@ _TABLE = [
     DTypeInfo("uint32", "U32", 4, -1, "passthrough"),
     DTypeInfo("uint64", "U64", 8, -1, "passthrough"),
     DTypeInfo("bool", "BOOL", 1, -1, "passthrough"),
+    # Known to safetensors (every dtype of safetensors 0.8), read and listed, but not averaged.
     DTypeInfo("float8_e4m3fn", "F8_E4M3", 1, -1, "unsupported"),
     DTypeInfo("float8_e5m2", "F8_E5M2", 1, -1, "unsupported"),
+    DTypeInfo("float8_e8m0fnu", "F8_E8M0", 1, -1, "unsupported"),
+    DTypeInfo("float8_e4m3fnuz", "F8_E4M3FNUZ", 1, -1, "unsupported"),
+    DTypeInfo("float8_e5m2fnuz", "F8_E5M2FNUZ", 1, -1, "unsupported"),
+    DTypeInfo("float4_e2m1fn", "F4", 0, -1, "unsupported", 4),  # no torch dtype (torch packs two: _x2)
+    DTypeInfo("float6_e2m3fn", "F6_E2M3", 0, -1, "unsupported", 6),
+    DTypeInfo("float6_e3m2fn", "F6_E3M2", 0, -1, "unsupported", 6),
     DTypeInfo("complex64", "C64", 8, -1, "unsupported"),
 ]
 
