@@ -7,7 +7,8 @@ files never import torch; torch is imported where tensors are.
 
 from ._native import _core
 from ._version import __version__
-from ._errors import CheckpointError, FastsoupError, OutputExistsError
+from ._errors import (CheckpointError, FastsoupError, InputChangedError, InterruptedAfterInstall, OutputExistsError,
+                      UnsafeOutputError)
 from .engine import average, weighted_sum
 from .io import Checkpoint, TensorRef, check_compatible, open_checkpoint, save
 from .diagnostics import inspect_checkpoint, similarity
@@ -56,11 +57,14 @@ __all__ = [
     "CheckpointError",
     "FastsoupError",
     "GreedyResult",
+    "InputChangedError",
+    "InterruptedAfterInstall",
     "LearnedResult",
     "RECIPES",
     "Soup",
     "OutputExistsError",
     "TensorRef",
+    "UnsafeOutputError",
     "__version__",
     "average",
     "check_compatible",

@@ -16,3 +16,19 @@ class CheckpointError(FastsoupError, ValueError):
 
 class OutputExistsError(FastsoupError, FileExistsError):
     """The output path exists and ``overwrite`` was not given."""
+
+
+class InputChangedError(CheckpointError):
+    """An input file changed while fastsoup read it: rewritten, truncated, or unreadable. Nothing that
+    was computed from it is installed, cached or returned. The message names the file."""
+
+
+class UnsafeOutputError(FastsoupError, ValueError):
+    """``overwrite`` was given, but the output path holds something fastsoup may not replace: a
+    folder with files it did not write, an input, or the current folder or one of its ancestors."""
+
+
+class InterruptedAfterInstall(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM/SIGHUP) arrived after the output was installed, while the output it
+    replaced was being removed: the new output is complete at its path. The message says where the
+    rest of the old one is (the next run beside it removes it)."""

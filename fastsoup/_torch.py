@@ -29,13 +29,41 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 def load_file(path: str):
-    """``torch.load`` of a .pt/.bin file: memory-mapped and weights-only where the format allows."""
+    """``torch.load`` of a .pt/.bin file: memory-mapped and weights-only where the format allows.
+    Returns ``(object, mapped)``: mapped is False for legacy (non-zip) files, which are read whole."""
     try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True), True
     except RuntimeError as e:
         if "mmap" not in str(e):  # legacy (non-zip) files cannot be mapped: load them whole
             raise
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True), False
+
+
+def guard_mapped_storages(obj, path: str):
+    """A native FaultGuard over the file mapping that ``torch.load(mmap=True)`` made for ``path``:
+    the span of the storages of the tensors in ``obj`` (a possibly nested state dict), which all lie
+    in that one mapping. A read of a page that a truncation removed then reads zeros and is counted,
+    instead of killing the process with SIGBUS. None when there is no tensor data."""
+    lo, hi = None, None
+    stack = [obj]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, torch.Tensor):
+            if x.layout != torch.strided or x.is_meta:
+                continue
+            st = x.untyped_storage()
+            if st.nbytes() == 0:
+                continue
+            a = st.data_ptr()
+            lo = a if lo is None else min(lo, a)
+            hi = a + st.nbytes() if hi is None else max(hi, a + st.nbytes())
+        elif isinstance(x, dict):
+            stack.extend(x.values())
+        elif isinstance(x, (list, tuple)):
+            stack.extend(x)
+    if lo is None:
+        return None
+    return _core.FaultGuard(lo, hi - lo, path)
 
 
 def host_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -58,7 +86,10 @@ def as_tensor(x) -> torch.Tensor:
 
 
 def empty(shape: Sequence[int], dtype: str, device: str = "cpu") -> torch.Tensor:
-    return torch.empty(tuple(shape), dtype=torch_dtype(dtype), device=device)
+    try:
+        return torch.empty(tuple(shape), dtype=torch_dtype(dtype), device=device)
+    except (RuntimeError, OverflowError) as e:  # sizes torch cannot allocate (overflow, out of memory)
+        raise ValueError(f"cannot allocate a {dtype} tensor of shape {list(shape)} on {device}: {e}") from None
 
 
 def current_cuda_index() -> int:
@@ -81,7 +112,7 @@ def tensor_from_address(addr: int, dtype: str, shape: Sequence[int]) -> torch.Te
     out = empty(shape, dtype)
     nbytes = out.numel() * out.element_size()
     if nbytes:
-        _core.copy(out.data_ptr(), addr, nbytes)
+        _core.copy(out.data_ptr(), addr, nbytes)  # a guarded mapping: a truncation reads zeros (checked by the caller)
     return out
 
 

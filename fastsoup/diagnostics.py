@@ -150,6 +150,8 @@ def similarity(ingredients: Sequence[Any], base: Any = None, *, threads: int | N
             for i in range(K):
                 for j in range(K):
                     gram[i][j] += g[i][j]
+    for ck in ckpts + ([base_ck] if base_ck is not None else []):
+        ck.verify("the similarity pass")  # numbers from a file changed under the read are not reported
     names = [os.fspath(s) if isinstance(s, (str, os.PathLike)) else f"<ingredient {i}>" for i, s in enumerate(srcs)]
     base_name = None if base is None else (os.fspath(base) if isinstance(base, (str, os.PathLike)) else "<base>")
     return Similarity(names, gram, base_name)

@@ -22,6 +22,7 @@ from ._dtypes import BY_CODE
 from ._dtypes import info as dtype_info
 from ._dtypes import parse_float_dtype
 from . import distributed as _distributed
+from ._errors import CheckpointError, InputChangedError
 from ._native import _core
 from .io.checkpoint import Checkpoint, check_compatible, open_checkpoint
 from .io.writer import TensorSpec, plan_output
@@ -136,10 +137,13 @@ def average(
         ws = [1.0 / k] * k if k else []
     else:
         ws = _check_weights(weights, k)
-        total = math.fsum(ws)
+        # Scaled by the largest first, so huge weights (1e308, 1e308) normalize instead of overflowing.
+        biggest = max((abs(w) for w in ws), default=0.0)
+        scaled = [w / biggest for w in ws] if biggest > 0.0 else ws
+        total = math.fsum(scaled)
         if total == 0.0:
             raise ValueError(f"weights sum to zero ({list(weights)}): cannot normalize; use fastsoup.weighted_sum")
-        ws = [w / total for w in ws]
+        ws = [w / total for w in scaled]
     with _distributed.merge_job(out, overwrite=overwrite, what="fastsoup.average"):  # collective under torch.distributed
         return _merge(ingredients, ws, out=out, dtype=dtype, device=device, threads=threads, shard_size=shard_size,
                       progress=progress, overwrite=overwrite, fsync=fsync, desc="average")
@@ -206,8 +210,9 @@ def _output_dtype(ref, override):
 
 
 def _run(ckpts: list[Checkpoint], weights, out, override, threads, shard_size, progress, overwrite, fsync, desc,
-         layout: Checkpoint | None = None, device: Device = CPU):
+         layout: Checkpoint | None = None, device: Device = CPU, extras: dict | None = None):
     # `layout` (default: the first input) gives the tensor order, default dtypes, shards and metadata.
+    # `extras`: files written into a folder output with it (name -> bytes: a sidecar).
     first = layout if layout is not None else ckpts[0]
     K = len(ckpts)
     names = list(first)
@@ -223,7 +228,10 @@ def _run(ckpts: list[Checkpoint], weights, out, override, threads, shard_size, p
         result = {}
         dests = []
         for name in names:
-            t = _torch.empty(first[name].shape, out_dtypes[name][0], device=str(device))
+            try:
+                t = _torch.empty(first[name].shape, out_dtypes[name][0], device=str(device))
+            except ValueError as e:
+                raise CheckpointError(f"{first.where(name)}: {e}; write the result to a file instead (out=PATH)") from None
             result[name] = t
             dests.append((-1, t.data_ptr()))
     else:
@@ -241,7 +249,9 @@ def _run(ckpts: list[Checkpoint], weights, out, override, threads, shard_size, p
         dests = [locations[name] for name in names]
         # One process: AtomicOutput and every tensor; in a collective merge (torch.distributed) this
         # rank's writer and the tensors of its shards only.
-        writer, names, dests = _distributed.output(plan, names, dests, weights, overwrite=overwrite, fsync=fsync)
+        protect = [f for ck in [*ckpts, first] for f in ck.files]  # an overwrite never removes an input
+        writer, names, dests = _distributed.output(plan, names, dests, weights, overwrite=overwrite, fsync=fsync,
+                                                   protect=protect, extras=extras)
 
     # Segments, fused where contiguous in every input and in the output.
     segs = _Segments(K)
@@ -270,7 +280,8 @@ def _run(ckpts: list[Checkpoint], weights, out, override, threads, shard_size, p
             writer.open()
         try:
             segs.run(weights, fds=writer.fds if writer is not None else [], threads=threads, progress=callback,
-                     device=device)
+                     device=device, fd_names=writer.names if writer is not None else ())
+            verify_inputs(ckpts)  # truncated or rewritten meanwhile: nothing is installed or returned
         except BaseException:
             if writer is not None:
                 writer.abort()
@@ -282,6 +293,13 @@ def _run(ckpts: list[Checkpoint], weights, out, override, threads, shard_size, p
             bar.close()
         del keep
     return result if out is None else os.fspath(out)
+
+
+def verify_inputs(ckpts, during: str = "the merge") -> None:
+    """Raises :class:`~fastsoup.InputChangedError` when a file of one of the checkpoints changed
+    since it was opened or a read of it faulted (see ``Checkpoint.verify``)."""
+    for ck in ckpts:
+        ck.verify(during)
 
 
 def _source(ck: Checkpoint, name: str, device: Device, keep: list) -> tuple[int, int, int]:
@@ -364,7 +382,7 @@ class _Segments:
         self._last = (kind, dfile, doff + out_len, out_code, ends, codes, mapped, ws)
 
     def run(self, weights=None, *, fds=(), threads: int = 0, progress=None, accumulate: bool = False,
-            device: Device = CPU) -> None:
+            device: Device = CPU, fd_names=()) -> None:
         """Runs the plan in the native executor (GIL released; Ctrl-C is seen between steps).
         ``weights``: K weights for every segment; None when the segments carry their own.
         ``device``: CUDA runs the pipeline of pinned slots and the fused kernel on torch's current
@@ -372,13 +390,19 @@ class _Segments:
         if (weights is None) != bool(self.weights) and self.n:
             raise ValueError("pass weights to run() exactly when the segments have none of their own")
         ws = [float(w) for w in weights] if weights is not None else self.weights
+        try:
+            self._run_native(ws, fds, threads, progress, accumulate, device, fd_names)
+        except _core.InputFaultError as e:  # an input truncated (or unreadable) under the read: stopped
+            raise InputChangedError(f"{e.filename} {e.strerror}") from None
+
+    def _run_native(self, ws, fds, threads, progress, accumulate, device, fd_names) -> None:
         if device.is_cuda:
             from . import _torch
 
             _core.merge_cuda(
                 ws, self.n, self.kind, self.out_file, self.out_offset, self.out_dtype, self.in_addr, self.in_dtype,
                 self.in_mapped, list(fds), device.index, _torch.cuda_stream(device.index), SLOT_BYTES, NSLOTS,
-                threads, progress, accumulate,
+                threads, progress, accumulate, list(fd_names),
             )
             return
         if 2 in self.in_mapped:
@@ -386,7 +410,7 @@ class _Segments:
         _core.merge(
             ws, self.n, self.kind, self.out_file, self.out_offset, self.out_dtype,
             self.in_addr, self.in_dtype, self.in_mapped, list(fds), threads, WINDOW_BYTES, BUFFER_BYTES, NBUFFERS,
-            progress, accumulate=accumulate,
+            progress, accumulate=accumulate, fd_names=list(fd_names),
         )
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from ._dtypes import BY_NAME, parse_float_dtype
 from ._dtypes import info as dtype_info
-from ._errors import FastsoupError
+from ._errors import FastsoupError, InputChangedError
 from . import distributed as _distributed
 from ._native import _core
 from .engine import CPU, Device, _Segments, _run, _source, resolve_device
@@ -75,6 +75,7 @@ class Soup:
         self.total_weight = 0.0
         self.ingredients: list[tuple[str, float]] = []  # (source, weight) in the order added
         self._members: list[Checkpoint] = []  # the opened ingredients, in the same order
+        self._broken: str | None = None  # why the sum can no longer be trusted (an input changed under a read)
 
     @classmethod
     def like(cls, template: Any, *, device: Any = "cpu", threads: int | None = None) -> Soup:
@@ -88,7 +89,7 @@ class Soup:
         """``S += weight * ingredient`` (one read of the ingredient); returns the soup."""
         w = _finite(weight)
         ck = self._open(ingredient)
-        self._accumulate(ck, w)
+        self._accumulate(ck, w, "adding it to the soup")
         if not self.ingredients:
             self._keep_extras(ck)
         self.total_weight += w
@@ -101,7 +102,7 @@ class Soup:
         """``S -= weight * ingredient``: takes out an ingredient added with that weight."""
         w = _finite(weight)
         ck = self._open(ingredient)
-        self._accumulate(ck, -w)
+        self._accumulate(ck, -w, "taking it out of the soup")
         self.total_weight -= w
         for i, (src, wi) in enumerate(self.ingredients):
             if src == ck.source and wi == w:
@@ -139,6 +140,7 @@ class Soup:
                           [(base + 4 * off, _F32, self._loc), _source(ck, name, self._device, keep)])
         segs.run([1.0, w], threads=self._threads, device=self._device)
         del keep
+        ck.verify("the candidate's read")  # before the model sees it: a changed input is never scored
         self._write(model, self._scratch, 1.0 / total, extras=True)
         self._pending = (w, ck)
 
@@ -221,6 +223,8 @@ class Soup:
     # ------------------------------------------------------------------------------------------
 
     def _open(self, ingredient: Any) -> Checkpoint:
+        if self._broken is not None:
+            raise FastsoupError(f"this soup is no longer usable: {self._broken}; build a new one")
         ck = open_checkpoint(ingredient)
         check_compatible([self._layout, ck])
         if self._sum is None:
@@ -237,17 +241,24 @@ class Soup:
     def _loc(self) -> int:  # where the sums are, for the engine's segment lists
         return 2 if self._device.is_cuda else 0
 
-    def _accumulate(self, ck: Checkpoint, w: float) -> None:
+    def _accumulate(self, ck: Checkpoint, w: float, during: str) -> None:
         base = self._sum.data_ptr()
         segs, keep = _Segments(1), []
         for name, (off, numel) in self._floats.items():
             segs.weighted(numel, -1, base + 4 * off, _F32, [_source(ck, name, self._device, keep)])
-        segs.run([w], threads=self._threads, accumulate=True, device=self._device)
+        try:
+            segs.run([w], threads=self._threads, accumulate=True, device=self._device)
+            ck.verify(during)
+        except InputChangedError as e:  # the sum took in data that is not the file's: it cannot be undone
+            self._broken = f"{ck.source} changed while it was summed ({e})"
+            raise
 
     def _keep_extras(self, ck: Checkpoint) -> None:
         self._extras = {name: ck.tensor(name) for name in self._others}
 
     def _need_ingredients(self, what: str) -> None:
+        if self._broken is not None:
+            raise FastsoupError(f"this soup is no longer usable: {self._broken}; build a new one")
         if not self.ingredients:
             raise FastsoupError(f"the soup is empty: add an ingredient before you {what}")
         if self.total_weight == 0.0:
@@ -326,6 +337,7 @@ def _load_checkpoint(ck: Checkpoint, model: Any, threads: int = 0, staging: dict
         else:
             extras[name] = ck.tensor(name)
     _write_model(model, ck, sources, [1.0], staging if staging is not None else {}, extras, threads, device)
+    ck.verify("its load into the model")  # a changed file is never evaluated as if it were the checkpoint
 
 
 def _mix_into_model(ckpts: list[Checkpoint], model: Any, weights, staging: dict, threads: int = 0,
@@ -338,6 +350,8 @@ def _mix_into_model(ckpts: list[Checkpoint], model: Any, weights, staging: dict,
         if dtype_info(ref.dtype).kind == "float":
             sources[name] = [_source(ck, name, device, keep) for ck in ckpts]
     _write_model(model, first, sources, weights, staging, None, threads, device)
+    for ck in ckpts:
+        ck.verify("the mix into the model")
 
 
 def _dots(ckpts: list[Checkpoint], grads: dict, threads: int = 0) -> dict:
@@ -363,6 +377,8 @@ def _dots(ckpts: list[Checkpoint], grads: dict, threads: int = 0) -> dict:
         for m, offset, length in release:
             if length:
                 m.advise(offset, length, "dontneed")
+    for ck in ckpts:
+        ck.verify("the gradient pass")
     return out
 
 

@@ -6,14 +6,16 @@ reference to their tensors (torch tensors or numpy arrays).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
 
 from .._dtypes import info as dtype_info
-from .._errors import CheckpointError
+from .._errors import CheckpointError, InputChangedError
 from .._native import _core
 from ._safetensors import parse_header
 
@@ -65,12 +67,15 @@ class Checkpoint(Mapping):
         files: Sequence[str] = (),
         metadata: dict | None = None,
         maps: dict | None = None,
+        watches: Sequence[FileWatch] = (),
     ):
         self._refs = refs
         self.source = source
         self.files = list(files)
         self.metadata = metadata
         self._maps = maps or {}
+        # Files whose data is read lazily (mapped): their identity at open and their read faults.
+        self._watches = list(watches) or [FileWatch(path, m.fileno(), m) for path, m in self._maps.items()]
 
     def __getitem__(self, name: str) -> TensorRef:
         return self._refs[name]
@@ -125,14 +130,177 @@ class Checkpoint(Mapping):
         ref = self._refs[name]
         if ref.file is None:
             return _torch.as_tensor(ref.tensor).clone()
-        return _torch.tensor_from_address(self._maps[ref.file].address + ref.offset, ref.dtype, ref.shape)
+        t = _torch.tensor_from_address(self._maps[ref.file].address + ref.offset, ref.dtype, ref.shape)
+        for w in self._watches:
+            if w.path == ref.file:
+                w.check(f"a read of tensor {name!r}")
+        return t
+
+    def verify(self, during: str = "the merge") -> None:
+        """Checks that the files read lazily (mapped) are the ones opened: same inode, size,
+        modification and change times, and no read of them faulted (a truncation under a read, or
+        an I/O error). Call it after reading and before trusting what was read.
+
+        Raises:
+            InputChangedError: naming the file, e.g. "a.safetensors changed during the merge".
+        """
+        for w in self._watches:
+            w.check(during)
+
+    def identities(self) -> dict[str, tuple]:
+        """``{file: (device, inode, size, mtime_ns, ctime_ns, links)}`` of the files as they were opened."""
+        return {w.path: w.identity for w in self._watches}
 
     def close(self) -> None:
         """Drops this checkpoint's mappings (they are unmapped once nothing else uses them)."""
         self._maps = {}
+        self._watches = []
 
 
 Source = Union[str, os.PathLike, Checkpoint, Mapping, Any]
+
+
+def _identity(st: os.stat_result) -> tuple:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_nlink)
+
+
+def _changed(was: tuple, now: tuple) -> bool:
+    """Whether the inode's data may have changed between two identities. The change time also moves
+    when a link is added or removed (the path replaced by a rename: the inode, which is what was
+    read, keeps its data), so it counts only while the link count stayed the same; then a rewrite
+    that restored the modification time (``cp -p``, ``rsync -t``) is still caught."""
+    if was[:4] != now[:4]:
+        return True
+    return was[4] != now[4] and was[5] == now[5]
+
+
+class FileWatch:
+    """One input file as it was opened: its identity (from ``fstat`` of the descriptor it was opened
+    with, kept open) and the fault counter of its mapping (``faults``: a native MappedFile or
+    FaultGuard). :meth:`check` raises if the file was changed or a read of it faulted since.
+
+    Identity is (device, inode, size, mtime_ns, ctime_ns, links) of the inode that was opened:
+    rewriting the file in place (``cp``, ``torch.save``, ``open(..., "wb")``) changes it; replacing it
+    by a rename does not, and needs no check, since the old inode, which is what was read, keeps its
+    data (see :func:`_changed`).
+    """
+
+    def __init__(self, path: str, fd: int, faults_of: Any = None, owner: Any = None):
+        self.path = path
+        self._fd = fd
+        self._faults_of = faults_of
+        self._owner = owner  # keeps the descriptor (or mapping) open
+        self.identity = _identity(os.fstat(fd))
+        self._faults = self._fault_count()
+
+    def _fault_count(self) -> int:
+        return int(self._faults_of.faults) if self._faults_of is not None else 0
+
+    def check(self, during: str = "the merge") -> None:
+        if self._fault_count() != self._faults:
+            raise InputChangedError(
+                f"{self.path} changed during {during}: it was truncated while being read (or a read failed with an I/O "
+                "error); nothing computed from it was kept"
+            )
+        try:
+            now = _identity(os.fstat(self._fd))
+        except OSError as e:
+            raise InputChangedError(f"{self.path}: cannot check it after reading ({e.strerror})") from None
+        if _changed(self.identity, now):
+            was, new = self.identity, now
+            what = (f"its size went from {was[2]} to {new[2]} bytes" if was[2] != new[2]
+                    else "it was rewritten in place (same size, new modification time)")
+            raise InputChangedError(
+                f"{self.path} changed during {during}: {what}; nothing computed from it was kept. Do not modify "
+                "checkpoints while fastsoup reads them (write new ones under new names)"
+            )
+
+
+class _OpenFile:
+    """A descriptor kept open for a file's identity (torch files, whose mapping torch makes)."""
+
+    def __init__(self, path: str):
+        self.fd = _open_regular(path)
+
+    def __del__(self):
+        fd, self.fd = getattr(self, "fd", -1), -1
+        if fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISCHR(mode):
+        return "a character device"
+    if stat.S_ISBLK(mode):
+        return "a block device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a regular file"
+
+
+def _check_regular(path: str) -> None:
+    """Refuses anything but a regular file (following symlinks) before it is opened: opening a FIFO
+    would wait for a writer, and a device never ends."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file or folder") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointError(f"{path}: not a regular file: it is {_kind(st.st_mode)}; give a checkpoint file")
+
+
+def _retrying(open_once, path: str):
+    """Calls ``open_once()``, again after EINTR (a signal: Python's handlers run in between, so
+    Ctrl-C goes through), and once more after raising the open-files limit on EMFILE."""
+    raised = False
+    while True:
+        try:
+            return open_once()
+        except InterruptedError:
+            continue
+        except OSError as e:
+            if e.errno == errno.EINTR:
+                continue
+            if e.errno == errno.EMFILE and not raised:
+                raised = True
+                if _raise_nofile_limit():
+                    continue
+            raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
+
+
+def _raise_nofile_limit() -> bool:
+    """Raises the soft limit of open files to the hard one (every mapped input keeps a descriptor)."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or hard > soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20), hard))
+            return True
+    except (ImportError, OSError, ValueError):
+        pass
+    return False
+
+
+def _open_regular(path: str) -> int:
+    def once():
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise CheckpointError(f"{path}: not a regular file: it is {_kind(st.st_mode)}; give a checkpoint file")
+        return fd
+
+    return _retrying(once, path)
 
 
 def open_checkpoint(src: Source) -> Checkpoint:
@@ -175,16 +343,18 @@ def open_checkpoint(src: Source) -> Checkpoint:
 def _open_path(path: str) -> Checkpoint:
     if os.path.isdir(path):
         return _open_folder(path)
-    if not os.path.exists(path):
-        raise CheckpointError(f"{path}: no such file or folder")
+    _check_regular(path)
     if path.endswith(".index.json"):
         return _open_index(path)
     if path.endswith(".safetensors"):
         return _open_safetensors(path)
     if path.endswith(TORCH_SUFFIXES):
         return _open_torch_file(path)
-    with open(path, "rb") as f:
-        head = f.read(9)
+    fd = _open_regular(path)
+    try:
+        head = os.pread(fd, 9, 0)
+    finally:
+        os.close(fd)
     if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
         return _open_torch_file(path)
     if len(head) == 9 and head[8:9] == b"{":
@@ -218,16 +388,17 @@ def _open_folder(path: str) -> Checkpoint:
     raise CheckpointError(f"{path}: no checkpoint in this folder (no .safetensors, index or torch file)")
 
 
-def _map(path: str):
-    try:
-        return _core.MappedFile(path)
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
+def _map(path: str, writable: bool = False):
+    """The native mapping of a regular file (no FIFO, device or folder), guarded against truncation."""
+    return _retrying(lambda: _core.MappedFile(path, writable), path)
 
 
 def _read_safetensors(path: str):
     mapped = _map(path)
+    faults = mapped.faults
     entries, metadata = parse_header(path, memoryview(mapped))
+    if mapped.faults != faults:  # truncated under the header's read: what was parsed is not the file
+        raise InputChangedError(f"{path} changed while its header was read (it was truncated); try again once it is complete")
     return mapped, entries, metadata
 
 
@@ -254,13 +425,16 @@ def _open_index(index_path: str) -> Checkpoint:
     for shard in shards:
         if os.path.basename(shard) != shard:
             raise CheckpointError(f"{index_path}: shard name {shard!r} is not a file name in the index's folder")
-        if not os.path.isfile(os.path.join(folder, shard)):
+        shard_path = os.path.join(folder, shard)
+        if not os.path.lexists(shard_path):
             raise CheckpointError(f"{index_path}: lists shard {shard!r}, which does not exist in {folder}")
+        _check_regular(shard_path)
 
     source = folder if os.path.basename(index_path).startswith(("model.", "pytorch_model.")) else index_path
     refs: dict[str, TensorRef] = {}
     seen_in: dict[str, str] = {}
     maps = {}
+    watches = []
     metadata = None
     files = []
     for shard in shards:
@@ -269,10 +443,13 @@ def _open_index(index_path: str) -> Checkpoint:
         if shard.endswith(".safetensors"):
             mapped, entries, meta = _read_safetensors(path)
             maps[path] = mapped
+            watches.append(FileWatch(path, mapped.fileno(), mapped))
             metadata = metadata if metadata is not None else meta
             shard_refs = [TensorRef(e.name, e.dtype, e.shape, e.nbytes, path, e.offset) for e in entries]
         else:
-            sd = _load_torch_state_dict(path)
+            sd, watch = _load_torch_state_dict(path)
+            if watch is not None:
+                watches.append(watch)
             shard_refs = list(_memory_refs(sd, path).values())
         names = set()
         for ref in shard_refs:
@@ -289,28 +466,44 @@ def _open_index(index_path: str) -> Checkpoint:
         missing = sorted(by_shard[shard] - names)
         if missing:
             raise CheckpointError(f"{index_path}: maps {_some(missing)} to shard {shard!r}, which does not contain them")
-    return Checkpoint(refs, source=source, files=files, metadata=metadata, maps=maps)
+    return Checkpoint(refs, source=source, files=files, metadata=metadata, maps=maps, watches=watches)
 
 
 # ---------------------------------------------------------------------------------------------------
 # torch files and in-memory state dicts
 
 
-def _load_torch_state_dict(path: str) -> Mapping:
+def _load_torch_state_dict(path: str) -> tuple[Mapping, FileWatch | None]:
+    """The state dict of a torch file, and the watch of its mapping (None when torch read the
+    file whole into memory: nothing is read from the file later)."""
     from .. import _torch
 
+    opened = _OpenFile(path)  # the identity of the file torch is about to map
     try:
-        obj = _torch.load_file(path)
+        obj, mapped = _torch.load_file(path)
     except Exception as e:  # torch raises many types for a bad file
         raise CheckpointError(f"{path}: cannot load as a torch checkpoint: {type(e).__name__}: {e}") from None
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict")
-    return obj
+    if not mapped:
+        return obj, None
+    try:
+        st = os.stat(path)
+    except OSError:
+        st = None
+    watch = FileWatch(path, opened.fd, None, opened)
+    if st is None or (st.st_dev, st.st_ino) != watch.identity[:2]:
+        raise InputChangedError(f"{path} was replaced while it was being opened; try again once it is complete")
+    guard = _torch.guard_mapped_storages(obj, path)
+    if guard is not None:
+        watch._faults_of = guard
+        watch._owner = (opened, guard)
+    return obj, watch
 
 
 def _open_torch_file(path: str) -> Checkpoint:
-    sd = _load_torch_state_dict(path)
-    return Checkpoint(_memory_refs(sd, path), source=path)
+    sd, watch = _load_torch_state_dict(path)
+    return Checkpoint(_memory_refs(sd, path), source=path, watches=[watch] if watch is not None else [])
 
 
 def _from_state_dict(sd: Mapping, source: str) -> Checkpoint:
@@ -345,14 +538,22 @@ def _memory_refs(sd: Mapping, source: str) -> dict[str, TensorRef]:
     for name, t in sd.items():
         if not isinstance(name, str):
             raise CheckpointError(f"{source}: key {name!r} is not a string")
-        dtype, shape, nbytes = _array_meta(t)
+        dtype, shape, nbytes = _array_meta(t, source, name)
         refs[name] = TensorRef(name, dtype, shape, nbytes, tensor=t)
     return refs
 
 
-def _array_meta(t: Any) -> tuple[str, tuple, int]:
+def _array_meta(t: Any, source: str = "<state dict>", name: str = "?") -> tuple[str, tuple, int]:
     if type(t).__module__ == "numpy":
         return t.dtype.name, tuple(t.shape), int(t.nbytes)
+    layout = str(getattr(t, "layout", "torch.strided"))
+    if layout != "torch.strided":
+        raise CheckpointError(
+            f"{source}: tensor {name!r} is a {layout.replace('torch.', '')} tensor; only dense tensors are averaged "
+            "(save it dense: t.to_dense())"
+        )
+    if getattr(t, "is_meta", False):
+        raise CheckpointError(f"{source}: tensor {name!r} is on the meta device: it holds no data")
     dtype = str(t.dtype)
     dtype = dtype[len("torch."):] if dtype.startswith("torch.") else dtype
     return dtype, tuple(t.shape), t.numel() * t.element_size()
@@ -394,9 +595,11 @@ def check_compatible(checkpoints: Sequence[Checkpoint]) -> None:
     problems: list[str] = []
     for ck in checkpoints:
         for name, ref in ck.items():
-            if dtype_info(ref.dtype).kind == "unsupported":
+            info = dtype_info(ref.dtype)
+            if info.kind == "unsupported":
+                label = f"{info.st} ({ref.dtype})" if info.st != "?" else ref.dtype  # the safetensors name first
                 problems.append(
-                    f"{ck.where(name)}: dtype {ref.dtype} is not supported (float16, bfloat16, float32 and float64 are "
+                    f"{ck.where(name)}: unsupported dtype {label} (float16, bfloat16, float32 and float64 are "
                     "averaged; integer and bool tensors are copied from the first ingredient)"
                 )
     for ck in checkpoints[1:]:
