@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+import signal
 import sys
+import threading
 import time
 
 
@@ -29,6 +32,8 @@ def _parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("average", help="average checkpoints (uniform or weighted) into one",
                        description="Average checkpoints: sum_k w_k * theta_k / sum_k w_k, streamed from disk.")
+    if hasattr(a, "_negative_number_matcher"):  # --weights 0.5 -1e3: a negative number, not an option
+        a._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
     a.add_argument("inputs", nargs="+", metavar="IN",
                    help=".safetensors files, sharded folders or index files, .pt/.bin files")
     a.add_argument("-o", "--out", required=True, metavar="OUT",
@@ -242,8 +247,49 @@ def _note(msg: str) -> None:
         print(msg, file=sys.stderr)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where Python sees it, so the run cleans up as it does for Ctrl-C
+    (temporary files removed, nothing left at OUT)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _terminate(signum, _frame):
+    raise Terminated(signum)
+
+
+def _interrupted(e: KeyboardInterrupt) -> int:
+    from ._errors import InterruptedAfterInstall
+
+    cause = e.__cause__ if isinstance(e, InterruptedAfterInstall) else e
+    signum = cause.signum if isinstance(cause, Terminated) else signal.SIGINT
+    if isinstance(e, InterruptedAfterInstall):
+        print(f"fastsoup: {e}", file=sys.stderr)
+    elif isinstance(e, Terminated):
+        print(f"fastsoup: terminated ({signal.Signals(signum).name})", file=sys.stderr)
+    else:
+        print("fastsoup: interrupted", file=sys.stderr)
+    return 128 + int(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            handlers[sig] = signal.signal(sig, _terminate)
+    try:
+        return _main(args)
+    except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM or SIGHUP outside the command's own handling
+        return _interrupted(e)
+    finally:
+        for sig, old in handlers.items():
+            signal.signal(sig, old)
+
+
+def _main(args) -> int:
     try:
         from . import FastsoupError, native_info
         from .distributed import cli_begin
@@ -267,9 +313,8 @@ def main(argv: list[str] | None = None) -> int:
 
             return demo_main(args.out, args.models, args.seed, False if args.no_progress else None)
         return _average(args)
-    except KeyboardInterrupt:
-        print("fastsoup: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        return _interrupted(e)
     except (FastsoupError, OSError, ValueError, TypeError) as e:
         # One line: multi-line messages (lists of problems) are joined.
         msg = "; ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__

@@ -45,7 +45,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._errors import FastsoupError, OutputExistsError
-from .io.writer import AtomicOutput, _remove
+from .io import _tempfiles
+from .io.writer import AtomicOutput, _remove, replaceable
 
 BACKEND_ENV = "FASTSOUP_DIST_BACKEND"
 TIMEOUT_ENV = "FASTSOUP_DIST_TIMEOUT"
@@ -349,14 +350,15 @@ def merge_job(out: Any, *, overwrite: bool, what: str = "fastsoup.average"):
     job.finish(None)
 
 
-def output(plan, names: list, dests: list, weights=None, *, overwrite: bool, fsync: bool):
+def output(plan, names: list, dests: list, weights=None, *, overwrite: bool, fsync: bool, protect=(), extras=None):
     """The engine's writer for ``plan``: ``(writer, names, dests)``. One process: an
     :class:`~fastsoup.io.writer.AtomicOutput` and every tensor. In a collective merge: this rank's
-    writer (its shards only) and the tensors of its shards."""
+    writer (its shards only) and the tensors of its shards. ``protect``: the input files (an
+    overwrite never removes a folder holding one); ``extras``: files written with a folder output."""
     job = _JOB.get()
     if job is None or job.writer is not None:
-        return AtomicOutput(plan, overwrite=overwrite, fsync=fsync), names, dests
-    return job.start(plan, names, dests, weights, fsync)
+        return AtomicOutput(plan, overwrite=overwrite, fsync=fsync, protect=protect, extras=extras), names, dests
+    return job.start(plan, names, dests, weights, fsync, protect, extras)
 
 
 class _MergeJob:
@@ -369,6 +371,7 @@ class _MergeJob:
         self.what = what
         self.token = ""
         self.tmp = ""
+        self._lock = -1  # rank 0: the flock that marks the shared temporary folder as in use
         self.writer: _RankOutput | None = None
         self.ready: bool | None = None  # None: not exchanged yet; else whether every rank was ready
 
@@ -378,26 +381,26 @@ class _MergeJob:
         comm = self.comm
         comm.join(self.what)
 
-        def make() -> str:
-            if os.path.lexists(self.target) and not self.overwrite:
-                raise OutputExistsError(f"{self.out} exists; pass overwrite=True (CLI: --overwrite) to replace it")
+        def make() -> list:
+            if os.path.lexists(self.target):
+                if not self.overwrite:
+                    raise OutputExistsError(f"{self.out} exists; pass overwrite=True (CLI: --overwrite) to replace it")
+                replaceable(self.target, single=self.single)  # again with the inputs, at the install
             parent = os.path.dirname(self.target)
             os.makedirs(parent, exist_ok=True)
-            token = f"{os.getpid()}-{secrets.token_hex(4)}"
+            _tempfiles.reap(parent)
+            token = secrets.token_hex(4)
+            tmp = _tempfiles.temp_path(self.target, token=token)
             if not self.single:
-                tmp = self._tmp_path(token)
                 os.mkdir(tmp)
+                self._lock = _tempfiles.hold(tmp)
                 with open(os.path.join(tmp, MARKER), "w") as f:
                     f.write(token + "\n")
-            return token
+            return [token, tmp]
 
-        self.token = comm.on_rank0(make)
-        self.tmp = self._tmp_path(self.token)
+        self.token, self.tmp = comm.on_rank0(make)
 
-    def _tmp_path(self, token: str) -> str:
-        return os.path.join(os.path.dirname(self.target), f".{os.path.basename(self.target)}.tmp-{token}")
-
-    def start(self, plan, names, dests, weights, fsync):
+    def start(self, plan, names, dests, weights, fsync, protect=(), extras=None):
         """In the engine, once the plan is known: checks that every rank got as far with the same
         plan, then gives this rank its shards."""
         error = None
@@ -432,7 +435,7 @@ class _MergeJob:
                    "(CLI: --shard-size) to cut more")
             warnings.warn(f"{self.what}: only {busy} of {self.comm.world} ranks have output to write; {why}",
                           stacklevel=2)
-        self.writer = _RankOutput(plan, self, sorted(mine), fsync)
+        self.writer = _RankOutput(plan, self, sorted(mine), fsync, protect, extras)
         keep = [(n, d) for n, d in zip(names, dests) if d[0] in mine]
         return self.writer, [n for n, _ in keep], [d for _, d in keep]
 
@@ -470,12 +473,16 @@ class _MergeJob:
         except BaseException:
             self._cleanup()
             raise
+        _tempfiles.release(self._lock)
+        self._lock = -1
 
     def _cleanup(self) -> None:
         if self.writer is not None:
             self.writer.abort()
         if self.comm.rank == 0 and self.tmp:
             _remove(self.tmp)
+        _tempfiles.release(self._lock)
+        self._lock = -1
 
 
 def _wait_visible(path: str, rank: int, out: str) -> None:
@@ -494,8 +501,8 @@ class _RankOutput(AtomicOutput):
     folder (``fds[i]`` is -1 for the shards of other ranks). :meth:`commit` finishes this rank's
     part; rank 0's :meth:`install` then writes the index and renames the folder into place."""
 
-    def __init__(self, plan, job: _MergeJob, mine: list[int], fsync: bool):
-        super().__init__(plan, overwrite=job.overwrite, fsync=fsync)
+    def __init__(self, plan, job: _MergeJob, mine: list[int], fsync: bool, protect=(), extras=None):
+        super().__init__(plan, overwrite=job.overwrite, fsync=fsync, protect=protect, extras=extras)
         self._job = job
         self._mine = mine
         self._tmp = job.tmp
@@ -525,7 +532,7 @@ class _RankOutput(AtomicOutput):
             for fd in self.fds:
                 if fd >= 0 and self.fsync:
                     os.fsync(fd)
-            self._close()
+            self._close_files()
         except BaseException:
             self.abort()
             raise
@@ -535,19 +542,10 @@ class _RankOutput(AtomicOutput):
         if not self._shared:
             super().abort()
             return
-        self._close()
+        self._close_files()
         for p in self._paths:
             _remove(p)
         self._paths = []
-
-    def _close(self) -> None:
-        while self.fds:
-            fd = self.fds.pop()
-            if fd >= 0:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
 
     def install(self) -> str:
         """Rank 0, once every rank committed: checks that every shard is there, complete, then

@@ -100,6 +100,12 @@ def scenario(name, cfg, rank):
             got["first"] = [type(e).__name__, str(e)]
         fastsoup.average(paths[:2], out=cfg["existing"], shard_size="1KB", overwrite=True)
         return got
+    if name == "foreign":  # a folder with a file of the user's: refused even with overwrite
+        try:
+            fastsoup.average(paths[:2], out=cfg["foreign"], shard_size="1KB", overwrite=True)
+        except Exception as e:  # noqa: BLE001
+            return {"error": [type(e).__name__, str(e)]}
+        return {"error": None}
     if name == "local":  # one rank alone, inside local(): no collective, no hang
         if rank == 0:
             with fastsoup.distributed.local():

@@ -30,7 +30,7 @@ import _tiny  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 TIMEOUT = 180  # seconds for one torchrun launch: a hang fails the test instead of hanging CI
 SCENARIOS = ["merge_files", "merge_bf16", "merge_memory", "merge_single", "merge_none", "fail_ready", "fail_work",
-             "exists", "local", "greedy", "greedy_rerun", "greedy_metric", "learned"]
+             "exists", "foreign", "local", "greedy", "greedy_rerun", "greedy_metric", "learned"]
 
 
 def torchrun(args, *, cwd=None):
@@ -79,10 +79,13 @@ def setup(tmp_path_factory):
     data = open(zoo.paths[3], "rb").read()
     (root / "corrupt.safetensors").write_bytes(data[: len(data) - 100])
     work = root / "work"
-    (work / "existing").mkdir(parents=True)
-    (work / "existing" / "old.txt").write_text("old")
+    work.mkdir(parents=True)
+    fastsoup.save({"old": torch.zeros(3)}, work / "existing", shard_size="1KB")  # an earlier soup: replaceable
+    (work / "foreign").mkdir()
+    (work / "foreign" / "old.txt").write_text("old")  # the user's own file: never deleted
     cfg = {"paths": zoo.paths, "init": str(root / "init.safetensors"), "work": str(work),
-           "corrupt": str(root / "corrupt.safetensors"), "existing": str(work / "existing"), "scenarios": SCENARIOS}
+           "corrupt": str(root / "corrupt.safetensors"), "existing": str(work / "existing"),
+           "foreign": str(work / "foreign"), "scenarios": SCENARIOS}
     (root / "cfg.json").write_text(json.dumps(cfg))
     rc, out, err = torchrun([os.path.join(HERE, "_dist_worker.py"), root / "cfg.json"])
     assert rc == 0, err[-5000:]
@@ -167,7 +170,15 @@ def test_existing_output_is_refused_then_replaced(setup, tmp_path):
     assert r0["first"][0] == "OutputExistsError" and "overwrite" in r0["first"][1]
     assert r1["first"][0] == "DistributedError" and "rank 0 failed: OutputExistsError" in r1["first"][1]
     ref = fastsoup.average(zoo.paths[:2], out=single(tmp_path, "ref"), shard_size="1KB")
-    assert files_of(cfg["existing"]) == files_of(ref)  # old.txt is gone: the folder was replaced as a whole
+    assert files_of(cfg["existing"]) == files_of(ref)  # the earlier soup was replaced as a whole
+
+
+def test_overwrite_never_deletes_a_users_folder(setup):
+    _, cfg, ranks, _ = setup
+    r0, r1 = ok(ranks, "foreign")
+    assert r0["error"][0] == "UnsafeOutputError" and "'old.txt'" in r0["error"][1]
+    assert r1["error"][0] == "DistributedError" and "rank 0 failed: UnsafeOutputError" in r1["error"][1]
+    assert os.listdir(cfg["foreign"]) == ["old.txt"] and leftovers(cfg["work"]) == []
 
 
 def test_local_runs_on_one_rank(setup):

@@ -33,6 +33,7 @@ DTYPES = [
     torch.bool,
 ]
 INDEX = "model.safetensors.index.json"
+MANIFEST = ".fastsoup.json"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -613,9 +614,11 @@ def test_overlapping_offsets(tmp_path):
     assert "'outer'" in msg and "'inner'" in msg
 
 
-def test_zero_size_tensors_may_share_offsets(tmp_path):
+def test_zero_size_tensors_sit_between_tensors(tmp_path):
+    # Zero-size tensors take no bytes, at the offset where the tensors before them end (as the
+    # safetensors reader demands: one inside another tensor's bytes is refused).
     header = {
-        "e1": {"dtype": "F32", "shape": [0, 3], "data_offsets": [4, 4]},
+        "e0": {"dtype": "F32", "shape": [0, 3], "data_offsets": [0, 0]},
         "w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
         "e2": {"dtype": "I64", "shape": [0], "data_offsets": [8, 8]},
     }
@@ -623,10 +626,14 @@ def test_zero_size_tensors_may_share_offsets(tmp_path):
     w = torch.tensor([1.5, -2.0])
     write_raw_st(p, header, w.numpy().tobytes())
     ckpt = fastsoup.open_checkpoint(str(p))
-    assert set(ckpt) == {"e1", "w", "e2"}
+    assert set(ckpt) == {"e0", "w", "e2"}
     assert_same(ckpt.tensor("w"), w)
-    assert_same(ckpt.tensor("e1"), torch.empty((0, 3)))
+    assert_same(ckpt.tensor("e0"), torch.empty((0, 3)))
     assert_same(ckpt.tensor("e2"), torch.empty((0,), dtype=torch.int64))
+    header["e1"] = {"dtype": "F32", "shape": [0], "data_offsets": [4, 4]}  # inside w
+    write_raw_st(p, header, w.numpy().tobytes())
+    msg = _open_fails(p)
+    assert "'e1'" in msg and "'w'" in msg
 
 
 @pytest.mark.parametrize("dtype", [["F32"], {"t": "F32"}])
@@ -799,7 +806,9 @@ def _sharded_sd(n=10, numel=100):
 def _check_sharded_output(folder, sd, n_shards, limit):
     files = sorted(os.listdir(folder))
     shard_names = [f"model-{i:05d}-of-{n_shards:05d}.safetensors" for i in range(1, n_shards + 1)]
-    assert files == sorted(shard_names + [INDEX])
+    assert files == sorted(shard_names + [INDEX, MANIFEST])
+    manifest = json.loads((folder / MANIFEST).read_text())  # what fastsoup wrote there, with the sizes
+    assert manifest["files"] == {n: os.path.getsize(folder / n) for n in shard_names + [INDEX]}
     index = json.loads((folder / INDEX).read_text())
     assert index["metadata"]["total_size"] == sum(nbytes(t) for t in sd.values())
     assert set(index["weight_map"]) == set(sd)
@@ -908,7 +917,7 @@ def test_save_overwrite_replaces(tmp_path, kind):
         got, _ = read_st(target)
         assert set(got) == set(new)
     else:
-        assert sorted(os.listdir(target)) == sorted([INDEX, "model-00001-of-00001.safetensors"])
+        assert sorted(os.listdir(target)) == sorted([INDEX, MANIFEST, "model-00001-of-00001.safetensors"])
     check_ckpt(fastsoup.open_checkpoint(str(target)), new, list(new))
     assert sorted(os.listdir(tmp_path)) == [target.name]
 
@@ -924,7 +933,11 @@ def test_save_overwrite_file_with_folder_and_back(tmp_path):
     target2 = tmp_path / "y.safetensors"
     target2.mkdir()
     (target2 / "junk").write_text("junk")
-    fastsoup.save(b, target2, overwrite=True)
+    with pytest.raises(fastsoup.UnsafeOutputError, match="'junk', which fastsoup did not write"):
+        fastsoup.save(b, target2, overwrite=True)  # the user's file is never deleted
+    assert (target2 / "junk").read_text() == "junk"
+    (target2 / "junk").unlink()
+    fastsoup.save(b, target2, overwrite=True)  # an empty folder holds nothing of anyone's
     assert target2.is_file()
     check_ckpt(fastsoup.open_checkpoint(str(target2)), b, ["b"])
     assert no_temp_files(tmp_path)
@@ -958,8 +971,14 @@ def test_save_over_its_own_mapped_input_folder(tmp_path):
     ckpt = fastsoup.open_checkpoint(str(folder))
     n_before = len(ckpt.files)
     assert n_before > 2
-    fastsoup.save(ckpt, folder, shard_size="1MB", overwrite=True)  # reshard in place
-    again = fastsoup.open_checkpoint(str(folder))
+    before = tree_bytes(folder)
+    # A folder that holds an input is never replaced (the rule that keeps `-o runs` from deleting
+    # runs/*.safetensors): resharding in place is refused; reshard elsewhere, then move.
+    with pytest.raises(fastsoup.UnsafeOutputError, match="holds the input"):
+        fastsoup.save(ckpt, folder, shard_size="1MB", overwrite=True)
+    assert tree_bytes(folder) == before
+    fastsoup.save(ckpt, tmp_path / "resharded", shard_size="1MB")
+    again = fastsoup.open_checkpoint(str(tmp_path / "resharded"))
     assert len(again.files) == 1
     check_ckpt(again, sd, list(sd))
     changed = {n: again.tensor(n) for n in again}
@@ -968,7 +987,7 @@ def test_save_over_its_own_mapped_input_folder(tmp_path):
     fastsoup.save(changed, folder, shard_size=300, overwrite=True)
     check_ckpt(fastsoup.open_checkpoint(str(folder)), changed, list(changed))
     check_ckpt(ckpt, sd, list(sd))  # old mappings still valid
-    assert sorted(os.listdir(tmp_path)) == ["hf"]
+    assert sorted(os.listdir(tmp_path)) == ["hf", "resharded"]
 
 
 def test_save_numpy_big_endian(tmp_path):
@@ -1051,11 +1070,14 @@ def test_atomic_existing_target_with_overwrite(tmp_path, monkeypatch, kind):
 def test_atomic_failure_while_writing_the_index(tmp_path, monkeypatch):
     sd = _sharded_sd(4)
     target = tmp_path / "t"
+    real = writer_mod.AtomicOutput._write_in_tmp
 
-    def boom(*a, **k):
-        raise OSError(5, "injected index failure")
+    def boom(self, name, data):
+        if name == INDEX:
+            raise OSError(5, "injected index failure")
+        return real(self, name, data)
 
-    monkeypatch.setattr(writer_mod.json, "dump", boom)
+    monkeypatch.setattr(writer_mod.AtomicOutput, "_write_in_tmp", boom)
     with pytest.raises(OSError, match="injected index failure"):
         fastsoup.save(sd, target, shard_size=1000)
     assert os.listdir(tmp_path) == []

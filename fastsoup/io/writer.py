@@ -9,17 +9,23 @@ target and is renamed into place at the end: on any error nothing is left at the
 from __future__ import annotations
 
 import decimal
+import errno
+import fcntl
 import json
 import os
 import re
 import secrets
-import shutil
+import signal
+import stat
+import threading
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .._errors import FastsoupError, OutputExistsError
+from .._errors import FastsoupError, InterruptedAfterInstall, OutputExistsError, UnsafeOutputError
 from .._native import _core
+from . import _tempfiles
 from ._safetensors import build_header
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -137,21 +143,165 @@ def plan_output(
     return OutputPlan(path, single, shards, metadata)
 
 
+MANIFEST_NAME = ".fastsoup.json"  # in every output folder: the files fastsoup wrote there, and their sizes
+MANIFEST_FORMAT = "fastsoup-output-1"
+# What a folder written before the manifest existed may hold and still be replaced: shards, the
+# index and the search's sidecar.
+_LEGACY_NAMES = re.compile(r"^(model-\d{5}-of-\d{5}\.safetensors|model\.safetensors\.index\.json|soup\.json)$")
+
+
+def _within(path: str, folder: str) -> bool:
+    """Whether ``path`` is ``folder`` or inside it (both real paths)."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def replaceable(target: str, *, single: bool, protect: Sequence[str] = ()) -> None:
+    """Checks that an existing ``target`` may be replaced by an output (``overwrite=True``).
+
+    A file (or a symlink, which is replaced itself, never what it points to) may be replaced. A
+    folder only when it holds nothing but what fastsoup writes: the files its manifest lists, with
+    the sizes they were written with (a folder from before the manifest: shards, index and sidecar
+    only). Never a folder that holds one of ``protect`` (the inputs), nor the current folder or one
+    of its ancestors.
+
+    Raises:
+        UnsafeOutputError: with a one-line reason; nothing is changed.
+    """
+    target = os.path.abspath(target)
+    try:
+        st = os.lstat(target)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        return  # a file, a symlink: replaced by an atomic rename
+    real = os.path.realpath(target)
+    cwd = os.path.realpath(os.getcwd())
+    if _within(cwd, real):
+        what = "the current folder" if cwd == real else f"an ancestor of the current folder ({cwd})"
+        raise UnsafeOutputError(f"{target} is {what}: refusing to replace it; give another output path")
+    for p in protect:
+        rp = os.path.realpath(p)
+        if _within(rp, real):
+            raise UnsafeOutputError(
+                f"{target} holds the input {p}: refusing to replace it (the soup would delete its own ingredients); "
+                "give another output path"
+            )
+    reason = _foreign_entry(target)
+    if reason is not None:
+        raise UnsafeOutputError(
+            f"{target} holds {reason}: refusing to replace it (--overwrite replaces only a file, or a folder of "
+            "what fastsoup wrote); move it away or give another output path"
+        )
+
+
+def _manifest(folder: str) -> dict | None:
+    try:
+        with open(os.path.join(folder, MANIFEST_NAME), encoding="utf-8") as f:
+            m = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT or not isinstance(m.get("files"), dict):
+        return None
+    files = m["files"]
+    if not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in files.items()):
+        return None
+    return files
+
+
+def _foreign_entry(folder: str) -> str | None:
+    """Why ``folder`` is not only fastsoup's output (a phrase), or None when it is."""
+    try:
+        names = os.listdir(folder)
+    except OSError as e:
+        return f"entries that cannot be listed ({e.strerror})"
+    files = _manifest(folder)
+    for name in sorted(names):
+        if name == MANIFEST_NAME:
+            continue
+        try:
+            st = os.lstat(os.path.join(folder, name))
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            return f"{name!r}, which is not a file fastsoup wrote"
+        if files is not None:
+            if name not in files:
+                return f"{name!r}, which fastsoup did not write"
+            if files[name] != st.st_size:
+                return f"{name!r}, which was changed after fastsoup wrote it ({st.st_size} bytes, written {files[name]})"
+        elif not _LEGACY_NAMES.match(name):
+            return f"{name!r}, which fastsoup did not write"
+    return None
+
+
+class _Deferred:
+    """Holds back SIGINT, SIGTERM and SIGHUP for a few lines that must not be cut in two (the install
+    renames): they are recorded and delivered once the block ends. Main thread only (signals reach
+    Python there); elsewhere a no-op."""
+
+    SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
+
+    def __enter__(self):
+        self._old = {}
+        self._got = []
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        for sig in self.SIGNALS:
+            try:
+                self._old[sig] = signal.signal(sig, lambda s, f: self._got.append(s))
+            except (ValueError, OSError):
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        for sig in self._got:
+            os.kill(os.getpid(), sig)  # delivered now, with the handler that was in place
+        return False
+
+
 class AtomicOutput:
-    """Creates the files of an :class:`OutputPlan` under a temporary name, and renames them into
-    place on :meth:`commit` (or on leaving a ``with`` block without an exception). On an exception,
+    """Creates the files of an :class:`OutputPlan` under a temporary name, and installs them at the
+    target on :meth:`commit` (or on leaving a ``with`` block without an exception). On an exception,
     or :meth:`abort`, the temporary files are removed and the target is left as it was.
 
-    ``fds[i]`` is the open file of ``plan.shards[i]``, its header written and its size set.
+    The rules (DESIGN.md, safety):
+
+    - Temporary names are ``.NAME.tmp-PID-TOKEN`` beside the target, locked while written; a later
+      run to the same target removes those of processes that are gone (``kill -9``, power loss).
+    - Without ``overwrite`` the install is exclusive (``renameat2(RENAME_NOREPLACE)``): a target that
+      appeared while the files were written is never replaced; the output is discarded with an
+      error instead.
+    - With ``overwrite`` only a file, or a folder holding nothing but what fastsoup wrote there (its
+      manifest lists it), is replaced (:func:`replaceable`), never one that holds an input
+      (``protect``), nor the current folder or an ancestor of it. A folder is swapped in atomically
+      (``RENAME_EXCHANGE``) and the old one is then removed file by file, by name.
+    - Folder outputs carry a manifest (``.fastsoup.json``) of the files written, and may carry
+      ``extras`` (name -> bytes: a sidecar, side files), written before the install.
+
+    ``fds[i]`` is the open file of ``plan.shards[i]``, its header written and its size set;
+    ``names[i]`` its final path (for messages).
     """
 
-    def __init__(self, plan: OutputPlan, *, overwrite: bool = False, fsync: bool = False):
+    def __init__(self, plan: OutputPlan, *, overwrite: bool = False, fsync: bool = False,
+                 protect: Sequence[str] = (), extras: Mapping[str, bytes] | None = None):
         self.plan = plan
         self.overwrite = overwrite
         self.fsync = fsync
+        self.protect = list(protect)
+        self.extras = dict(extras or {})
+        if self.extras and plan.single:
+            raise ValueError("extra files need a folder output")
+        for name in self.extras:
+            if os.path.basename(name) != name or name in (INDEX_NAME, MANIFEST_NAME) or name.startswith("."):
+                raise ValueError(f"extra file name {name!r} is not a plain file name of its own")
         self.fds: list[int] = []
         self.target = os.path.abspath(plan.path)
+        self.names = [self.target if plan.single else os.path.join(plan.path, s.filename) for s in plan.shards]
         self._tmp: str | None = None
+        self._lock = -1
+        self._token = ""
         self._done = False
 
     def __enter__(self) -> AtomicOutput:
@@ -165,102 +315,235 @@ class AtomicOutput:
             self.abort()
         return False
 
+    def check(self) -> None:
+        """The target's checks, without creating anything: refuses an existing target without
+        ``overwrite``, and one :func:`replaceable` refuses with it."""
+        if os.path.lexists(self.target):
+            if not self.overwrite:
+                raise OutputExistsError(f"{self.plan.path} exists; pass overwrite=True (CLI: --overwrite) to replace it")
+            replaceable(self.target, single=self.plan.single, protect=self.protect)
+
     def open(self) -> None:
         target = self.target
-        if os.path.lexists(target) and not self.overwrite:
-            raise OutputExistsError(f"{self.plan.path} exists; pass overwrite=True (CLI: --overwrite) to replace it")
         parent = os.path.dirname(target)
+        self.check()
         os.makedirs(parent, exist_ok=True)
-        self._token = f"{os.getpid()}-{secrets.token_hex(4)}"
-        self._tmp = os.path.join(parent, f".{os.path.basename(target)}.tmp-{self._token}")
+        _tempfiles.reap(parent)  # what killed runs left beside it
+        self._token = secrets.token_hex(4)
+        self._tmp = _tempfiles.temp_path(target, token=self._token)
         try:
             if self.plan.single:
                 paths = [self._tmp]
             else:
                 os.mkdir(self._tmp)
+                self._lock = _tempfiles.hold(self._tmp)
                 paths = [os.path.join(self._tmp, s.filename) for s in self.plan.shards]
-            for p, shard in zip(paths, self.plan.shards):
-                fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+            for p, name, shard in zip(paths, self.names, self.plan.shards):
+                fd = os.open(p, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
                 self.fds.append(fd)
-                os.pwrite(fd, shard.header, 0)
-                os.ftruncate(fd, shard.size)
+                if self.plan.single:
+                    _lock_fd(fd)
+                _named(name, os.pwrite, fd, shard.header, 0)
+                _named(name, os.ftruncate, fd, shard.size)
         except BaseException:
             self.abort()
             raise
 
     def commit(self) -> str:
-        """Flushes (with fsync when asked), writes the index, and renames into place. Returns the path."""
+        """Flushes (with fsync when asked), writes the index, extras and manifest, and installs the
+        output at the target. Returns the path."""
         if self._done:
             return self.plan.path
         try:
-            for fd in self.fds:
+            for fd, name in zip(self.fds, self.names):
                 if self.fsync:
-                    os.fsync(fd)
-            self._close()
+                    _named(name, os.fsync, fd)
+            self._close_files()
             if not self.plan.single:
                 index = {
                     "metadata": {"total_size": self.plan.total_size},
                     "weight_map": {s.name: shard.filename for shard in self.plan.shards for s in shard.specs},
                 }
-                index_path = os.path.join(self._tmp, INDEX_NAME)
-                with open(index_path, "w", encoding="utf-8") as f:
-                    json.dump(index, f, indent=2)
-                    f.write("\n")
-                    if self.fsync:
-                        f.flush()
-                        os.fsync(f.fileno())
+                files = {shard.filename: shard.size for shard in self.plan.shards}
+                self._write_in_tmp(INDEX_NAME, (json.dumps(index, indent=2) + "\n").encode())
+                files[INDEX_NAME] = os.path.getsize(os.path.join(self._tmp, INDEX_NAME))
+                for name, data in self.extras.items():
+                    self._write_in_tmp(name, data)
+                    files[name] = len(data)
+                manifest = {"format": MANIFEST_FORMAT, "files": files}
+                self._write_in_tmp(MANIFEST_NAME, (json.dumps(manifest, indent=1) + "\n").encode())
                 if self.fsync:
                     _fsync_dir(self._tmp)
             self._install()
-            if self.fsync:
-                _fsync_dir(os.path.dirname(self.target))
         except BaseException:
             self.abort()
             raise
         self._done = True
         return self.plan.path
 
+    def _write_in_tmp(self, name: str, data: bytes) -> None:
+        path = os.path.join(self._tmp, name)
+        shown = os.path.join(self.plan.path, name)
+        with _named(shown, open, path, "xb") as f:
+            _named(shown, f.write, data)
+            if self.fsync:
+                f.flush()
+                _named(shown, os.fsync, f.fileno())
+
     def _install(self) -> None:
+        """The last step: the temporary output takes the target's name (see the class docstring)."""
         target, tmp = self.target, self._tmp
-        if not os.path.lexists(target):
-            os.rename(tmp, target)
-        elif self.plan.single and not os.path.isdir(target):
-            os.replace(tmp, target)  # atomic; inputs still mapped keep the old inode
-        else:
-            aside = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.old-{self._token}")
-            os.rename(target, aside)
-            try:
-                os.rename(tmp, target)
-            except BaseException:
-                os.rename(aside, target)
+        parent = os.path.dirname(target)
+        old = None
+        installed = False
+        try:
+            with _Deferred():  # the renames below are not to be cut in two by Ctrl-C or SIGTERM
+                if not self.overwrite or not os.path.lexists(target):
+                    _rename_exclusive(tmp, target, self.plan.path, self.overwrite)
+                else:
+                    replaceable(target, single=self.plan.single, protect=self.protect)  # again: it may have changed
+                    old = _tempfiles.temp_path(target, "old", token=self._token)
+                    is_dir = os.path.isdir(target) and not os.path.islink(target)
+                    if self.plan.single and not is_dir:
+                        os.replace(tmp, target)  # atomic; inputs still mapped keep the old inode
+                        old = None
+                    else:
+                        _swap_in(tmp, target, old)
+                installed = True
+                self._tmp = None
+                _tempfiles.release(self._lock)
+                self._lock = -1
+                if self.fsync:
+                    _fsync_dir(parent)
+            # A signal held back above is delivered on leaving the block: the output is installed.
+            if old is not None:
+                _remove_replaced(old, self.plan.path)
+        except KeyboardInterrupt as e:
+            if not installed or isinstance(e, InterruptedAfterInstall):
                 raise
-            _remove(aside)
-        self._tmp = None
+            left = (f"; what is left of the replaced one is at {old}, which the next run beside it removes"
+                    if old is not None and os.path.lexists(old) else "")
+            raise InterruptedAfterInstall(
+                f"interrupted after {self.plan.path} was installed: it holds the new output, complete{left}") from e
 
     def abort(self) -> None:
         """Closes and removes everything written so far; the target is untouched."""
-        self._close()
+        self._close_files()
         if self._tmp is not None:
-            _remove(self._tmp)
+            _tempfiles.remove(self._tmp)
             self._tmp = None
+        _tempfiles.release(self._lock)
+        self._lock = -1
         self._done = True
 
-    def _close(self) -> None:
+    def _close_files(self) -> None:
         while self.fds:
-            try:
-                os.close(self.fds.pop())
-            except OSError:
-                pass
+            fd = self.fds.pop()
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+
+def _named(path: str, fn, *args):
+    """Calls ``fn(*args)``; an OSError without a file name gets ``path`` (the output being written)."""
+    try:
+        return fn(*args)
+    except OSError as e:
+        if e.filename is None:
+            raise OSError(e.errno, f"cannot write: {e.strerror}", path) from None
+        raise
+
+
+def _lock_fd(fd: int) -> None:
+    """The lock of a temporary file that says "being written" (see ``_tempfiles.hold``)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        pass
+
+
+def _rename_exclusive(tmp: str, target: str, shown: str, overwrite: bool) -> None:
+    """rename(tmp, target) that never replaces an existing target."""
+    try:
+        _core.rename_noreplace(tmp, target)
+        return
+    except FileExistsError:
+        pass
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise
+        _rename_exclusive_fallback(tmp, target)
+        return
+    why = ("it appeared while the output was being written (another process created it)" if not overwrite
+           else "it appeared at the last moment")
+    raise OutputExistsError(f"{shown} exists: {why}; nothing was replaced and this output was discarded. Pass "
+                            "overwrite=True (CLI: --overwrite) to replace it")
+
+
+def _rename_exclusive_fallback(tmp: str, target: str) -> None:
+    """Where RENAME_NOREPLACE is not supported: link + unlink for a file (atomic); a folder is renamed
+    after a last check (rename replaces only an empty folder)."""
+    if os.path.isdir(tmp):
+        if os.path.lexists(target):
+            raise FileExistsError(errno.EEXIST, "exists", target)
+        os.rename(tmp, target)
+    else:
+        os.link(tmp, target)  # EEXIST if it exists
+        os.unlink(tmp)
+
+
+def _swap_in(tmp: str, target: str, old: str) -> None:
+    """Puts ``tmp`` at ``target`` and what was there at ``old``, atomically where the filesystem can
+    exchange two names (RENAME_EXCHANGE), else with two renames."""
+    try:
+        _core.rename_exchange(tmp, target)  # now: target = new, tmp = old
+        os.rename(tmp, old)
+        return
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise
+    os.rename(target, old)
+    try:
+        os.rename(tmp, target)
+    except BaseException:
+        os.rename(old, target)
+        raise
+
+
+def _remove_replaced(old: str, shown: str) -> None:
+    """Removes the output that was replaced (now at ``old``): a file, or a folder file by file by the
+    names fastsoup wrote (then the empty folder). Anything else found there stays, with a warning.
+    Interrupted, it stops and says so: the new output is installed; the next run reaps the rest."""
+    try:
+        if not (os.path.isdir(old) and not os.path.islink(old)):
+            os.unlink(old)
+            return
+        reason = _foreign_entry(old)
+        if reason is not None:  # a file appeared in the old folder after the last check: keep it all
+            warnings.warn(f"the replaced {shown} (now {old}) holds {reason}; it was kept: remove it yourself",
+                          stacklevel=3)
+            return
+        for name in os.listdir(old):
+            if name != MANIFEST_NAME:
+                os.unlink(os.path.join(old, name))
+        try:
+            os.unlink(os.path.join(old, MANIFEST_NAME))
+        except FileNotFoundError:
+            pass
+        os.rmdir(old)
+    except KeyboardInterrupt as e:
+        raise InterruptedAfterInstall(
+            f"interrupted after {shown} was installed: {shown} holds the new output, complete; what is left of the "
+            f"replaced one is at {old}, which the next run beside it removes"
+        ) from e
+    except OSError as e:
+        warnings.warn(f"could not remove the replaced {shown} (now {old}): {e}", stacklevel=3)
 
 
 def _remove(path: str) -> None:
-    try:
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            os.unlink(path)
-    except FileNotFoundError:
-        pass
+    _tempfiles.remove(path)
 
 
 def _fsync_dir(path: str) -> None:
@@ -320,7 +603,7 @@ def save(
         for item in items:
             if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)):
                 raise TypeError("save: tensors must be a mapping of name -> tensor or (name, tensor) pairs")
-            dtype, shape, nbytes = _array_meta(item[1])
+            dtype, shape, nbytes = _array_meta(item[1], "save", item[0])
             specs.append(TensorSpec(item[0], dtype, shape, nbytes))
         buffer = _host_buffer
     from .._dtypes import info
@@ -330,13 +613,21 @@ def save(
             raise FastsoupError(f"save: tensor {s.name!r} has dtype {s.dtype}, which safetensors cannot store")
     plan = plan_output(specs, path, shard_size=shard_size, metadata=metadata if metadata is not None else {"format": "pt"})
     locations = plan.locations()
-    with AtomicOutput(plan, overwrite=overwrite, fsync=fsync) as out:
+    source = tensors if isinstance(tensors, Checkpoint) else None
+    protect = list(source.files) if source is not None else []
+    with AtomicOutput(plan, overwrite=overwrite, fsync=fsync, protect=protect) as out:
         for (name, value), spec in zip(items, specs):
             if spec.nbytes == 0:
                 continue
             shard, offset = locations[name]
             addr, keep = buffer(value)
-            where = plan.path if plan.single else os.path.join(plan.path, plan.shards[shard].filename)
-            _core.pwrite(out.fds[shard], offset, addr, spec.nbytes, where)
+            try:
+                _core.pwrite(out.fds[shard], offset, addr, spec.nbytes, out.names[shard])
+            except OSError as e:
+                if source is not None and e.errno == errno.EFAULT:  # a mapped source truncated under the write
+                    source.verify("the save")
+                raise
             del keep
+        if source is not None:
+            source.verify("the save")  # before the install: a source rewritten meanwhile gives no output
     return os.fspath(path)
