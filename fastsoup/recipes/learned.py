@@ -33,6 +33,7 @@ import torch
 
 from .. import distributed as _distributed
 from .._errors import FastsoupError
+from ..io import _tempfiles
 from ..io.checkpoint import Checkpoint, check_compatible, open_checkpoint
 from ..search import cache as _cache
 from ..search.heldout import HeldOut, evaluate, model_device, model_logits, prepare, progress_bar
@@ -308,7 +309,9 @@ def learned_soup(
 
 
 def _read_cached(path: str) -> dict | None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    _tempfiles.reap(folder)  # the temporary files that killed processes left in the cache folder
     if not os.path.exists(path):
         return None
     with open(path) as f:
@@ -316,10 +319,8 @@ def _read_cached(path: str) -> dict | None:
 
 
 def _write_cached(path: str, obj: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with _tempfiles.replacing(path, text=True) as f:  # whole or not at all; removed when interrupted
         json.dump(obj, f)
-    os.replace(tmp, path)
 
 
 def _sum_shares(comm, G: torch.Tensor, loss: torch.Tensor, beta: torch.nn.Parameter):

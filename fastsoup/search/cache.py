@@ -11,6 +11,9 @@ A cache directory holds::
 
 A logit key is a hash of the model's fingerprint, the data set's fingerprint and the soup's recipe
 (the fingerprints and weights of its ingredients, in the order they were summed).
+
+Every file is written under a temporary name (:mod:`fastsoup.io._tempfiles`) and renamed into
+place; opening a cache reaps the temporary files of processes that are gone.
 """
 
 from __future__ import annotations
@@ -19,12 +22,12 @@ import ctypes
 import hashlib
 import json
 import os
-import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from .._errors import FastsoupError
+from ..io import _tempfiles
 from ..io.checkpoint import Checkpoint
 
 WHOLE_BYTES = 64 << 10  # tensors up to this size are hashed whole
@@ -87,13 +90,18 @@ def soup_key(model_fp: str, data_fp: str, members: Sequence[tuple[str, float]]) 
 
 
 class LogitCache:
-    """Logits on disk, one safetensors file per (model, data set, soup)."""
+    """Logits on disk, one safetensors file per (model, data set, soup).
+
+    Opening it reaps the temporary files that killed processes left in it."""
 
     def __init__(self, root: str | os.PathLike):
         self.root = os.fspath(root)
         os.makedirs(os.path.join(self.root, "logits"), exist_ok=True)
         self._manifest_path = os.path.join(self.root, "manifest.json")
         self.journal = Journal(os.path.join(self.root, "journal.jsonl"))
+        for folder in (self.root, os.path.join(self.root, "logits"), os.path.join(self.root, "data")):
+            _tempfiles.reap(folder)
+        _tempfiles.reap_legacy_store(os.path.join(self.root, "data"), "heldout")
 
     def _path(self, k: str) -> str:
         return os.path.join(self.root, "logits", k + ".safetensors")
@@ -121,10 +129,17 @@ class LogitCache:
         return t
 
     def put(self, k: str, logits) -> None:
-        """Stores logits under k (atomically: a crash leaves no half-written entry)."""
-        from ..io.writer import save
+        """Stores logits under k (written whole under a temporary name and renamed into place: a
+        crash or an interrupt leaves no half-written entry)."""
+        from ..io._safetensors import build_header
 
-        save({"logits": logits.detach().float().cpu().contiguous()}, self._path(k), overwrite=True)
+        t = logits.detach().float().cpu().contiguous()
+        nbytes = t.numel() * 4
+        header = build_header([("logits", "float32", tuple(t.shape), nbytes)], {"format": "pt"})
+        with _tempfiles.replacing(self._path(k)) as f:
+            f.write(header)
+            if nbytes:
+                f.write(t.reshape(-1).view(__import__("torch").uint8).numpy().data)
 
     def check(self, what: str, fingerprint: str, *, describe: str) -> None:
         """Records ``what`` (e.g. "model", "data:heldout") on first use; refuses a different fingerprint later."""
@@ -151,10 +166,8 @@ class LogitCache:
             raise FastsoupError(f"{self._manifest_path} is unreadable ({e}): delete the cache directory {self.root}") from None
 
     def _write_manifest(self, manifest: dict) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".manifest-")
-        with os.fdopen(fd, "w") as f:
+        with _tempfiles.replacing(self._manifest_path, text=True) as f:
             json.dump(manifest, f, indent=1)
-        os.replace(tmp, self._manifest_path)
 
 
 class Journal:

@@ -237,12 +237,13 @@ class Search:
                 self.cache.check("model", self.model_fp, describe=f"the model ({type(model).__name__})")
                 for name, d in self.data.items():
                     self.cache.check("data:" + name, d.fingerprint, describe=f"the data set {name!r}")
-        except BaseException:
+            if self.heldout.store is not None:
+                self.heldout.store.install()  # a later run can skip the pipeline (heldout=None)
+        except BaseException:  # KeyboardInterrupt too: no temporary file of the store is left
             if self.heldout.store is not None:
                 self.heldout.store.discard()
             raise
-        if self.heldout.store is not None:
-            self.heldout.store.install()  # a later run can skip the pipeline (heldout=None)
+        finally:
             self.heldout.store = None
         self.stats.prepare_seconds = sum(d.prepare_seconds for d in self.data.values())
         self._memory: dict[str, torch.Tensor] = {}

@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 from .. import distributed as _distributed
 from .._errors import FastsoupError
+from ..io import _tempfiles
 
 
 def load_callable(spec: str) -> Callable[[], Any]:
@@ -152,11 +153,10 @@ def run_report(
 
 
 def _write_rows(results: str, rows: list[dict]) -> None:
-    tmp = results + ".tmp"
-    with open(tmp, "w") as f:
+    _tempfiles.reap(os.path.dirname(os.path.abspath(results)), os.path.basename(results))  # killed runs' leftovers
+    with _tempfiles.replacing(results, text=True) as f:  # whole or not at all; removed when interrupted
         for r in rows:
             f.write(json.dumps(r) + "\n")
-    os.replace(tmp, results)
 
 
 def plot_results(results: str, out: str, *, x: str = "heldout", y: str | None = None) -> str:

@@ -1,0 +1,229 @@
+"""The search caches as hints (DESIGN §5): checkpoints edited in place are evaluated again (file
+identity, and ``verify="full"``), every journal record and logits file carries a checksum and a
+damaged one is recomputed (one warning) so the search equals a cache-free one bit for bit, caches of
+an earlier fastsoup are not trusted, and every temporary file of the search, the report and the
+learned soup follows the one naming rule (``fastsoup/io/_tempfiles.py``): locked while written,
+removed on failure (KeyboardInterrupt included) and reaped by the next run once its process is gone
+(a search killed while preparing the held-out set)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+
+import fastsoup
+from fastsoup import cli
+from fastsoup.io import _tempfiles
+from fastsoup.search.cache import SAMPLE_BYTES, SAMPLES
+from conftest import bits_equal
+
+import _tiny
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+WIDE = 2048  # hidden units: fc1.weight is 128 KiB, larger than what the sampled fingerprint hashes whole
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    with _tiny.one_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    return _tiny.build_zoo(tmp_path_factory.mktemp("zoo"))
+
+
+@pytest.fixture(scope="module")
+def plain(zoo):
+    """The search without a cache: what every cached search must equal."""
+    return fastsoup.greedy_soup(zoo.paths, zoo.model(), zoo.heldout)
+
+
+def decisions(result) -> list:
+    return [(h["step"], h["index"], h["accepted"]) for h in result.history]
+
+
+def assert_same_search(result, ref) -> None:
+    """Same decisions, scores and kept ingredients, and the same soup bit for bit."""
+    assert decisions(result) == decisions(ref)
+    assert (result.indices, result.score, result.individual_scores) == (ref.indices, ref.score, ref.individual_scores)
+    a, b = result.state_dict(), ref.state_dict()
+    assert list(a) == list(b) and all(bits_equal(a[k], b[k]) for k in a)
+
+
+def recording(fn):
+    """fn()'s result and the messages of the warnings it gave."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = fn()
+    return out, [str(w.message) for w in caught]
+
+
+def temporaries(folder) -> list[str]:
+    """Every entry under ``folder`` that looks like a temporary file, by any naming of any version
+    (a cache's own files are never hidden)."""
+    return sorted(os.path.relpath(os.path.join(d, n), folder) for d, dirs, files in os.walk(folder)
+                  for n in dirs + files if ".tmp" in n or n.startswith("."))
+
+
+def dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+# --- 9: temporary files -------------------------------------------------------------------------------
+
+
+KILLED_CHILD = textwrap.dedent('''
+    import os, signal, sys
+    sys.path.insert(0, {tests!r})
+    import torch
+    import fastsoup, _tiny
+    from safetensors.torch import load_file
+
+    cache, init, paths = sys.argv[1], sys.argv[2], sys.argv[3:]
+    model = _tiny.MLP()
+    model.load_state_dict(load_file(init))
+    x, y = _tiny.make_data(_tiny.HELDOUT_SIZE, 3)
+
+    def loader():
+        for i, batch in enumerate(_tiny.batches(x, y)):
+            if i == 3:  # midway through preparing the held-out set: a kill no handler sees
+                os.kill(os.getpid(), signal.SIGKILL)
+            yield batch
+
+    fastsoup.greedy_soup(paths, model, loader(), cache_dir=cache)
+''')
+
+
+def test_a_search_killed_while_preparing_the_heldout_set_is_reaped_by_the_next_run(zoo, plain, tmp_path):
+    from safetensors.torch import save_file
+
+    cache, init, script = tmp_path / "cache", tmp_path / "init.safetensors", tmp_path / "child.py"
+    save_file(zoo.init, str(init))
+    script.write_text(KILLED_CHILD.format(tests=TESTS))
+    child = subprocess.run([sys.executable, str(script), str(cache), str(init), *zoo.paths], timeout=300,
+                           capture_output=True, text=True)
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    left = temporaries(cache / "data")
+    assert left and all(os.path.getsize(cache / "data" / n) > 0 for n in left if n.endswith(".bin"))
+    result = fastsoup.greedy_soup(zoo.paths, zoo.model(), zoo.heldout, cache_dir=cache)
+    assert_same_search(result, plain)
+    assert temporaries(cache) == []
+    assert sorted(os.listdir(cache / "data")) == ["heldout.bin", "heldout.json"]
+
+
+def test_an_interrupt_while_preparing_the_heldout_set_leaves_no_temporary_file(zoo, tmp_path):
+    def loader():
+        for i, batch in enumerate(zoo.heldout):
+            if i == 3:
+                raise KeyboardInterrupt
+            yield batch
+
+    cache = tmp_path / "cache"
+    with pytest.raises(KeyboardInterrupt):
+        fastsoup.greedy_soup(zoo.paths, zoo.model(), loader(), cache_dir=cache)
+    assert temporaries(cache) == []
+
+
+def _report(zoo, tmp_path, cache):
+    from fastsoup.search.report import run_report
+
+    return run_report(zoo.paths, zoo.model(), zoo.heldout, {}, out=str(tmp_path / "out.safetensors"), cache_dir=str(cache),
+                      overwrite=True, progress=False)
+
+
+def _learned(zoo, cache):
+    return fastsoup.learned_soup(zoo.paths[:3], zoo.model(), zoo.heldout, steps=2, cache_dir=cache, progress=False)
+
+
+def watch_renames(monkeypatch, on_rename):
+    """Calls ``on_rename(src, dst)`` before every os.replace / os.rename."""
+    real = {"replace": os.replace, "rename": os.rename}
+
+    def wrap(which):
+        def f(src, dst, *a, **k):
+            on_rename(os.fspath(src), os.fspath(dst))
+            return real[which](src, dst, *a, **k)
+        return f
+
+    monkeypatch.setattr(os, "replace", wrap("replace"))
+    monkeypatch.setattr(os, "rename", wrap("rename"))
+
+
+def test_every_temporary_file_is_named_by_the_rule_and_locked_while_written(zoo, tmp_path, monkeypatch):
+    cache, lcache = tmp_path / "cache", tmp_path / "lcache"
+    seen = []
+
+    def check(src, dst):
+        if str(cache) in dst or str(lcache) in dst:
+            seen.append(os.path.basename(dst))
+            parts = _tempfiles.parse(os.path.basename(src))
+            assert parts is not None and parts["pid"] == os.getpid(), src
+            assert _tempfiles._locked(src), f"{src} is not locked while it is written"
+
+    watch_renames(monkeypatch, check)
+    _report(zoo, tmp_path, cache)
+    _learned(zoo, lcache)
+    kinds = {n.rsplit(".", 1)[-1] if not n.startswith("learned-") else "learned" for n in seen}
+    assert {"json", "safetensors", "bin", "jsonl", "learned"} <= kinds, seen  # manifest/store, logits, store, results
+
+
+INTERRUPTED = {
+    "manifest": lambda dst: dst.endswith("manifest.json"),
+    "heldout store": lambda dst: dst.endswith("heldout.bin"),
+    "results": lambda dst: dst.endswith("results.jsonl"),
+    "learned result": lambda dst: os.path.basename(dst).startswith("learned-"),
+}
+
+
+@pytest.mark.parametrize("kind", list(INTERRUPTED))
+def test_an_interrupt_while_writing_leaves_no_temporary_file(zoo, plain, tmp_path, monkeypatch, kind):
+    cache = tmp_path / "cache"
+
+    def interrupt(src, dst):
+        if INTERRUPTED[kind](dst):
+            raise KeyboardInterrupt
+
+    watch_renames(monkeypatch, interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        if kind == "learned result":
+            _learned(zoo, cache)
+        else:
+            _report(zoo, tmp_path, cache)
+    monkeypatch.undo()
+    assert temporaries(tmp_path) == []
+    if kind != "learned result":  # and the cache still works
+        assert_same_search(fastsoup.greedy_soup(zoo.paths, zoo.model(), zoo.heldout, cache_dir=cache), plain)
+
+
+def test_temporary_files_of_dead_processes_are_reaped_and_live_ones_kept(zoo, tmp_path):
+    cache, lcache = tmp_path / "cache", tmp_path / "lcache"
+    dead, live = dead_pid(), os.getppid()
+    (cache / "logits").mkdir(parents=True)
+    (cache / "data").mkdir()
+    lcache.mkdir()
+    stale = [cache / f".manifest.json.tmp-{dead}-0123abcd", cache / f".results.jsonl.tmp-{dead}-0123abcd",
+             cache / "logits" / f".00ff.safetensors.tmp-{dead}-0123abcd",
+             cache / "data" / f".heldout.tmp-{dead}-0123abcd.bin", cache / "data" / f".heldout.tmp-{dead}-0123abcd.json",
+             cache / "data" / f"heldout.tmp-{dead}-7f3a9c.bin",  # as an earlier fastsoup named it
+             lcache / f".learned-00ff.json.tmp-{dead}-0123abcd"]
+    kept = [cache / "data" / f".heldout.tmp-{live}-0123abcd.bin", lcache / f".learned-00ff.json.tmp-{live}-0123abcd"]
+    for p in stale + kept:
+        p.write_bytes(b"x" * 100)
+    _report(zoo, tmp_path, cache)
+    _learned(zoo, lcache)
+    assert [p for p in stale if p.exists()] == []
+    assert all(p.exists() for p in kept)
