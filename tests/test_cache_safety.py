@@ -83,6 +83,125 @@ def dead_pid() -> int:
     return p.pid
 
 
+# --- 11: checkpoints edited in place ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory):
+    """A zoo of 4 fine-tunes of an MLP whose fc1.weight (128 KiB) is fingerprinted by samples."""
+    folder = tmp_path_factory.mktemp("wide")
+    from safetensors.torch import save_file
+
+    with _tiny.one_thread():
+        torch.manual_seed(0)
+        base = _tiny.MLP(hidden=WIDE)
+        xp, yp = _tiny.make_data(600, 1)
+        _tiny.train(base, xp, yp, lr=0.05, seed=0, epochs=1)
+        init = _tiny.clone_state(base)
+        xt, yt = _tiny.make_data(400, 2)
+        sds, paths = [], []
+        for i, lr in enumerate([0.1, 0.05, 0.2, 0.02]):
+            m = _tiny.MLP(hidden=WIDE)
+            m.load_state_dict(init)
+            _tiny.train(m, xt, yt, lr=lr, seed=i, epochs=1)
+            sds.append(_tiny.clone_state(m))
+            paths.append(os.path.join(folder, f"wide{i}.safetensors"))
+            save_file(sds[-1], paths[-1])
+    heldout = _tiny.batches(*_tiny.make_data(_tiny.HELDOUT_SIZE, 3))
+    return init, sds, paths, heldout
+
+
+def wide_model(init) -> torch.nn.Module:
+    m = _tiny.MLP(hidden=WIDE)
+    m.load_state_dict(init)
+    return m
+
+
+def unsampled(nbytes: int) -> list[tuple[int, int]]:
+    """Byte ranges (4-byte aligned) of a tensor of ``nbytes`` that the sampled fingerprint never reads."""
+    span = nbytes - SAMPLE_BYTES
+    starts = [span * i // (SAMPLES - 1) for i in range(SAMPLES)]
+    out = []
+    for a, b in zip(starts, starts[1:]):
+        lo, hi = -(-(a + SAMPLE_BYTES) // 4) * 4, b // 4 * 4
+        if hi > lo:
+            out.append((lo, hi))
+    return out
+
+
+def garbage(n: int, seed: int) -> torch.Tensor:
+    return 30.0 * torch.randn(n, generator=torch.Generator().manual_seed(seed))
+
+
+def edit_file_in_place(path: str, name: str = "fc1.weight") -> None:
+    """Overwrites every unsampled byte of one tensor with large values (same file, same size)."""
+    with open(path, "r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        begin, end = json.loads(f.read(n))[name]["data_offsets"]
+        for k, (lo, hi) in enumerate(unsampled(end - begin)):
+            f.seek(8 + n + begin + lo)
+            f.write(garbage((hi - lo) // 4, k).numpy().tobytes())
+
+
+def edit_in_memory(sd: dict, name: str = "fc1.weight") -> None:
+    flat = sd[name].view(-1)
+    for k, (lo, hi) in enumerate(unsampled(flat.numel() * 4)):
+        flat[lo // 4:hi // 4] = garbage((hi - lo) // 4, k)
+
+
+@pytest.mark.parametrize("mtime", ["changed", "set back"])
+def test_a_checkpoint_edited_in_place_is_evaluated_again(wide, tmp_path, mtime):
+    init, _, paths, heldout = wide
+    paths = [shutil.copy(p, tmp_path / os.path.basename(p)) for p in paths]
+    cache = tmp_path / "cache"
+    first = fastsoup.greedy_soup(paths, wide_model(init), heldout, cache_dir=cache)
+    best = first.indices[0]
+    st = os.stat(paths[best])
+    edit_file_in_place(paths[best])
+    if mtime == "set back":  # as rsync --inplace --times does: only the change time tells
+        os.utime(paths[best], ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(paths[best]).st_size == st.st_size
+    fresh = fastsoup.greedy_soup(paths, wide_model(init), heldout)
+    assert fresh.individual_scores[best] < first.individual_scores[best] - 0.1  # the edit matters
+    again = fastsoup.greedy_soup(paths, wide_model(init), heldout, cache_dir=cache)
+    assert_same_search(again, fresh)
+    assert again.stats.evaluations >= 1
+
+
+def test_verify_full_sees_an_in_memory_ingredient_changed_between_runs(wide, tmp_path):
+    init, sds, _, heldout = wide
+    sds = [_tiny.clone_state(sd) for sd in sds]
+    cache = tmp_path / "cache"
+    first = fastsoup.greedy_soup(sds, wide_model(init), heldout, cache_dir=cache, verify="full")
+    unchanged = fastsoup.greedy_soup(sds, wide_model(init), heldout, cache_dir=cache, verify="full")
+    assert unchanged.stats.evaluations == 0
+    best = first.indices[0]
+    edit_in_memory(sds[best])  # the sampled bytes are unchanged
+    fresh = fastsoup.greedy_soup(sds, wide_model(init), heldout)
+    assert fresh.individual_scores[best] < first.individual_scores[best] - 0.1
+    again = fastsoup.greedy_soup(sds, wide_model(init), heldout, cache_dir=cache, verify="full")
+    assert_same_search(again, fresh)
+
+
+def test_verify_full_keys_by_content_so_touched_files_keep_their_entries(wide, tmp_path):
+    init, _, paths, heldout = wide
+    paths = [shutil.copy(p, tmp_path / os.path.basename(p)) for p in paths]
+    cache = tmp_path / "cache"
+    first = fastsoup.greedy_soup(paths, wide_model(init), heldout, cache_dir=cache, verify="full")
+    for p in paths:
+        os.utime(p, ns=(1, 10**18))
+    again = fastsoup.greedy_soup(paths, wide_model(init), heldout, cache_dir=cache, verify="full")
+    assert again.stats.evaluations == 0 and decisions(again) == decisions(first)
+    # the sampled fingerprint keys by identity: the touched files are other entries
+    sampled = fastsoup.greedy_soup(paths, wide_model(init), heldout, cache_dir=cache)
+    assert sampled.stats.evaluations > 0 and decisions(sampled) == decisions(first)
+
+
+def test_a_bad_verify_is_refused(zoo, tmp_path):
+    with pytest.raises(ValueError, match="verify"):
+        fastsoup.greedy_soup(zoo.paths, zoo.model(), zoo.heldout, cache_dir=tmp_path, verify="fast")
+
+
 # --- 9: temporary files -------------------------------------------------------------------------------
 
 
@@ -227,3 +346,58 @@ def test_temporary_files_of_dead_processes_are_reaped_and_live_ones_kept(zoo, tm
     _learned(zoo, lcache)
     assert [p for p in stale if p.exists()] == []
     assert all(p.exists() for p in kept)
+
+
+# --- the CLI ------------------------------------------------------------------------------------------
+
+
+CLI_MODULE = textwrap.dedent('''
+    import sys
+    sys.path.insert(0, {tests!r})
+    import _tiny
+    from safetensors.torch import load_file
+
+    def net():
+        m = _tiny.MLP()
+        m.load_state_dict(load_file({init!r}))
+        return m
+
+    def heldout():
+        return _tiny.batches(*_tiny.make_data(_tiny.HELDOUT_SIZE, 3))
+''')
+
+
+@pytest.fixture
+def cli_module(zoo, tmp_path):
+    from safetensors.torch import save_file
+
+    init = tmp_path / "init.safetensors"
+    save_file(zoo.init, str(init))
+    mod = tmp_path / "climod.py"
+    mod.write_text(CLI_MODULE.format(tests=TESTS, init=str(init)))
+    return str(mod)
+
+
+def test_cli_verify_cache(zoo, tmp_path, cli_module, capsys, monkeypatch):
+    cache = tmp_path / "cache"
+    argv = ["greedy", *zoo.paths, "--model", f"{cli_module}:net", "--heldout", f"{cli_module}:heldout",
+            "-o", str(tmp_path / "g.safetensors"), "--cache", str(cache), "--verify-cache", "--no-progress"]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    first = capsys.readouterr().out
+    assert cli.main(argv + ["--overwrite"]) == 0
+    again = capsys.readouterr().out
+    assert " 0 evaluations" in again and again.splitlines()[:-1] == first.splitlines()[:-1]
+
+    from fastsoup.recipes import learned as L
+
+    largv = ["learned", *zoo.paths[:3], "--model", f"{cli_module}:net", "--heldout", f"{cli_module}:heldout",
+             "-o", str(tmp_path / "l.safetensors"), "--steps", "2", "--cache", str(cache), "--verify-cache",
+             "--no-progress"]
+    assert cli.main(largv) == 0, capsys.readouterr().err
+    capsys.readouterr()
+
+    def boom(*a, **k):
+        raise AssertionError("trained again")
+
+    monkeypatch.setattr(L, "_dots", boom)
+    assert cli.main(largv + ["--overwrite"]) == 0, capsys.readouterr().err

@@ -150,6 +150,7 @@ def learned_soup(
     cache_dir: str | os.PathLike | None = None,
     seed: int = 0,
     progress: bool | None = None,
+    verify: str = "sample",
 ) -> LearnedResult:
     """Learns the soup's mixing coefficients on held-out data, in O(P) memory.
 
@@ -175,6 +176,9 @@ def learned_soup(
             returns it without training.
         seed: order of the batches.
         progress: a progress bar over the steps (default: on a terminal).
+        verify: how the cache key fingerprints the ingredients, as in
+            :func:`~fastsoup.greedy_soup`: ``"sample"`` (file identity and sampled content) or
+            ``"full"`` (every byte).
 
     Returns:
         A :class:`LearnedResult`.
@@ -195,6 +199,7 @@ def learned_soup(
     if not lr > 0 or (steps is None and not epochs >= 1) or (steps is not None and not steps >= 1):
         raise ValueError(f"need lr > 0 and epochs >= 1 (or steps >= 1), got lr={lr}, epochs={epochs}, steps={steps}")
     K = len(sources)
+    _cache.check_verify(verify)
     ckpts: list[Checkpoint] = [open_checkpoint(s) for s in sources]
     dev = torch.device(device) if device is not None else model_device(model)
     model = model.to(dev)
@@ -213,7 +218,7 @@ def learned_soup(
 
     cache_path = None
     if cache_dir is not None:
-        fps = [_cache.fingerprint_checkpoint(ck) for ck in ckpts]
+        fps = [_cache.fingerprint_checkpoint(ck, verify) for ck in ckpts]
         k = _cache.key("learned", _cache.fingerprint_model(model), held.fingerprint, fps, config)
         cache_path = os.path.join(os.fspath(cache_dir), f"learned-{k}.json")
         d = _distributed.rank0(_read_cached, cache_path)  # under torch.distributed only rank 0 reads it

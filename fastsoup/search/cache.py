@@ -26,13 +26,16 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from .._errors import FastsoupError
+from .._errors import CheckpointError, FastsoupError
 from ..io import _tempfiles
 from ..io.checkpoint import Checkpoint
 
 WHOLE_BYTES = 64 << 10  # tensors up to this size are hashed whole
 SAMPLES = 8  # larger tensors: this many evenly spaced samples ...
 SAMPLE_BYTES = 512  # ... of this many bytes
+FULL_CHUNK = 8 << 20  # verify="full": bytes hashed at a time (then released from the mapping)
+
+VERIFY = ("sample", "full")
 
 
 class CacheMismatchError(FastsoupError, ValueError):
@@ -43,18 +46,64 @@ def _hasher():
     return hashlib.blake2b(digest_size=16)
 
 
-def fingerprint_checkpoint(ck: Checkpoint) -> str:
-    """A content fingerprint of a checkpoint: every tensor's name, dtype and shape, the bytes of small
-    tensors (up to 64 KiB, e.g. biases and norms) and 8 evenly spaced 512-byte samples of larger ones.
+def check_verify(verify: str) -> str:
+    """``verify`` if it is one of :data:`VERIFY`; else a ValueError naming them."""
+    if verify not in VERIFY:
+        raise ValueError(f"verify must be 'sample' (file identity and sampled content) or 'full' (every byte), "
+                         f"got {verify!r}")
+    return verify
 
-    Fine-tuned checkpoints differ in practically every tensor, so the samples tell them apart while
-    reading about 4 KiB per tensor; a checkpoint edited in a few places of one large tensor can keep
-    its fingerprint (clear the cache after editing checkpoints in place).
+
+def file_identity(ck: Checkpoint) -> list | None:
+    """The identity of the files a checkpoint was read from, or None for an in-memory source: for
+    each file its device, inode, size, modification and change times (``os.stat``). An edit in
+    place changes the times (the change time even when a tool sets the modification time back);
+    so do ``touch``, ``chmod`` and copies, which then only cost a recomputation.
+
+    The one place the search asks what a file source is (so that a recorded open-time identity can
+    replace the ``os.stat`` here)."""
+    paths = list(ck.files)
+    if not paths and isinstance(ck.source, str) and os.path.isfile(ck.source):
+        paths = [ck.source]  # a torch .pt/.bin file: its tensors were loaded into memory
+    if not paths:
+        return None
+    out = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot stat the checkpoint file: {e.strerror or e}") from None
+        out.append([os.path.basename(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns])
+    return out
+
+
+def fingerprint_checkpoint(ck: Checkpoint, verify: str = "sample") -> str:
+    """A fingerprint of a checkpoint, the name of its logits in a cache.
+
+    ``verify="sample"`` (default): every tensor's name, dtype and shape, the bytes of small tensors
+    (up to 64 KiB, e.g. biases and norms), 8 evenly spaced 512-byte samples of larger ones, and for
+    a file source the files' identity (:func:`file_identity`: inode, size, times), so a file edited
+    in place or replaced gets a new fingerprint. Reads about 4 KiB per tensor. An in-memory source
+    (a state dict, a module) has no identity: changed in a few places of one large tensor, it can
+    keep its fingerprint.
+
+    ``verify="full"``: names, dtypes, shapes and every byte of every tensor (streamed from the
+    mapped files, a chunk at a time; no identity, so touched or copied files keep it). Reads the
+    whole checkpoint: for sources edited in place, or changed in memory between searches.
     """
+    check_verify(verify)
     h = _hasher()
-    for name, ref in ck.items():
-        h.update(json.dumps([name, ref.dtype, list(ref.shape)]).encode())
+    h.update(f"{verify}\n".encode())
+    if verify == "sample":
+        h.update(json.dumps(file_identity(ck)).encode())
+    refs = list(ck.values())
+    digests = _full_digests(ck, refs) if verify == "full" else None
+    for n, ref in enumerate(refs):
+        h.update(json.dumps([ref.name, ref.dtype, list(ref.shape)]).encode())
         if ref.nbytes == 0:
+            continue
+        if digests is not None:
+            h.update(digests[n])
             continue
         addr, _, keep = ck.buffer(ref)
         if ref.nbytes <= WHOLE_BYTES:
@@ -65,6 +114,31 @@ def fingerprint_checkpoint(ck: Checkpoint) -> str:
                 h.update(ctypes.string_at(addr + span * i // (SAMPLES - 1), SAMPLE_BYTES))
         del keep
     return h.hexdigest()
+
+
+def _full_digests(ck: Checkpoint, refs: list) -> list[bytes]:
+    """The hash of every byte of each tensor (threads over tensors: hashlib releases the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def digest(ref) -> bytes:
+        h = _hasher()
+        if ref.nbytes == 0:
+            return h.digest()
+        addr, where, keep = ck.buffer(ref)
+        view = memoryview((ctypes.c_ubyte * ref.nbytes).from_address(addr)).cast("B")
+        for off in range(0, ref.nbytes, FULL_CHUNK):
+            n = min(FULL_CHUNK, ref.nbytes - off)
+            h.update(view[off:off + n])
+            if where == 1:  # a file mapping: drop the pages read, so resident memory stays bounded
+                keep.advise(addr - keep.address + off, n, "dontneed")
+        view.release()
+        return h.digest()
+
+    workers = max(1, min(4, os.cpu_count() or 1, len(refs)))
+    if workers == 1:
+        return [digest(r) for r in refs]
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(digest, refs))
 
 
 def fingerprint_model(model: Any) -> str:
@@ -203,4 +277,5 @@ class Journal:
             os.fsync(f.fileno())
 
 
-__all__ = ["CacheMismatchError", "Journal", "LogitCache", "fingerprint_checkpoint", "fingerprint_model", "key", "soup_key"]
+__all__ = ["CacheMismatchError", "Journal", "LogitCache", "VERIFY", "check_verify", "file_identity",
+           "fingerprint_checkpoint", "fingerprint_model", "key", "soup_key"]

@@ -115,17 +115,20 @@ def run_report(
     results: str | None = None,
     progress: bool | None = None,
     overwrite: bool = False,
+    verify: str = "sample",
 ) -> Report:
     """Runs the greedy search and scores every recipe (each ingredient, uniform and greedy soup, uniform
     and greedy logit ensembles) on the held-out set and every eval set; writes the greedy soup to
-    ``out`` and the rows to ``results`` (JSONL)."""
+    ``out`` and the rows to ``results`` (JSONL). ``verify``: how the cache fingerprints the
+    ingredients (``"sample"`` or ``"full"``, see :func:`~fastsoup.greedy_soup`)."""
     from .greedy import Search, ensemble_logits, run_greedy, run_greedy_ensemble
     from .heldout import score_logits
 
     start = time.perf_counter()
     if os.path.exists(out) and not overwrite:
         raise FastsoupError(f"{out} exists: pass --overwrite to replace it")
-    s = Search(inputs, model, heldout, cache_dir=cache_dir, device=device, progress=progress, evals=evals)
+    s = Search(inputs, model, heldout, cache_dir=cache_dir, device=device, progress=progress, evals=evals,
+               verify=verify)
     g = run_greedy(s, strict=strict)
     e = run_greedy_ensemble(s, strict=strict)
     sets = list(s.data)
