@@ -202,6 +202,176 @@ def test_a_bad_verify_is_refused(zoo, tmp_path):
         fastsoup.greedy_soup(zoo.paths, zoo.model(), zoo.heldout, cache_dir=tmp_path, verify="fast")
 
 
+# --- 12: checksums, damaged entries --------------------------------------------------------------------
+
+
+def _lines(path) -> list[bytes]:
+    return open(path, "rb").read().splitlines(True)
+
+
+def flip_accepted(cache):
+    path = cache / "journal.jsonl"
+    lines = _lines(path)
+    i = next(i for i, line in enumerate(lines) if b'"accepted": false' in line)
+    lines[i] = lines[i].replace(b'"accepted": false', b'"accepted": true')
+    path.write_bytes(b"".join(lines))
+
+
+def non_utf8_byte(cache):
+    path = cache / "journal.jsonl"
+    lines = _lines(path)
+    lines[1] = lines[1][:20] + b"\xff" + lines[1][21:]
+    path.write_bytes(b"".join(lines))
+
+
+def null_line(cache):
+    path = cache / "journal.jsonl"
+    path.write_bytes(b"null\n" + path.read_bytes())
+
+
+def missing_field(cache):
+    path = cache / "journal.jsonl"
+    lines = _lines(path)
+    r = json.loads(lines[0])
+    del r["accepted"]
+    lines[0] = (json.dumps(r) + "\n").encode()
+    path.write_bytes(b"".join(lines))
+
+
+def random_logits(cache):
+    """Random bytes over the data of every logits file (headers intact: still valid safetensors)."""
+    g = torch.Generator().manual_seed(0)
+    for e in sorted((cache / "logits").iterdir()):
+        raw = bytearray(e.read_bytes())
+        (n,) = struct.unpack("<Q", raw[:8])
+        data = torch.randint(0, 256, (len(raw) - 8 - n,), dtype=torch.uint8, generator=g)
+        raw[8 + n:] = data.numpy().tobytes()
+        e.write_bytes(bytes(raw))
+
+
+def swapped_logits(cache):
+    """Every logits file replaced by another one (each intact, under another key)."""
+    entries = sorted((cache / "logits").iterdir())
+    contents = [e.read_bytes() for e in entries]
+    for e, c in zip(entries, contents[1:] + contents[:1]):
+        e.write_bytes(c)
+
+
+def garbage_manifest(cache):
+    (cache / "manifest.json").write_bytes(b"\x00\xffnot a manifest")
+
+
+DAMAGE = [flip_accepted, non_utf8_byte, null_line, missing_field, random_logits, swapped_logits, garbage_manifest]
+
+
+@pytest.mark.parametrize("damage", DAMAGE, ids=[d.__name__ for d in DAMAGE])
+def test_a_damaged_cache_is_recomputed_with_one_warning_and_equals_no_cache(zoo, plain, tmp_path, damage):
+    cache = tmp_path / "cache"
+    first = fastsoup.greedy_soup(zoo.paths, zoo.model(), zoo.heldout, cache_dir=cache)
+    assert_same_search(first, plain)
+    damage(cache)
+    again, messages = recording(lambda: fastsoup.greedy_soup(zoo.paths, zoo.model(), zoo.heldout, cache_dir=cache))
+    assert_same_search(again, plain)
+    assert len([m for m in messages if str(cache) in m]) == 1, messages
+    # healed: the next run trusts what this one rewrote, evaluates nothing and warns of nothing
+    third, messages = recording(lambda: fastsoup.greedy_soup(zoo.paths, zoo.model(), zoo.heldout, cache_dir=cache))
+    assert_same_search(third, plain)
+    assert third.stats.evaluations == 0 and not [m for m in messages if str(cache) in m], messages
+
+
+@pytest.mark.parametrize("field,value", [("accepted", "yes"), ("step", "2"), ("batches", None), ("index", True),
+                                         ("accepted", None), ("score", [1])])
+def test_a_record_with_a_valid_checksum_and_a_bad_field_is_not_trusted(zoo, plain, tmp_path, field, value):
+    from fastsoup.search.cache import seal
+
+    cache = tmp_path / "cache"
+    fastsoup.greedy_soup(zoo.paths, zoo.model(), zoo.heldout, cache_dir=cache)
+    path = cache / "journal.jsonl"
+    lines = _lines(path)
+    r = json.loads(lines[2])
+    if value is None:
+        del r[field]
+    else:
+        r[field] = value
+    lines[2] = (json.dumps(seal(r)) + "\n").encode()
+    path.write_bytes(b"".join(lines))
+    again, messages = recording(lambda: fastsoup.greedy_soup(zoo.paths, zoo.model(), zoo.heldout, cache_dir=cache))
+    assert_same_search(again, plain)
+    assert len([m for m in messages if "journal.jsonl" in m]) == 1, messages
+
+
+def test_every_record_and_file_of_the_cache_carries_a_checksum(zoo, tmp_path):
+    from fastsoup.search.cache import record_checksum
+
+    cache = tmp_path / "cache"
+    fastsoup.greedy_soup(zoo.paths, zoo.model(), zoo.heldout, cache_dir=cache)
+    records = [json.loads(line) for line in _lines(cache / "journal.jsonl")]
+    assert records and all(r["checksum"] == record_checksum(r) for r in records)
+    manifest = json.loads((cache / "manifest.json").read_text())
+    entries = {k: v for k, v in manifest.items() if k != "format"}
+    assert set(entries) == {"model", "data:heldout"}
+    assert all(v["checksum"] == record_checksum(v) for v in entries.values())
+    for e in (cache / "logits").iterdir():
+        meta = fastsoup.open_checkpoint(str(e)).metadata
+        assert meta["key"] == e.name[: -len(".safetensors")] and len(meta["checksum"]) == 32
+
+
+def test_a_cache_of_an_earlier_fastsoup_is_not_trusted(zoo, plain, tmp_path):
+    """A cache as fastsoup wrote it before checksums: no format, no checksums anywhere."""
+    from safetensors.torch import save_file
+
+    cache = tmp_path / "cache"
+    fastsoup.greedy_soup(zoo.paths, zoo.model(), zoo.heldout, cache_dir=cache)
+    manifest = json.loads((cache / "manifest.json").read_text())
+    old = {k: {"fingerprint": v["fingerprint"], "written": v["written"]} for k, v in manifest.items() if k != "format"}
+    (cache / "manifest.json").write_text(json.dumps(old))
+    records = [json.loads(line) for line in _lines(cache / "journal.jsonl")]
+    for r in records:
+        del r["checksum"]
+        r["accepted"] = not r["accepted"]  # whatever they say, they are not used
+    (cache / "journal.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    for e in (cache / "logits").iterdir():
+        save_file({"logits": torch.zeros(_tiny.HELDOUT_SIZE, _tiny.CLASSES)}, str(e))
+    again, messages = recording(lambda: fastsoup.greedy_soup(zoo.paths, zoo.model(), zoo.heldout, cache_dir=cache))
+    assert_same_search(again, plain)
+    ours = [m for m in messages if str(cache) in m]
+    assert len(ours) == 1 and "earlier fastsoup" in ours[0], messages
+    assert (cache / "journal-unchecked.jsonl").exists()
+    third, messages = recording(lambda: fastsoup.greedy_soup(zoo.paths, zoo.model(), zoo.heldout, cache_dir=cache))
+    assert third.stats.evaluations == 0 and not [m for m in messages if str(cache) in m], messages
+    assert_same_search(third, plain)
+
+
+def edit_score(path):
+    d = json.loads(path.read_text())
+    d["score"] = 0.999
+    path.write_text(json.dumps(d))
+
+
+def non_utf8(path):
+    path.write_bytes(b"\xff" + path.read_bytes()[1:])
+
+
+def null(path):
+    path.write_text("null")
+
+
+@pytest.mark.parametrize("damage", [edit_score, non_utf8, null], ids=["edited", "non-utf8", "null"])
+def test_a_damaged_learned_result_is_trained_again(zoo, tmp_path, damage):
+    cache = tmp_path / "cache"
+    run = lambda: fastsoup.learned_soup(zoo.paths[:3], zoo.model(), zoo.heldout, steps=3, cache_dir=cache,  # noqa: E731
+                                        progress=False)
+    first = run()
+    (entry,) = cache.glob("learned-*.json")
+    damage(entry)
+    again, messages = recording(run)
+    assert [m for m in messages if str(entry) in m], messages
+    assert (again.score, again.loss, again.losses) == (first.score, first.loss, first.losses)
+    assert torch.equal(again.coefficients, first.coefficients)
+    third, messages = recording(run)  # rewritten: used again, no warning
+    assert third.score == first.score and not [m for m in messages if str(entry) in m]
+
+
 # --- 9: temporary files -------------------------------------------------------------------------------
 
 

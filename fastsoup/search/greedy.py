@@ -376,8 +376,9 @@ def greedy_soup(
         strict: keep a candidate only if it improves the score (``>``, as the official ``main.py``);
             default ``False`` keeps it when the score does not drop (``>=``, as the paper's Recipe 1).
         cache_dir: where logits and the decision journal are kept: a rerun evaluates nothing and an
-            interrupted search resumes at the next untried candidate. The temporary files of a
-            killed run are removed by the next one.
+            interrupted search resumes at the next untried candidate. Every entry and record there
+            carries a checksum: a damaged one is recomputed (one warning), never trusted; the
+            temporary files of a killed run are removed by the next one.
         device: the evaluation device (default: the model's); the held-out tensors are kept there.
         order: indices of the ingredients in the order to try them (overrides the ranking).
         progress: progress bars (default: on a terminal).
@@ -429,9 +430,9 @@ def run_greedy(s: Search, *, strict: bool = False, order: Sequence[int] | None =
     search_key = _cache.key("greedy", s.model_fp, held.fingerprint, metric_name(s.metric), bool(strict),
                             [s.fps[i] for i in ranking])
     journal = {}
-    if s.cache is not None:
+    if s.cache is not None:  # records whose checksum and fields check out (the journal skips the others)
         for r in s.cache.journal.records():
-            if r.get("search") == search_key and r.get("kind") == "candidate":
+            if r.get("kind") == "candidate" and r.get("search") == search_key:
                 journal[r["step"]] = r
 
     first = ranking[0]
@@ -459,8 +460,9 @@ def run_greedy(s: Search, *, strict: bool = False, order: Sequence[int] | None =
         rec = journal.get(step)
         members = kept + [j]
         pending = False
-        if rec is not None and rec.get("index") == j and rec.get("fingerprint") == s.fps[j]:
-            accepted, score, correct, batches, source = rec["accepted"], rec["score"], rec.get("correct"), rec["batches"], "journal"
+        if (rec is not None and rec["index"] == j and rec["fingerprint"] == s.fps[j] and rec["of"] == nb
+                and (rec["correct"] is not None or not (accuracy and rec["accepted"]))):
+            accepted, score, correct, batches, source = rec["accepted"], rec["score"], rec["correct"], rec["batches"], "journal"
             s.stats.cached += 1
             ev = None
         else:
