@@ -353,9 +353,9 @@ class LogitCache:
         self._legacy = fmt is None
         if fmt is None and "old" not in self._warned:
             self._warned.add("old")
-            warnings.warn(f"the cache {self.root} was written by an earlier fastsoup (no checksums): none of its logits "
-                          "or decisions are used; they are recomputed and rewritten (delete the directory to reclaim "
-                          "the space of the old files)", stacklevel=3)
+            warnings.warn(f"the cache {self.root} was written by an earlier fastsoup (no checksums): none of its "
+                          "logits or decisions are used; they are recomputed and rewritten (delete the directory to "
+                          "reclaim the space of the old files)", stacklevel=3)
         out = {}
         for what, entry in manifest.items():
             if what == "format":
