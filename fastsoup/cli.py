@@ -3,10 +3,11 @@
     fastsoup average IN [IN ...] -o OUT [--weights W ...] [--dtype {fp16,bf16,fp32}]
                      [--shard-size 5GB] [--threads N] [--no-progress] [--overwrite] [--fsync]
     fastsoup greedy CKPT [CKPT ...] --model MOD:FACTORY --heldout MOD:LOADER [--eval NAME=MOD:LOADER ...]
-                    -o OUT [--cache DIR] [--strict] [--device DEV] [--results PATH] [--overwrite]
+                    -o OUT [--cache DIR] [--verify-cache] [--strict] [--device DEV] [--results PATH] [--overwrite]
     fastsoup plot RESULTS.jsonl -o FIG.png [--x heldout] [--y NAME]
     fastsoup learned CKPT [CKPT ...] --model MOD:FACTORY --heldout MOD:LOADER [--eval NAME=MOD:LOADER ...]
                      -o OUT [--layerwise] [--epochs N] [--lr LR] [--parametrization {softmax,free}] [--cache DIR]
+                     [--verify-cache]
     fastsoup inspect PATH
     fastsoup similarity CKPT [CKPT ...] [--base B] [--angles] [--plot PNG]
     fastsoup demo [--out DIR] [--models N] [--seed S]
@@ -64,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--strict", action="store_true", help="keep a candidate only if it improves (the official main.py)")
     g.add_argument("--device", help="evaluation device (default: the model's)")
     g.add_argument("--results", metavar="PATH", help="results JSONL (default: results.jsonl in --cache, else next to OUT)")
+    g.add_argument("--verify-cache", action="store_true",
+                   help="key the cache by every byte of the checkpoints (reads them once more per run), not by file "
+                        "identity and sampled content")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 
@@ -91,6 +95,8 @@ def _parser() -> argparse.ArgumentParser:
     le.add_argument("--lr", type=float, default=0.05)
     le.add_argument("--parametrization", choices=["softmax", "free"], default="softmax")
     le.add_argument("--cache", metavar="DIR", help="keep the result: a rerun returns it without training")
+    le.add_argument("--verify-cache", action="store_true",
+                    help="key the cache by every byte of the checkpoints, not by file identity and sampled content")
     le.add_argument("--device")
     le.add_argument("--no-progress", action="store_true")
     le.add_argument("--overwrite", action="store_true")
@@ -129,7 +135,7 @@ def _greedy(args) -> int:
     report = greedy_report(
         args.inputs, model=args.model, heldout=args.heldout, evals=evals, out=args.out, cache_dir=args.cache,
         strict=args.strict, device=args.device, results=args.results, progress=False if args.no_progress else None,
-        overwrite=args.overwrite,
+        overwrite=args.overwrite, verify="full" if args.verify_cache else "sample",
     )
     print(report.table())
     _note(f"wrote {report.out} and {report.results_path} in {report.seconds:.2f} s")
@@ -149,7 +155,8 @@ def _learned(args) -> int:
     model = load_callable(args.model)()
     r = learned_soup(args.inputs, model, load_callable(args.heldout)(), layerwise=args.layerwise, epochs=args.epochs,
                      steps=args.steps, lr=args.lr, parametrization=args.parametrization, cache_dir=args.cache,
-                     device=args.device, progress=False if args.no_progress else None)
+                     device=args.device, progress=False if args.no_progress else None,
+                     verify="full" if args.verify_cache else "sample")
     coeff = r.coefficients if not r.layerwise else r.coefficients.mean(0)
     print(f"{'checkpoint':<40}  {'coefficient' if not r.layerwise else 'mean coefficient':>16}")
     for name, c in zip(args.inputs, coeff.tolist()):

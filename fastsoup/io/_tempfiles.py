@@ -10,10 +10,15 @@ alive on this machine *and* nobody holds the lock (so neither a reused PID nor a
 machine of a shared filesystem, where locks are shared, loses its file). Kills that no handler sees
 (``kill -9``, the OOM killer, a power loss) leave temporary files; the next run beside them reaps
 them.
+
+:func:`replacing` writes a file whole under such a name and renames it over its target (removing it
+instead when the block raises, ``KeyboardInterrupt`` included); the callers that write in steps (a
+stored held-out set) use :func:`temp_path`, :func:`hold` and :func:`remove` themselves.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -147,4 +152,67 @@ def remove(path: str) -> None:
         pass
 
 
-__all__ = ["hold", "parse", "pid_alive", "reap", "release", "remove", "stale", "temp_path"]
+@contextlib.contextmanager
+def replacing(target: str, *, text: bool = False, fsync: bool = False):
+    """Writes ``target`` whole or not at all: yields a file (binary, or UTF-8 text with ``text``)
+    open on a fresh temporary name beside it, held (:func:`hold`) while the block runs; when the
+    block ends, the file is (``fsync``: flushed to disk and) renamed over ``target``. When the block
+    raises (``KeyboardInterrupt`` included) the temporary file is removed and nothing changes at
+    ``target``; a kill that no handler sees leaves it to :func:`reap`.
+
+    Example:
+        >>> with replacing("cache/manifest.json", text=True) as f:  # doctest: +SKIP
+        ...     json.dump(manifest, f)
+    """
+    target = os.fspath(target)
+    tmp = temp_path(target)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+    lock = -1
+    try:
+        lock = hold(tmp)
+        with (open(fd, "w", encoding="utf-8") if text else open(fd, "wb")) as f:
+            yield f
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        remove(tmp)
+        raise
+    finally:
+        release(lock)
+
+
+# The stored held-out set of fastsoup before this naming rule: BASE.tmp-PID-HEX.bin / .json.
+_LEGACY_STORE = re.compile(r"^(?P<base>[^.][^/]*)\.tmp-(?P<pid>\d+)-(?P<token>[0-9a-f]+)(?P<suffix>\.bin|\.json)$")
+
+
+def reap_legacy_store(folder: str, base: str) -> list[str]:
+    """Removes the temporary files of a stored held-out set (``BASE.tmp-PID-HEX.bin``/``.json``) that
+    a fastsoup before this naming rule left in ``folder`` and whose process is gone. Only for a
+    cache's ``data/`` folder, where nothing else lives. Returns the paths removed."""
+    folder = os.fspath(folder) or "."
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    removed = []
+    for name in names:
+        m = _LEGACY_STORE.match(name)
+        if m is None or m["base"] != base:
+            continue
+        path = os.path.join(folder, name)
+        try:
+            if not stat.S_ISREG(os.lstat(path).st_mode):
+                continue
+        except OSError:
+            continue
+        if not pid_alive(int(m["pid"])) and not _locked(path):
+            remove(path)
+            if not os.path.lexists(path):
+                removed.append(path)
+    return removed
+
+
+__all__ = ["hold", "parse", "pid_alive", "reap", "reap_legacy_store", "release", "remove", "replacing", "stale",
+           "temp_path"]

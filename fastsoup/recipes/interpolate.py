@@ -55,12 +55,14 @@ def wise_ft_sweep(
     cache_dir: str | os.PathLike | None = None,
     device: Any = None,
     progress: bool | None = None,
+    verify: str = "sample",
 ) -> SweepResult:
     """Scores the WiSE-FT interpolation at each alpha on the held-out set and every eval set.
 
     The data sets are prepared once; each alpha's soup is formed by one fused pass over the two
     checkpoints; with ``cache_dir`` the logits are cached (a rerun, or more alphas later, costs only
-    the new points).
+    the new points); ``verify`` says how the cache fingerprints the two checkpoints (``"sample"``
+    or ``"full"``, see :func:`~fastsoup.greedy_soup`).
 
     Returns:
         A :class:`SweepResult`.
@@ -72,7 +74,7 @@ def wise_ft_sweep(
     if not alphas:
         raise ValueError("alphas is empty")
     s = Search([zero_shot, fine_tuned], model, heldout, cache_dir=cache_dir, device=device, progress=progress,
-               evals=evals)
+               evals=evals, verify=verify)
     sets = list(s.data)
     scores: dict[str, list[float]] = {d: [] for d in sets}
     for a in alphas:

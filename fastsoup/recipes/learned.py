@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +34,7 @@ import torch
 
 from .. import distributed as _distributed
 from .._errors import FastsoupError
+from ..io import _tempfiles
 from ..io.checkpoint import Checkpoint, check_compatible, open_checkpoint
 from ..search import cache as _cache
 from ..search.heldout import HeldOut, evaluate, model_device, model_logits, prepare, progress_bar
@@ -149,6 +151,7 @@ def learned_soup(
     cache_dir: str | os.PathLike | None = None,
     seed: int = 0,
     progress: bool | None = None,
+    verify: str = "sample",
 ) -> LearnedResult:
     """Learns the soup's mixing coefficients on held-out data, in O(P) memory.
 
@@ -170,10 +173,14 @@ def learned_soup(
         parametrization: "softmax" (weights >= 0 summing to 1) or "free" (any real weights).
         logit_scale: learn ``beta`` (the official code does); False keeps it at 1.
         device: evaluation device (default: the model's).
-        cache_dir: keep the result there: a rerun with the same ingredients, data and settings
-            returns it without training.
+        cache_dir: keep the result there (``learned-KEY.json``, with a checksum): a rerun with the
+            same ingredients, data and settings returns it without training; a damaged entry is
+            trained again (one warning), never trusted.
         seed: order of the batches.
         progress: a progress bar over the steps (default: on a terminal).
+        verify: how the cache key fingerprints the ingredients, as in
+            :func:`~fastsoup.greedy_soup`: ``"sample"`` (file identity and sampled content) or
+            ``"full"`` (every byte).
 
     Returns:
         A :class:`LearnedResult`.
@@ -194,6 +201,7 @@ def learned_soup(
     if not lr > 0 or (steps is None and not epochs >= 1) or (steps is not None and not steps >= 1):
         raise ValueError(f"need lr > 0 and epochs >= 1 (or steps >= 1), got lr={lr}, epochs={epochs}, steps={steps}")
     K = len(sources)
+    _cache.check_verify(verify)
     ckpts: list[Checkpoint] = [open_checkpoint(s) for s in sources]
     dev = torch.device(device) if device is not None else model_device(model)
     model = model.to(dev)
@@ -212,10 +220,11 @@ def learned_soup(
 
     cache_path = None
     if cache_dir is not None:
-        fps = [_cache.fingerprint_checkpoint(ck) for ck in ckpts]
+        fps = [_cache.fingerprint_checkpoint(ck, verify) for ck in ckpts]
         k = _cache.key("learned", _cache.fingerprint_model(model), held.fingerprint, fps, config)
         cache_path = os.path.join(os.fspath(cache_dir), f"learned-{k}.json")
-        d = _distributed.rank0(_read_cached, cache_path)  # under torch.distributed only rank 0 reads it
+        # under torch.distributed only rank 0 reads it
+        d = _distributed.rank0(_read_cached, cache_path, (len(names), K) if layerwise else (K,))
         if d is not None:
             return LearnedResult(torch.tensor(d["coefficients"], dtype=torch.float32), d["tensor_names"] or names,
                                  d["beta"], d["score"], d["loss"], d["uniform_loss"], d["losses"], sources, layerwise,
@@ -307,19 +316,53 @@ def learned_soup(
     return result
 
 
-def _read_cached(path: str) -> dict | None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    if not os.path.exists(path):
+def _read_cached(path: str, shape: tuple) -> dict | None:
+    """The cached result at ``path`` whose checksum and fields check out (``coefficients`` of
+    ``shape``), else None: missing, or damaged (one warning; the soup is trained again and the entry
+    rewritten). Reaps the temporary files that killed processes left in the cache folder first."""
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    _tempfiles.reap(folder)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
         return None
-    with open(path) as f:
-        return json.load(f)
+    try:
+        d = json.loads(raw.decode("utf-8"))
+        why = _cache.checked(d) or _cached_problem(d, shape)
+    except UnicodeDecodeError:
+        why = "not UTF-8"
+    except (ValueError, RecursionError):
+        why = "not JSON"
+    if why is not None:
+        warnings.warn(f"ignoring the damaged learned-soup cache entry {path}: {why}; training again", stacklevel=3)
+        return None
+    return d
+
+
+def _cached_problem(d: dict, shape: tuple) -> str | None:
+    number = (int, float)
+    for name in ("beta", "score", "loss", "uniform_loss"):
+        if not isinstance(d.get(name), number) or isinstance(d.get(name), bool):
+            return f"field {name!r} is missing or not a number"
+    losses, names = d.get("losses"), d.get("tensor_names")
+    if not isinstance(losses, list) or not all(isinstance(v, number) for v in losses):
+        return "field 'losses' is not a list of numbers"
+    if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        return "field 'tensor_names' is not a list of names"
+    try:
+        coeff = torch.tensor(d.get("coefficients"), dtype=torch.float32)
+    except (TypeError, ValueError, RuntimeError):
+        return "field 'coefficients' is not a table of numbers"
+    if tuple(coeff.shape) != tuple(shape):
+        return f"coefficients of shape {tuple(coeff.shape)}, expected {tuple(shape)}"
+    return None
 
 
 def _write_cached(path: str, obj: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-    os.replace(tmp, path)
+    with _tempfiles.replacing(path, text=True) as f:  # whole or not at all; removed when interrupted
+        json.dump(_cache.seal(obj), f)
 
 
 def _sum_shares(comm, G: torch.Tensor, loss: torch.Tensor, beta: torch.nn.Parameter):

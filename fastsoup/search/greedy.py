@@ -175,6 +175,7 @@ class Search:
 
     Checks everything before any evaluation: the ingredients against each other and against the
     model, the data sets (non-empty), and the cache (same model and data as when it was written).
+    ``verify``: how ingredients are fingerprinted for the cache (see :func:`greedy_soup`).
     """
 
     def __init__(
@@ -188,8 +189,10 @@ class Search:
         device: Any = None,
         progress: bool | None = None,
         evals: dict[str, Iterable] | None = None,
+        verify: str = "sample",
     ):
         self.metric = check_metric(metric)
+        self.verify = _cache.check_verify(verify)
         self.sources = list(ingredients)
         if not self.sources:
             raise ValueError("no ingredients: give at least one checkpoint")
@@ -209,7 +212,10 @@ class Search:
         layout = open_checkpoint(model)
         check_compatible([layout] + self.ckpts)
         self.model_fp = _cache.fingerprint_model(model)
-        self.fps = [_cache.fingerprint_checkpoint(ck) for ck in self.ckpts]
+        self.fps = [_cache.fingerprint_checkpoint(ck, verify) for ck in self.ckpts]
+        comm = _distributed.current()
+        if comm is not None:  # file identities can differ across nodes: every rank names entries as rank 0
+            self.fps = comm.broadcast(self.fps)
         # Under torch.distributed only rank 0 touches the cache; the other ranks get its answers.
         self.cache = _distributed.open_cache(_cache.LogitCache, cache_dir) if cache_dir is not None else None
         stored = store = None
@@ -237,12 +243,13 @@ class Search:
                 self.cache.check("model", self.model_fp, describe=f"the model ({type(model).__name__})")
                 for name, d in self.data.items():
                     self.cache.check("data:" + name, d.fingerprint, describe=f"the data set {name!r}")
-        except BaseException:
+            if self.heldout.store is not None:
+                self.heldout.store.install()  # a later run can skip the pipeline (heldout=None)
+        except BaseException:  # KeyboardInterrupt too: no temporary file of the store is left
             if self.heldout.store is not None:
                 self.heldout.store.discard()
             raise
-        if self.heldout.store is not None:
-            self.heldout.store.install()  # a later run can skip the pipeline (heldout=None)
+        finally:
             self.heldout.store = None
         self.stats.prepare_seconds = sum(d.prepare_seconds for d in self.data.values())
         self._memory: dict[str, torch.Tensor] = {}
@@ -350,6 +357,7 @@ def greedy_soup(
     order: Sequence[int] | None = None,
     progress: bool | None = None,
     reorder: str = "examples",
+    verify: str = "sample",
 ) -> GreedyResult:
     """Greedy soup, the paper's Recipe 1: rank the ingredients by held-out score, start from the best,
     try each next one once, keep it if the soup's held-out score does not drop.
@@ -368,7 +376,9 @@ def greedy_soup(
         strict: keep a candidate only if it improves the score (``>``, as the official ``main.py``);
             default ``False`` keeps it when the score does not drop (``>=``, as the paper's Recipe 1).
         cache_dir: where logits and the decision journal are kept: a rerun evaluates nothing and an
-            interrupted search resumes at the next untried candidate.
+            interrupted search resumes at the next untried candidate. Every entry and record there
+            carries a checksum: a damaged one is recomputed (one warning), never trusted; the
+            temporary files of a killed run are removed by the next one.
         device: the evaluation device (default: the model's); the held-out tensors are kept there.
         order: indices of the ingredients in the order to try them (overrides the ranking).
         progress: progress bars (default: on a terminal).
@@ -380,6 +390,12 @@ def greedy_soup(
             otherwise (reported in ``result.stats.reorder_note``) it falls back to ``"batches"``:
             the set's batches, those where the current soup errs most first; ``"none"``: the set's
             order.
+        verify: how the cache tells an ingredient's logits are its own: ``"sample"`` (default) by
+            its tensors' names, dtypes, shapes, small tensors and samples of large ones, and for
+            files their identity (inode, size, modification and change times, so a file edited in
+            place is evaluated again); ``"full"`` by every byte of every tensor (reads each
+            checkpoint once more per run; for in-memory ingredients changed between runs, or to
+            be sure). Without ``cache_dir`` it changes nothing.
 
     Returns:
         A :class:`GreedyResult`.
@@ -393,7 +409,8 @@ def greedy_soup(
         >>> result.indices, result.score  # doctest: +SKIP
         >>> result.save("greedy.safetensors")  # doctest: +SKIP
     """
-    s = Search(ingredients, model, heldout, metric=metric, cache_dir=cache_dir, device=device, progress=progress)
+    s = Search(ingredients, model, heldout, metric=metric, cache_dir=cache_dir, device=device, progress=progress,
+               verify=verify)
     return run_greedy(s, strict=strict, order=order, reorder=reorder)
 
 
@@ -413,9 +430,9 @@ def run_greedy(s: Search, *, strict: bool = False, order: Sequence[int] | None =
     search_key = _cache.key("greedy", s.model_fp, held.fingerprint, metric_name(s.metric), bool(strict),
                             [s.fps[i] for i in ranking])
     journal = {}
-    if s.cache is not None:
+    if s.cache is not None:  # records whose checksum and fields check out (the journal skips the others)
         for r in s.cache.journal.records():
-            if r.get("search") == search_key and r.get("kind") == "candidate":
+            if r.get("kind") == "candidate" and r.get("search") == search_key:
                 journal[r["step"]] = r
 
     first = ranking[0]
@@ -443,8 +460,9 @@ def run_greedy(s: Search, *, strict: bool = False, order: Sequence[int] | None =
         rec = journal.get(step)
         members = kept + [j]
         pending = False
-        if rec is not None and rec.get("index") == j and rec.get("fingerprint") == s.fps[j]:
-            accepted, score, correct, batches, source = rec["accepted"], rec["score"], rec.get("correct"), rec["batches"], "journal"
+        if (rec is not None and rec["index"] == j and rec["fingerprint"] == s.fps[j] and rec["of"] == nb
+                and (rec["correct"] is not None or not (accuracy and rec["accepted"]))):
+            accepted, score, correct, batches, source = rec["accepted"], rec["score"], rec["correct"], rec["batches"], "journal"
             s.stats.cached += 1
             ev = None
         else:
@@ -532,13 +550,15 @@ def greedy_ensemble(
     cache_dir: str | os.PathLike | None = None,
     device: Any = None,
     progress: bool | None = None,
+    verify: str = "sample",
 ) -> EnsembleResult:
     """The paper's greedy ensemble baseline: greedy soup's procedure over logit ensembles (the mean of
     the members' logits), computed from the ingredients' held-out logits (cached: free on a rerun).
 
     Arguments as :func:`greedy_soup`.
     """
-    s = Search(ingredients, model, heldout, metric=metric, cache_dir=cache_dir, device=device, progress=progress)
+    s = Search(ingredients, model, heldout, metric=metric, cache_dir=cache_dir, device=device, progress=progress,
+               verify=verify)
     return run_greedy_ensemble(s, strict=strict)
 
 

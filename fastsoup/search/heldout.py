@@ -25,6 +25,7 @@ import torch
 
 from .. import distributed as _distributed
 from .._errors import FastsoupError
+from ..io import _tempfiles
 
 Metric = Callable[[torch.Tensor, torch.Tensor], float]
 
@@ -75,14 +76,23 @@ def prepare(data: Iterable, device: torch.device | str, *, name: str = "heldout"
     Raises:
         FastsoupError: the data is empty or a batch has another structure.
     """
+    comm = _distributed.current() if split is not None else None
+    st = Store(store) if store is not None and comm is None else None
+    try:
+        return _prepare(data, device, name, split, comm, st)
+    except BaseException:  # the pipeline failed or was interrupted: no half-written store is left
+        if st is not None:
+            st.discard()
+        raise
+
+
+def _prepare(data: Iterable, device, name: str, split, comm, st) -> HeldOut:
     import time
 
     start = time.perf_counter()
     device = torch.device(device)
     h = hashlib.blake2b(digest_size=16)
     batches, labels = [], []
-    comm = _distributed.current() if split is not None else None
-    st = Store(store) if store is not None and comm is None else None
     mapped = st is not None and device.type == "cpu"  # the CPU set lives in the store's file
     parts, offset = [], 0
     try:
@@ -238,15 +248,21 @@ class Store:
     written as the batches come, so the set never has to be in memory at once) and ``PREFIX.json``
     the batches' structure, every tensor's dtype, shape and offset, the set's name and fingerprint.
 
-    Written under temporary names; :meth:`install` renames them into place (the .json last, so a
-    complete .json always describes a complete .bin), :meth:`discard` removes them.
+    Written under temporary names of :mod:`fastsoup.io._tempfiles` (``.BASE.tmp-PID-TOKEN.bin`` and
+    ``.json``, locked while this process has them), which a later Store of the same prefix reaps
+    once their process is gone (a kill that no handler saw); :meth:`install` renames them into
+    place (the .json last, so a complete .json always describes a complete .bin), :meth:`discard`
+    removes them.
     """
 
     def __init__(self, prefix: str):
         self.prefix = os.fspath(prefix)
-        os.makedirs(os.path.dirname(os.path.abspath(self.prefix)), exist_ok=True)
-        self.tmp = f"{self.prefix}.tmp-{os.getpid()}-{id(self):x}"
-        self._file = open(self.tmp + ".bin", "wb")
+        folder = os.path.dirname(os.path.abspath(self.prefix))
+        os.makedirs(folder, exist_ok=True)
+        _tempfiles.reap(folder, os.path.basename(self.prefix))
+        self.tmp = _tempfiles.temp_path(self.prefix)  # the files are self.tmp + ".bin" / ".json"
+        self._file = open(self.tmp + ".bin", "xb")
+        self._locks = [_tempfiles.hold(self.tmp + ".bin")]
         self.tensors: list = []  # [dtype, shape, offset, nbytes]
         self.batches: list = []  # [x structure, y structure]; leaves index self.tensors
         self.offset = 0
@@ -278,7 +294,8 @@ class Store:
     def finish(self, name: str, fingerprint: str) -> None:
         """Closes the .bin and writes the (temporary) .json."""
         self._file.close()
-        with open(self.tmp + ".json", "w") as f:
+        with open(self.tmp + ".json", "x") as f:
+            self._locks.append(_tempfiles.hold(self.tmp + ".json"))
             json.dump({"format": STORE_FORMAT, "name": name, "fingerprint": fingerprint, "bytes": self.offset,
                        "tensors": self.tensors, "batches": self.batches}, f)
 
@@ -289,18 +306,28 @@ class Store:
         return _batches_of(self.tmp + ".bin", self.tensors, self.batches, self.offset)
 
     def install(self) -> None:
-        """Moves the files into place (replacing an earlier store of the same prefix)."""
+        """Moves the files into place (replacing an earlier store of the same prefix: its .json goes
+        first, so no moment pairs the old .json with the new .bin)."""
+        try:
+            os.remove(self.prefix + ".json")
+        except FileNotFoundError:
+            pass
         os.replace(self.tmp + ".bin", self.prefix + ".bin")
         os.replace(self.tmp + ".json", self.prefix + ".json")
+        self._release()
 
     def discard(self) -> None:
+        """Removes the temporary files (again: nothing)."""
         if not self._file.closed:
             self._file.close()
         for ext in (".bin", ".json"):
-            try:
-                os.remove(self.tmp + ext)
-            except FileNotFoundError:
-                pass
+            _tempfiles.remove(self.tmp + ext)
+        self._release()
+
+    def _release(self) -> None:
+        locks, self._locks = self._locks, []
+        for fd in locks:
+            _tempfiles.release(fd)
 
 
 def load_heldout(prefix: str) -> tuple[list, str]:

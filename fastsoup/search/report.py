@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 from .. import distributed as _distributed
 from .._errors import FastsoupError
+from ..io import _tempfiles
 
 
 def load_callable(spec: str) -> Callable[[], Any]:
@@ -114,17 +115,20 @@ def run_report(
     results: str | None = None,
     progress: bool | None = None,
     overwrite: bool = False,
+    verify: str = "sample",
 ) -> Report:
     """Runs the greedy search and scores every recipe (each ingredient, uniform and greedy soup, uniform
     and greedy logit ensembles) on the held-out set and every eval set; writes the greedy soup to
-    ``out`` and the rows to ``results`` (JSONL)."""
+    ``out`` and the rows to ``results`` (JSONL). ``verify``: how the cache fingerprints the
+    ingredients (``"sample"`` or ``"full"``, see :func:`~fastsoup.greedy_soup`)."""
     from .greedy import Search, ensemble_logits, run_greedy, run_greedy_ensemble
     from .heldout import score_logits
 
     start = time.perf_counter()
     if os.path.exists(out) and not overwrite:
         raise FastsoupError(f"{out} exists: pass --overwrite to replace it")
-    s = Search(inputs, model, heldout, cache_dir=cache_dir, device=device, progress=progress, evals=evals)
+    s = Search(inputs, model, heldout, cache_dir=cache_dir, device=device, progress=progress, evals=evals,
+               verify=verify)
     g = run_greedy(s, strict=strict)
     e = run_greedy_ensemble(s, strict=strict)
     sets = list(s.data)
@@ -152,11 +156,10 @@ def run_report(
 
 
 def _write_rows(results: str, rows: list[dict]) -> None:
-    tmp = results + ".tmp"
-    with open(tmp, "w") as f:
+    _tempfiles.reap(os.path.dirname(os.path.abspath(results)), os.path.basename(results))  # killed runs' leftovers
+    with _tempfiles.replacing(results, text=True) as f:  # whole or not at all; removed when interrupted
         for r in rows:
             f.write(json.dumps(r) + "\n")
-    os.replace(tmp, results)
 
 
 def plot_results(results: str, out: str, *, x: str = "heldout", y: str | None = None) -> str:
