@@ -196,6 +196,12 @@ class FileWatch:
     def _fault_count(self) -> int:
         return int(self._faults_of.faults) if self._faults_of is not None else 0
 
+    def renamed(self, path: str) -> None:
+        """After fastsoup itself renamed the file to ``path`` (a rename moves the change time): takes
+        its identity anew. Check it just before the rename."""
+        self.path = path
+        self.identity = _identity(os.fstat(self._fd))
+
     def check(self, during: str = "the merge") -> None:
         if self._fault_count() != self._faults:
             raise InputChangedError(

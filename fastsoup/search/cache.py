@@ -76,20 +76,26 @@ def file_identity(ck: Checkpoint) -> list | None:
     place changes the times (the change time even when a tool sets the modification time back);
     so do ``touch``, ``chmod`` and copies, which then only cost a recomputation.
 
-    The one place the search asks what a file source is (so that a recorded open-time identity can
-    replace the ``os.stat`` here)."""
-    paths = list(ck.files)
+    The one place the search asks what a file source is: the identity each file had when it was
+    opened (``Checkpoint.identities``, from ``fstat`` of the descriptor the data is read through),
+    or ``os.stat`` for a file read whole at open (a legacy torch file)."""
+    recorded = ck.identities()
+    paths = list(ck.files) or list(recorded)
     if not paths and isinstance(ck.source, str) and os.path.isfile(ck.source):
-        paths = [ck.source]  # a torch .pt/.bin file: its tensors were loaded into memory
+        paths = [ck.source]  # a legacy torch file: its tensors were loaded into memory
     if not paths:
         return None
     out = []
     for path in paths:
-        try:
-            st = os.stat(path)
-        except OSError as e:
-            raise CheckpointError(f"{path}: cannot stat the checkpoint file: {e.strerror or e}") from None
-        out.append([os.path.basename(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns])
+        if path in recorded:
+            dev, ino, size, mtime, ctime = recorded[path][:5]
+        else:
+            try:
+                st = os.stat(path)
+            except OSError as e:
+                raise CheckpointError(f"{path}: cannot stat the checkpoint file: {e.strerror or e}") from None
+            dev, ino, size, mtime, ctime = st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+        out.append([os.path.basename(path), dev, ino, size, mtime, ctime])
     return out
 
 
@@ -129,6 +135,7 @@ def fingerprint_checkpoint(ck: Checkpoint, verify: str = "sample") -> str:
             for i in range(SAMPLES):
                 h.update(ctypes.string_at(addr + span * i // (SAMPLES - 1), SAMPLE_BYTES))
         del keep
+    ck.verify("fingerprinting")  # a file truncated or rewritten under the read gets no fingerprint
     return h.hexdigest()
 
 

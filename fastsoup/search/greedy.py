@@ -244,7 +244,10 @@ class Search:
                 for name, d in self.data.items():
                     self.cache.check("data:" + name, d.fingerprint, describe=f"the data set {name!r}")
             if self.heldout.store is not None:
+                self.heldout.verify()
                 self.heldout.store.install()  # a later run can skip the pipeline (heldout=None)
+                if self.heldout.watch is not None:  # the batches are mapped from it: now under its own name
+                    self.heldout.watch.renamed(self.heldout.store.prefix + ".bin")
         except BaseException:  # KeyboardInterrupt too: no temporary file of the store is left
             if self.heldout.store is not None:
                 self.heldout.store.discard()

@@ -41,6 +41,13 @@ class HeldOut:
     prepare_seconds: float = 0.0
     split: Any = None  # a fastsoup.distributed.Split when `batches` holds this rank's part of the set only
     store: Any = None  # the Store written by prepare(store=...), until installed or discarded
+    watch: Any = None  # the file the batches are mapped from (a stored set on the CPU), checked after use
+
+    def verify(self) -> None:
+        """Raises :class:`~fastsoup.InputChangedError` when the file the batches are mapped from (a
+        stored set) was truncated or rewritten since it was mapped: what was read is not the set."""
+        if self.watch is not None:
+            self.watch.check(f"the evaluation on the stored {self.name!r} set")
 
     @property
     def size(self) -> int:
@@ -132,11 +139,15 @@ def _prepare(data: Iterable, device, name: str, split, comm, st) -> HeldOut:
         if mapped:
             batches = st.mapped()
             labels = [y for _, y in batches]
+    watch = getattr(batches, "watch", None) or getattr(data, "watch", None)  # batches mapped from a file
     if not labels or sum(y.shape[0] for y in labels) == 0:
         if st is not None:
             st.discard()
         raise FastsoupError(f"{name}: the data set is empty (no batches, or no examples): greedy search needs held-out examples")
-    held = HeldOut(name, batches, torch.cat(labels), h.hexdigest(), time.perf_counter() - start, store=st)
+    held = HeldOut(name, batches, torch.cat(labels), h.hexdigest(), time.perf_counter() - start, store=st,
+                   watch=watch if device.type == "cpu" else None)
+    if watch is not None:
+        watch.check(f"the preparation of {name!r}")  # read once: for the fingerprint (and the copy to a GPU)
     if comm is not None:
         held.split = _distributed.agree_split(comm, split, parts, [int(y.shape[0]) for y in labels], held.fingerprint, name)
     return held
@@ -353,15 +364,22 @@ def load_heldout(prefix: str) -> tuple[list, str]:
     return batches, meta.get("fingerprint", "")
 
 
-def _batches_of(path: str, tensors: list, batches: list, size: int) -> list:
-    import mmap
+class _MappedBatches(list):
+    """Batches whose tensors are views of one mapped file; ``watch`` checks that file after use."""
 
-    with open(path, "rb") as f:
-        have = os.fstat(f.fileno()).st_size
-        if have < size:
-            raise ValueError(f"{path} has {have} bytes, the set needs {size}: truncated")
-        # ACCESS_COPY: private pages, so a model that writes into its inputs never writes the file
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if have else None
+    watch: Any = None
+
+
+def _batches_of(path: str, tensors: list, batches: list, size: int) -> list:
+    from ..io.checkpoint import FileWatch, _map
+
+    # Copy-on-write (private pages: a model that writes into its inputs never writes the file), and
+    # guarded: a read past the end of a file truncated meanwhile reads zeros, which watch.check() refuses.
+    mapped = _map(path, writable=True)
+    have = mapped.size
+    if have < size:
+        raise ValueError(f"{path} has {have} bytes, the set needs {size}: truncated")
+    mm = mapped if have else None
 
     def tensor(i):
         dtype, shape, offset, nbytes = tensors[i]
@@ -381,7 +399,9 @@ def _batches_of(path: str, tensors: list, batches: list, size: int) -> list:
         values = [build(v) for v in items]
         return tuple(values) if kind == "tuple" else values
 
-    return [(build(sx), build(sy)) for sx, sy in batches]
+    out = _MappedBatches((build(sx), build(sy)) for sx, sy in batches)
+    out.watch = FileWatch(path, mapped.fileno(), mapped, mapped)
+    return out
 
 
 def _storable(x) -> bool:
@@ -454,9 +474,11 @@ def evaluate(
                 if metric == "accuracy":
                     correct += int((logits.argmax(dim=-1) == y).sum())
                     if need is not None and seen < total and correct + (total - seen) < need:
+                        data.verify()  # a rejection from data read past a truncation is no decision
                         return Evaluation(None, None, None, done, False)
     finally:
         model.train(was_training)
+    data.verify()
     logits = torch.cat(outs)
     if regrouping is not None:  # back to the set's order
         logits = torch.empty_like(logits).index_copy_(0, torch.cat(regrouping.ids), logits)
