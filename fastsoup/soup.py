@@ -198,8 +198,10 @@ class Soup:
         overwrite: bool = False,
         fsync: bool = False,
         progress: bool | None = None,
+        _extras: dict | None = None,
     ) -> str:
-        """Writes the soup as safetensors with the rules of ``average(out=...)`` (layout of the template)."""
+        """Writes the soup as safetensors with the rules of ``average(out=...)`` (layout of the template).
+        (``_extras``: files written into a folder output with it, e.g. a recipe's sidecar.)"""
         self._need_ingredients("save it")
         flat = {}
         for name, ref in self._layout.items():
@@ -212,7 +214,7 @@ class Soup:
         override = parse_float_dtype(dtype) if dtype is not None else None
         with _distributed.merge_job(out, overwrite=overwrite, what="Soup.save"):  # collective under torch.distributed
             return _run([src], [1.0 / self.total_weight], out, override, self._threads, shard_size, progress,
-                        overwrite, fsync, "save", layout=self._layout, device=self._device)
+                        overwrite, fsync, "save", layout=self._layout, device=self._device, extras=_extras)
 
     def __len__(self) -> int:
         return len(self.ingredients)

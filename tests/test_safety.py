@@ -662,3 +662,41 @@ def test_an_interrupt_while_the_old_output_is_removed_reports_the_truth(tmp_path
     assert any(".old-" in n for n in temp_leftovers(tmp_path))
     assert cli("average", *paths, "-o", tmp_path / "soup2", "--no-progress").returncode == 0  # a run beside it
     assert temp_leftovers(tmp_path) == []  # ... reaps the rest of the old one
+
+
+# ---------------------------------------------------------------------------------------------------
+# 1 (recipes). A recipe's sidecar record is part of its output
+
+
+@pytest.fixture(scope="module")
+def greedy_result(tmp_path_factory):
+    sys.path.insert(0, HERE)
+    import _tiny
+
+    zoo = _tiny.build_zoo(tmp_path_factory.mktemp("zoo"))
+    with _tiny.one_thread():
+        return fastsoup.greedy_soup(zoo.paths[:3], zoo.model(), zoo.heldout)
+
+
+def test_a_sidecar_never_replaces_a_file_fastsoup_did_not_write(tmp_path, greedy_result):
+    out = tmp_path / "soup.safetensors"
+    (tmp_path / "soup.json").write_text('{"my": "notes"}')  # NAME.json, the sidecar's name: the user's
+    with pytest.raises(fastsoup.UnsafeOutputError, match="did not write"):
+        greedy_result.save(out)
+    assert (tmp_path / "soup.json").read_text() == '{"my": "notes"}' and not out.exists()  # nothing written
+    (tmp_path / "soup.json").unlink()
+    greedy_result.save(out)
+    assert json.loads((tmp_path / "soup.json").read_text())["recipe"] == "greedy_soup"
+    with pytest.raises(fastsoup.OutputExistsError):
+        greedy_result.save(out)
+    greedy_result.save(out, overwrite=True)  # its own record: replaced with the soup
+    assert temp_leftovers(tmp_path) == []
+
+
+def test_a_folder_soup_carries_its_sidecar_in_the_install(tmp_path, greedy_result):
+    out = tmp_path / "soup"
+    greedy_result.save(out)
+    manifest = json.loads((out / ".fastsoup.json").read_text())
+    assert manifest["files"]["soup.json"] == os.path.getsize(out / "soup.json")  # written before the install
+    greedy_result.save(out, overwrite=True)  # a folder of fastsoup's own, sidecar included: replaceable
+    assert json.loads((out / "soup.json").read_text())["indices"] == greedy_result.indices

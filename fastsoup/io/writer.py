@@ -546,6 +546,62 @@ def _remove(path: str) -> None:
     _tempfiles.remove(path)
 
 
+# ---------------------------------------------------------------------------------------------------
+# Sidecars: the JSON record a recipe writes with its soup
+
+SIDECAR_NAME = "soup.json"  # inside a folder output
+SIDECAR_RECIPES = ("greedy_soup", "learned_soup", "learned_soup_layerwise")
+
+
+def sidecar_path(out: str | os.PathLike) -> str:
+    """``NAME.json`` next to a ``NAME.safetensors`` file, ``soup.json`` inside a sharded folder."""
+    out = os.fspath(out)
+    if out.endswith(".safetensors"):
+        return out[: -len(".safetensors")] + ".json"
+    return os.path.join(out, SIDECAR_NAME)
+
+
+def _is_sidecar(path: str) -> bool:
+    """Whether ``path`` holds a sidecar fastsoup wrote (a JSON object naming one of its recipes)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return False
+    return isinstance(obj, dict) and obj.get("recipe") in SIDECAR_RECIPES
+
+
+def with_sidecar(out: str | os.PathLike, record: dict, write, *, overwrite: bool, rank0=None) -> str:
+    """Writes a soup and its sidecar record as one output. ``write(extras)`` writes the soup (a
+    folder output gets ``extras = {"soup.json": ...}``, written inside it before its install; a file
+    output gets None) and returns its path.
+
+    For a ``NAME.safetensors`` output the sidecar is ``NAME.json`` beside it: refused before any work
+    when a file of that name exists that fastsoup did not write (or without ``overwrite``), and
+    written whole (temporary name, rename) after the soup is installed; ``rank0(fn)``, when given,
+    runs that write (on rank 0 alone under torch.distributed).
+    """
+    data = (json.dumps(record, indent=1) + "\n").encode()
+    out = os.fspath(out)
+    if not out.endswith(".safetensors"):
+        return write({SIDECAR_NAME: data})
+    side = sidecar_path(out)
+    if os.path.lexists(side):
+        if not (os.path.isfile(side) and not os.path.islink(side) and _is_sidecar(side)):
+            raise UnsafeOutputError(f"{side} exists and fastsoup did not write it: the soup's record would replace it; "
+                                    "move it away or give another output path")
+        if not overwrite:
+            raise OutputExistsError(f"{side} exists; pass overwrite=True (CLI: --overwrite) to replace it")
+    path = write(None)
+
+    def write_side() -> None:
+        with _tempfiles.replacing(side) as f:
+            f.write(data)
+
+    (rank0 or (lambda fn: fn()))(write_side)
+    return path
+
+
 def _fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -562,6 +618,7 @@ def save(
     metadata: dict | None = None,
     overwrite: bool = False,
     fsync: bool = False,
+    _extras: Mapping[str, bytes] | None = None,
 ) -> str:
     """Writes tensors as safetensors, atomically.
 
@@ -615,7 +672,7 @@ def save(
     locations = plan.locations()
     source = tensors if isinstance(tensors, Checkpoint) else None
     protect = list(source.files) if source is not None else []
-    with AtomicOutput(plan, overwrite=overwrite, fsync=fsync, protect=protect) as out:
+    with AtomicOutput(plan, overwrite=overwrite, fsync=fsync, protect=protect, extras=_extras) as out:
         for (name, value), spec in zip(items, specs):
             if spec.nbytes == 0:
                 continue

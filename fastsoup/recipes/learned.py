@@ -96,14 +96,11 @@ class LearnedResult:
     def save(self, out: str | os.PathLike, **options: Any) -> str:
         """Writes the soup as safetensors (options of :func:`fastsoup.save`) and a JSON sidecar with the
         coefficients, beta, scores and loss curve (``NAME.json``, or ``soup.json`` in a folder)."""
-        from ..io.writer import save
-        from ..search.greedy import sidecar_path
+        from ..io.writer import save, with_sidecar
 
         def write() -> str:
-            path = save(self.state_dict(), out, **options)
-            with open(sidecar_path(out), "w") as f:
-                json.dump(self.to_json(), f, indent=1)
-            return path
+            return with_sidecar(out, self.to_json(), lambda extras: save(self.state_dict(), out, _extras=extras, **options),
+                                overwrite=bool(options.get("overwrite", False)))
 
         return _distributed.rank0(write)  # collective under torch.distributed: rank 0 writes
 

@@ -23,7 +23,6 @@ Cached logits make ensembles exact and free; they say nothing about a soup of th
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from collections.abc import Iterable, Sequence
@@ -37,6 +36,7 @@ from .._errors import FastsoupError
 from .._native import _core
 from ..engine import CPU, resolve_device
 from ..io.checkpoint import Checkpoint, check_compatible, open_checkpoint
+from ..io.writer import sidecar_path, with_sidecar
 from ..soup import Soup, _load_checkpoint
 from . import cache as _cache
 from .heldout import (
@@ -125,9 +125,10 @@ class GreedyResult:
         """Writes the soup with the layout rules of ``average(out=...)`` (options: dtype, shard_size,
         overwrite, fsync, progress), and a JSON sidecar with the ingredients, scores and history:
         ``NAME.json`` next to a ``NAME.safetensors`` file, ``soup.json`` inside a sharded folder."""
-        path = self.soup().save(out, **options)
-        _distributed.rank0(_write_json, sidecar_path(path), self.to_json(), share=False)  # rank 0 under torch.distributed
-        return path
+        soup = self.soup()
+        return with_sidecar(out, self.to_json(), lambda extras: soup.save(out, _extras=extras, **options),
+                            overwrite=bool(options.get("overwrite", False)),
+                            rank0=lambda fn: _distributed.rank0(fn, share=False))  # collective save, rank 0's record
 
     def to_json(self) -> dict:
         return {
@@ -156,11 +157,6 @@ class EnsembleResult:
     names: list[str]
 
 
-def sidecar_path(out: str | os.PathLike) -> str:
-    out = os.fspath(out)
-    if out.endswith(".safetensors"):
-        return out[: -len(".safetensors")] + ".json"
-    return os.path.join(out, "soup.json")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -616,11 +612,6 @@ def ensemble_logits(logits: Sequence[torch.Tensor]) -> torch.Tensor:
     for t in logits:
         total += t.double()
     return (total / len(logits)).float()
-
-
-def _write_json(path: str, obj: Any) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=1)
 
 
 def _name(src: Any, i: int) -> str:
