@@ -229,3 +229,40 @@ def test_greedy_soup_on_gpu_equals_cpu(tmp_path):
     gpu = fastsoup.greedy_soup(paths, nn.Linear(10, 3).cuda(), held)
     assert gpu.indices == cpu.indices
     assert gpu.score == cpu.score
+
+
+@needs_gpu
+@pytest.mark.parametrize("out_name", ["soup.safetensors", None])
+def test_an_input_truncated_under_the_cuda_pipeline_is_an_error(tmp_path, out_name):
+    # The fill threads copy the mapped inputs into the pinned slots: a truncated input reads zeros
+    # there (the SIGBUS guard), which the executor refuses at the step, naming the file.
+    import subprocess
+    import sys
+    import textwrap
+
+    from safetensors.torch import save_file
+
+    paths = []
+    for i in range(3):
+        p = str(tmp_path / f"m{i}.safetensors")
+        save_file({"w": torch.randn(1 << 22, generator=torch.Generator().manual_seed(i))}, p)
+        paths.append(p)
+    out = str(tmp_path / out_name) if out_name else None
+    code = textwrap.dedent(f"""
+        import os, sys, fastsoup, fastsoup.engine as engine
+        real = engine._Segments.run
+        def run(self, *a, **k):
+            os.truncate({paths[1]!r}, 4096)
+            return real(self, *a, **k)
+        engine._Segments.run = run
+        try:
+            fastsoup.average({paths!r}, out={out!r}, device="cuda")
+        except fastsoup.InputChangedError as e:
+            print("refused:", e)
+            sys.exit(0)
+        sys.exit(3)
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and paths[1] in r.stdout, (r.returncode, r.stderr[-2000:])
+    if out is not None:
+        assert not os.path.exists(out)
