@@ -407,6 +407,8 @@ class _MergeJob:
         digest = None
         mine: set = set()
         try:
+            if self.overwrite and os.path.lexists(self.target):  # before any work: a folder holding an input
+                replaceable(self.target, single=self.single, protect=protect)
             owners = assign([s.size for s in plan.shards], 1 if self.single else self.comm.world)
             mine = {i for i, r in enumerate(owners) if r == self.comm.rank}
             h = hashlib.blake2b(digest_size=16)
