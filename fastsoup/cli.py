@@ -46,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--no-progress", action="store_true", help="no progress bar")
     a.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     a.add_argument("--fsync", action="store_true", help="flush OUT to disk before it appears (durable, slower)")
+    _name_options(a)
 
     g = sub.add_parser(
         "greedy", help="greedy soup (paper's Recipe 1) with cached logits, plus uniform soup and ensembles",
@@ -70,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
                         "identity and sampled content")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    _name_options(g)
 
     pl = sub.add_parser("plot", help="the paper-style figure from a results.jsonl",
                         description="Individual models as points, uniform and greedy soup (and ensembles) marked; "
@@ -100,6 +102,7 @@ def _parser() -> argparse.ArgumentParser:
     le.add_argument("--device")
     le.add_argument("--no-progress", action="store_true")
     le.add_argument("--overwrite", action="store_true")
+    _name_options(le)
 
     ins = sub.add_parser("inspect", help="what a checkpoint holds: tensors, parameters, dtypes, shards, metadata")
     ins.add_argument("path", metavar="PATH")
@@ -128,6 +131,23 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _name_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--strip-prefix", metavar="PREFIX",
+                   help="remove PREFIX from the checkpoints' tensor names, e.g. 'module.' (DDP, open_clip training)")
+    p.add_argument("--rename", action="append", default=[], metavar="REGEX=REPLACEMENT",
+                   help="rename the checkpoints' tensors (re.sub, repeatable, applied in order) to the model's names")
+
+
+def _key_map(args):
+    rules = []
+    for spec in args.rename:
+        pattern, sep, repl = spec.partition("=")
+        if not sep or not pattern:
+            raise ValueError(f"--rename {spec!r}: expected REGEX=REPLACEMENT")
+        rules.append((pattern, repl))
+    return rules or None
+
+
 def _greedy(args) -> int:
     from .search.report import greedy_report
 
@@ -135,7 +155,8 @@ def _greedy(args) -> int:
     report = greedy_report(
         args.inputs, model=args.model, heldout=args.heldout, evals=evals, out=args.out, cache_dir=args.cache,
         strict=args.strict, device=args.device, results=args.results, progress=False if args.no_progress else None,
-        overwrite=args.overwrite, verify="full" if args.verify_cache else "sample",
+        overwrite=args.overwrite, verify="full" if args.verify_cache else "sample", key_map=_key_map(args),
+        strip_prefix=args.strip_prefix,
     )
     print(report.table())
     _note(f"wrote {report.out} and {report.results_path} in {report.seconds:.2f} s")
@@ -156,7 +177,8 @@ def _learned(args) -> int:
     r = learned_soup(args.inputs, model, load_callable(args.heldout)(), layerwise=args.layerwise, epochs=args.epochs,
                      steps=args.steps, lr=args.lr, parametrization=args.parametrization, cache_dir=args.cache,
                      device=args.device, progress=False if args.no_progress else None,
-                     verify="full" if args.verify_cache else "sample")
+                     verify="full" if args.verify_cache else "sample", key_map=_key_map(args),
+                     strip_prefix=args.strip_prefix)
     coeff = r.coefficients if not r.layerwise else r.coefficients.mean(0)
     print(f"{'checkpoint':<40}  {'coefficient' if not r.layerwise else 'mean coefficient':>16}")
     for name, c in zip(args.inputs, coeff.tolist()):
@@ -241,6 +263,8 @@ def _average(args) -> int:
         progress=False if args.no_progress else None,
         overwrite=args.overwrite,
         fsync=args.fsync,
+        key_map=_key_map(args),
+        strip_prefix=args.strip_prefix,
     )
     _note(f"wrote {path} from {len(args.inputs)} checkpoints in {time.perf_counter() - start:.2f} s")
     return 0

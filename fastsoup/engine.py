@@ -25,6 +25,7 @@ from . import distributed as _distributed
 from ._errors import CheckpointError, InputChangedError
 from ._native import _core
 from .io.checkpoint import Checkpoint, check_compatible, open_checkpoint
+from .io.names import NameMap
 from .io.writer import TensorSpec, plan_output
 
 SLOT_BYTES = 32 << 20  # CUDA pipeline: host input bytes per pinned slot (all inputs together)
@@ -93,6 +94,8 @@ def average(
     progress: bool | None = None,
     overwrite: bool = False,
     fsync: bool = False,
+    key_map: Any = None,
+    strip_prefix: str | None = None,
 ):
     """Averages checkpoints: ``sum_k w_k * theta_k / sum_k w_k`` for every float tensor.
 
@@ -116,8 +119,18 @@ def average(
         shard_size: largest output shard (bytes or e.g. "5GB"); default: shard like the first
             ingredient.
         progress: show a progress bar (default: on a terminal, for merges of 256 MB or more).
-        overwrite: replace an existing ``out`` (only once the new soup is complete).
+        overwrite: replace an existing ``out`` (only once the new soup is complete; see the README for
+            what may be replaced).
         fsync: flush the output to disk before it is renamed into place.
+        key_map: renames the ingredients' tensors before they are matched: a callable, a dict
+            ``{old: new}`` or a list of ``(regex, replacement)`` (see :mod:`fastsoup.io.names`).
+        strip_prefix: removes this prefix from the names that have it, e.g. ``"module."`` for DDP and
+            open_clip training checkpoints.
+
+    Tied weights (one tensor under two names, as in language models with ``tie_word_embeddings``)
+    are recognised in ``save_pretrained`` folders, ``model.state_dict()``, ``save_model`` files and
+    ``.bin`` files alike; the soup writes the tensor once, under ``save_pretrained``'s name, and an
+    in-memory result carries both names.
 
     Returns:
         The state dict (``out=None``) or ``out``.
@@ -146,7 +159,8 @@ def average(
         ws = [w / total for w in scaled]
     with _distributed.merge_job(out, overwrite=overwrite, what="fastsoup.average"):  # collective under torch.distributed
         return _merge(ingredients, ws, out=out, dtype=dtype, device=device, threads=threads, shard_size=shard_size,
-                      progress=progress, overwrite=overwrite, fsync=fsync, desc="average")
+                      progress=progress, overwrite=overwrite, fsync=fsync, desc="average", key_map=key_map,
+                      strip_prefix=strip_prefix)
 
 
 def weighted_sum(
@@ -161,6 +175,8 @@ def weighted_sum(
     progress: bool | None = None,
     overwrite: bool = False,
     fsync: bool = False,
+    key_map: Any = None,
+    strip_prefix: str | None = None,
 ):
     """The raw linear combination ``sum_k w_k * theta_k`` (no normalization), e.g. for task
     arithmetic (``theta_0 + lambda * (theta_1 - theta_0)`` is ``weights=[1 - lambda, lambda]``).
@@ -171,7 +187,8 @@ def weighted_sum(
     ws = _check_weights(weights, len(ingredients))
     with _distributed.merge_job(out, overwrite=overwrite, what="fastsoup.weighted_sum"):  # collective under torch.distributed
         return _merge(ingredients, ws, out=out, dtype=dtype, device=device, threads=threads, shard_size=shard_size,
-                      progress=progress, overwrite=overwrite, fsync=fsync, desc="weighted_sum")
+                      progress=progress, overwrite=overwrite, fsync=fsync, desc="weighted_sum", key_map=key_map,
+                      strip_prefix=strip_prefix)
 
 
 def _check_weights(weights: Sequence[float], k: int) -> list[float]:
@@ -186,16 +203,19 @@ def _check_weights(weights: Sequence[float], k: int) -> list[float]:
     return ws
 
 
-def _merge(ingredients, weights, *, out, dtype, device, threads, shard_size, progress, overwrite, fsync, desc):
+def _merge(ingredients, weights, *, out, dtype, device, threads, shard_size, progress, overwrite, fsync, desc,
+           key_map=None, strip_prefix=None):
     dev = resolve_device(device)
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads must be a positive integer, got {threads!r}")
     out_override = parse_float_dtype(dtype) if dtype is not None else None
     opened = [open_checkpoint(src) for src in ingredients]
     try:
-        check_compatible(opened)
-        return _run(opened, weights, out, out_override, threads or 0, shard_size, progress, overwrite, fsync, desc,
-                    device=dev)
+        names = NameMap.build(key_map=key_map, strip_prefix=strip_prefix)
+        mapped = names.apply(opened)
+        check_compatible(mapped)
+        return _run(mapped, weights, out, out_override, threads or 0, shard_size, progress, overwrite, fsync, desc,
+                    device=dev, aliases=names.aliases)
     finally:
         for src, ck in zip(ingredients, opened):
             if ck is not src:
@@ -210,7 +230,8 @@ def _output_dtype(ref, override):
 
 
 def _run(ckpts: list[Checkpoint], weights, out, override, threads, shard_size, progress, overwrite, fsync, desc,
-         layout: Checkpoint | None = None, device: Device = CPU, extras: dict | None = None):
+         layout: Checkpoint | None = None, device: Device = CPU, extras: dict | None = None,
+         aliases: dict | None = None):
     # `layout` (default: the first input) gives the tensor order, default dtypes, shards and metadata.
     # `extras`: files written into a folder output with it (name -> bytes: a sidecar).
     first = layout if layout is not None else ckpts[0]
@@ -292,7 +313,12 @@ def _run(ckpts: list[Checkpoint], weights, out, override, threads, shard_size, p
         if bar is not None:
             bar.close()
         del keep
-    return result if out is None else os.fspath(out)
+    if out is None:
+        for alias, canon in (aliases or {}).items():  # tied weights: both names, one tensor
+            if canon in result and alias not in result:
+                result[alias] = result[canon]
+        return result
+    return os.fspath(out)
 
 
 def verify_inputs(ckpts, during: str = "the merge") -> None:

@@ -25,6 +25,7 @@ from . import distributed as _distributed
 from ._native import _core
 from .engine import CPU, Device, _Segments, _run, _source, resolve_device
 from .io.checkpoint import Checkpoint, check_compatible, open_checkpoint
+from .io.names import NameMap
 
 _F32 = BY_NAME["float32"].code
 
@@ -41,6 +42,15 @@ class Soup:
             checkpoints stream through pinned memory to the GPU; a model on that GPU is written in
             place).
         threads: CPU threads of the kernels (default: all).
+        key_map: renames the ingredients' tensors to the template's names (a callable, a dict or
+            ``(regex, replacement)`` pairs; see :mod:`fastsoup.io.names`). For a transformers model
+            as template it defaults to the map transformers itself applies between its files and
+            its modules (ViT, DINOv2, Swin ... rename tensors on load), so ``save_pretrained``
+            folders can be added as they are; the soup is saved under the files' names.
+        strip_prefix: removes this prefix from ingredient names (``"module."``: DDP, open_clip).
+
+    Tied weights (one tensor under two names) are recognised in the template and the ingredients
+    alike (see :func:`fastsoup.average`).
 
     Example:
         >>> soup = fastsoup.Soup.like(model)  # doctest: +SKIP
@@ -49,13 +59,23 @@ class Soup:
         >>> soup.load_into(model)  # the uniform soup, written into model's parameters  # doctest: +SKIP
     """
 
-    def __init__(self, template: Any, *, device: Any = "cpu", threads: int | None = None):
+    def __init__(self, template: Any, *, device: Any = "cpu", threads: int | None = None, key_map: Any = None,
+                 strip_prefix: str | None = None, _names: NameMap | None = None):
         self._device = resolve_device(device)
         if threads is not None and (not isinstance(threads, int) or threads < 1):
             raise ValueError(f"threads must be a positive integer, got {threads!r}")
         self._threads = threads or 0
         self._model = template if _is_module(template) else None
-        self._layout = open_checkpoint(template)
+        layout = open_checkpoint(template)
+        names = _names if _names is not None else layout.name_map
+        if names is None:
+            names = NameMap.build(key_map=key_map, strip_prefix=strip_prefix, model=self._model)
+        if self._model is None and layout.name_map is None:  # a file as template: its names mapped too
+            layout = names.apply([layout])[0]
+        if names.layout is None:
+            names.layout = layout
+        self._names = names
+        self._layout = layout
         check_compatible([self._layout])
         self._floats: dict[str, tuple[int, int]] = {}  # name -> (element offset in the flat sum, numel)
         self._others: list[str] = []  # integer/bool tensors: copied from the first ingredient
@@ -78,9 +98,11 @@ class Soup:
         self._broken: str | None = None  # why the sum can no longer be trusted (an input changed under a read)
 
     @classmethod
-    def like(cls, template: Any, *, device: Any = "cpu", threads: int | None = None) -> Soup:
+    def like(cls, template: Any, *, device: Any = "cpu", threads: int | None = None, key_map: Any = None,
+             strip_prefix: str | None = None, _names: NameMap | None = None) -> Soup:
         """An empty soup with the tensors of ``template`` (a checkpoint source or an ``nn.Module``)."""
-        return cls(template, device=device, threads=threads)
+        return cls(template, device=device, threads=threads, key_map=key_map, strip_prefix=strip_prefix,
+                   _names=_names)
 
     # ------------------------------------------------------------------------------------------
     # Changing the sum
@@ -177,6 +199,9 @@ class Soup:
                 t = self._extras[name].clone()
             out[name] = t
         segs.run([1.0 / self.total_weight], threads=self._threads, device=self._device)
+        for alias, canon in self._layout.aliases.items():  # tied weights: both names, one tensor
+            if canon in out and alias not in out:
+                out[alias] = out[canon]
         return out
 
     def load_into(self, model: Any = None) -> Any:
@@ -211,10 +236,15 @@ class Soup:
             else:
                 flat[name] = self._extras[name]
         src = open_checkpoint(flat)
+        layout = self._layout
+        disk = self._names.disk_names  # written under the names of the ingredients' files
+        if disk:
+            mapping = {n: disk.get(n, n) for n in layout}
+            src, layout = src.with_names(mapping), layout.with_names(mapping)
         override = parse_float_dtype(dtype) if dtype is not None else None
         with _distributed.merge_job(out, overwrite=overwrite, what="Soup.save"):  # collective under torch.distributed
             return _run([src], [1.0 / self.total_weight], out, override, self._threads, shard_size, progress,
-                        overwrite, fsync, "save", layout=self._layout, device=self._device, extras=_extras)
+                        overwrite, fsync, "save", layout=layout, device=self._device, extras=_extras)
 
     def __len__(self) -> int:
         return len(self.ingredients)
@@ -227,7 +257,7 @@ class Soup:
     def _open(self, ingredient: Any) -> Checkpoint:
         if self._broken is not None:
             raise FastsoupError(f"this soup is no longer usable: {self._broken}; build a new one")
-        ck = open_checkpoint(ingredient)
+        ck = self._names.apply([open_checkpoint(ingredient)])[0]
         check_compatible([self._layout, ck])
         if self._sum is None:
             from . import _torch
@@ -292,10 +322,15 @@ def _write_model(model: Any, layout: Checkpoint, sources: dict, weights, staging
 
     state = model.state_dict(keep_vars=False)
     missing = [n for n in layout if n not in state]
-    extra = [n for n in state if n not in layout]
+    extra = [n for n in state if n not in layout and n not in layout.aliases]
     what = type(model).__name__
     if missing or extra:
-        raise FastsoupError(f"{what}'s state dict does not match the soup: missing {missing[:10]}, extra {extra[:10]}")
+        from .io.names import prefix_hint
+
+        hint = prefix_hint(missing, extra) or ("pass key_map= if the soup's names are the module's under other "
+                                               "names" if missing and extra else None)
+        raise FastsoupError(f"{what}'s state dict does not match the soup: missing {missing[:10]}, extra {extra[:10]}"
+                            + (f" ({hint})" if hint else ""))
     per_tensor = isinstance(weights, dict)
     K = len(next(iter(sources.values()))) if sources else 1
     segs, staged = _Segments(K), []
@@ -324,6 +359,9 @@ def _write_model(model: Any, layout: Checkpoint, sources: dict, weights, staging
     if extras is not None:
         for name, value in extras.items():
             state[name].copy_(value)
+    for alias, canon in layout.aliases.items():  # tied weights: one tensor, unless this model unties them
+        if alias in state and canon in state and state[alias].data_ptr() != state[canon].data_ptr():
+            state[alias].copy_(state[canon], non_blocking=True)
     if staged:
         _torch.synchronize(staged[0][0].device)
 

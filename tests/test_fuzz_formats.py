@@ -19,7 +19,7 @@ import struct
 
 import pytest
 
-hypothesis = pytest.importorskip("hypothesis")
+pytest.importorskip("hypothesis")
 import tempfile  # noqa: E402
 
 import hypothesis.configuration  # noqa: E402

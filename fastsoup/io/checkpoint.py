@@ -6,6 +6,7 @@ reference to their tensors (torch tensors or numpy arrays).
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -68,6 +69,7 @@ class Checkpoint(Mapping):
         metadata: dict | None = None,
         maps: dict | None = None,
         watches: Sequence[FileWatch] = (),
+        aliases: dict | None = None,
     ):
         self._refs = refs
         self.source = source
@@ -76,6 +78,24 @@ class Checkpoint(Mapping):
         self._maps = maps or {}
         # Files whose data is read lazily (mapped): their identity at open and their read faults.
         self._watches = list(watches) or [FileWatch(path, m.fileno(), m) for path, m in self._maps.items()]
+        # Tied weights: {alias: canonical} for names that are one tensor (the alias is not in the
+        # mapping; see fastsoup.io.names). name_map: the NameMap that named this view, if any.
+        self.aliases: dict[str, str] = dict(aliases or {})
+        self.name_map: Any = None
+
+    def with_names(self, mapping: dict[str, str | None], *, aliases: dict | None = None) -> Checkpoint:
+        """A view of the same data with tensor ``n`` named ``mapping[n]`` (None drops it), in the
+        same order; ``aliases`` replaces the tied-weight pairs. See :mod:`fastsoup.io.names`."""
+        refs = {}
+        for name, ref in self._refs.items():
+            new = mapping.get(name, name)
+            if new is None:
+                continue
+            refs[new] = ref if new == name else dataclasses.replace(ref, name=new)
+        ck = Checkpoint(refs, source=self.source, files=self.files, metadata=self.metadata, maps=self._maps,
+                        watches=self._watches, aliases=self.aliases if aliases is None else aliases)
+        ck.name_map = self.name_map
+        return ck
 
     def __getitem__(self, name: str) -> TensorRef:
         return self._refs[name]
@@ -336,7 +356,9 @@ def open_checkpoint(src: Source) -> Checkpoint:
         return _from_state_dict(src, "<state dict>")
     state_dict = getattr(src, "state_dict", None)
     if callable(state_dict):  # an nn.Module (or anything with a state dict)
-        return _from_state_dict(state_dict(), f"<{type(src).__name__} state dict>")
+        from .names import tied_pairs_of_module
+
+        return _from_state_dict(state_dict(), f"<{type(src).__name__} state dict>", tied_pairs_of_module(src))
     raise CheckpointError(
         f"cannot open a checkpoint from {type(src).__name__}: give a path, a state dict, an nn.Module or a Checkpoint"
     )
@@ -509,11 +531,44 @@ def _load_torch_state_dict(path: str) -> tuple[Mapping, FileWatch | None]:
 
 def _open_torch_file(path: str) -> Checkpoint:
     sd, watch = _load_torch_state_dict(path)
-    return Checkpoint(_memory_refs(sd, path), source=path, watches=[watch] if watch is not None else [])
+    refs, aliases = _tied(_memory_refs(sd, path))
+    return Checkpoint(refs, source=path, watches=[watch] if watch is not None else [], aliases=aliases)
 
 
-def _from_state_dict(sd: Mapping, source: str) -> Checkpoint:
-    return Checkpoint(_memory_refs(sd, source), source=source)
+def _from_state_dict(sd: Mapping, source: str, declared: Mapping[str, str] | None = None) -> Checkpoint:
+    refs, aliases = _tied(_memory_refs(sd, source), declared)
+    return Checkpoint(refs, source=source, aliases=aliases)
+
+
+def _tied(refs: dict[str, TensorRef], declared: Mapping[str, str] | None = None) -> tuple[dict, dict]:
+    """Tied weights of an in-memory state dict: names whose tensors are one (same storage, offset,
+    shape, strides and dtype, as ``model.state_dict()`` and ``torch.load`` give tied parameters).
+    Each group keeps one name (the one ``declared`` as kept, ``{dropped: kept}`` as transformers
+    declares its tied weights, else the first) and the others become ``{alias: kept}``."""
+    groups: dict[tuple, list[str]] = {}
+    for name, ref in refs.items():
+        t = ref.tensor
+        if type(t).__module__.startswith("torch") and hasattr(t, "untyped_storage") and ref.nbytes:
+            try:
+                key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), str(t.dtype))
+            except (RuntimeError, NotImplementedError):  # tensors without storage (e.g. wrappers)
+                continue
+            groups.setdefault(key, []).append(name)
+    aliases = {}
+    for names in groups.values():
+        if len(names) < 2:
+            continue
+        keep = names[0]
+        for n in names:
+            if declared and n in declared.values() and any(declared.get(m) == n for m in names):
+                keep = n
+                break
+        for n in names:
+            if n != keep:
+                aliases[n] = keep
+    if not aliases:
+        return refs, {}
+    return {n: r for n, r in refs.items() if n not in aliases}, aliases
 
 
 def _is_array(x: Any) -> bool:
@@ -617,7 +672,14 @@ def check_compatible(checkpoints: Sequence[Checkpoint]) -> None:
                 parts.append(f"missing {len(missing)}: {_some(missing)}")
             if extra:
                 parts.append(f"extra {len(extra)}: {_some(extra)}")
-            problems.append(f"{ck.source}: tensor names differ from {first.source}: " + "; ".join(parts))
+            from .names import prefix_hint
+
+            hint = prefix_hint(missing, extra)
+            if hint is None and missing and extra:
+                hint = ("if the same tensors are named otherwise (e.g. a module's names and its files'), pass "
+                        "key_map= (CLI: --rename REGEX=REPLACEMENT)")
+            problems.append(f"{ck.source}: tensor names differ from {first.source}: " + "; ".join(parts)
+                            + (f" ({hint})" if hint else ""))
         shown = 0
         for name, ref in ck.items():
             ref0 = first._refs.get(name)

@@ -656,6 +656,15 @@ def save(
 
     else:
         items = list(tensors.items()) if isinstance(tensors, Mapping) else list(tensors)
+        if isinstance(tensors, Mapping):  # tied weights (one tensor, two names): written once, first name
+            from .checkpoint import _memory_refs, _tied
+
+            try:
+                kept, _ = _tied(_memory_refs(tensors, "save"))
+            except FastsoupError:
+                kept = None
+            if kept is not None and len(kept) < len(items):
+                items = [(n, t) for n, t in items if n in kept]
         specs = []
         for item in items:
             if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)):

@@ -56,13 +56,16 @@ def wise_ft_sweep(
     device: Any = None,
     progress: bool | None = None,
     verify: str = "sample",
+    key_map: Any = None,
+    strip_prefix: str | None = None,
 ) -> SweepResult:
     """Scores the WiSE-FT interpolation at each alpha on the held-out set and every eval set.
 
     The data sets are prepared once; each alpha's soup is formed by one fused pass over the two
     checkpoints; with ``cache_dir`` the logits are cached (a rerun, or more alphas later, costs only
     the new points); ``verify`` says how the cache fingerprints the two checkpoints (``"sample"``
-    or ``"full"``, see :func:`~fastsoup.greedy_soup`).
+    or ``"full"``, see :func:`~fastsoup.greedy_soup`); ``key_map`` and ``strip_prefix`` how their
+    names become the model's (see :func:`~fastsoup.greedy_soup`).
 
     Returns:
         A :class:`SweepResult`.
@@ -74,7 +77,7 @@ def wise_ft_sweep(
     if not alphas:
         raise ValueError("alphas is empty")
     s = Search([zero_shot, fine_tuned], model, heldout, cache_dir=cache_dir, device=device, progress=progress,
-               evals=evals, verify=verify)
+               evals=evals, verify=verify, key_map=key_map, strip_prefix=strip_prefix)
     sets = list(s.data)
     scores: dict[str, list[float]] = {d: [] for d in sets}
     for a in alphas:

@@ -36,6 +36,7 @@ from .. import distributed as _distributed
 from .._errors import FastsoupError
 from ..io import _tempfiles
 from ..io.checkpoint import Checkpoint, check_compatible, open_checkpoint
+from ..io.names import NameMap
 from ..search import cache as _cache
 from ..search.heldout import HeldOut, evaluate, model_device, model_logits, prepare, progress_bar
 from ..soup import _dots, _mix_into_model
@@ -70,6 +71,11 @@ class LearnedResult:
     parametrization: str
     config: dict = field(default_factory=dict)
     seconds: float = 0.0
+    _mapped: list = field(default=None, repr=False, compare=False)  # the ingredients, named as the model's
+    _names: Any = field(default=None, repr=False, compare=False)  # their NameMap (to save under the files' names)
+
+    def _ingredients(self) -> list[Checkpoint]:
+        return self._mapped or [open_checkpoint(s) for s in self.sources]
 
     def weights(self) -> list[float] | dict[str, list[float]]:
         """The coefficients as the soup functions take them: K numbers, or name -> K numbers."""
@@ -79,18 +85,20 @@ class LearnedResult:
 
     def load_into(self, model: torch.nn.Module) -> torch.nn.Module:
         """Writes the learned soup into ``model``'s parameters in place (reads the K checkpoints once)."""
-        ckpts = [open_checkpoint(s) for s in self.sources]
-        _mix_into_model(ckpts, model, self.weights(), {})
+        _mix_into_model(self._ingredients(), model, self.weights(), {})
         return model
 
     def state_dict(self) -> dict:
         """The learned soup as a new state dict (float tensors: float32 sums cast to the first
         ingredient's dtypes; other tensors from the first ingredient)."""
-        ckpts = [open_checkpoint(s) for s in self.sources]
+        ckpts = self._ingredients()
         first = ckpts[0]
         out = {name: first.tensor(name) for name in first}  # shapes/dtypes; float ones are overwritten
         holder = _StateDictModule(out)
         _mix_into_model(ckpts, holder, self.weights(), {})
+        for alias, canon in first.aliases.items():  # tied weights: both names, one tensor
+            if canon in out and alias not in out:
+                out[alias] = out[canon]
         return out
 
     def save(self, out: str | os.PathLike, **options: Any) -> str:
@@ -98,8 +106,14 @@ class LearnedResult:
         coefficients, beta, scores and loss curve (``NAME.json``, or ``soup.json`` in a folder)."""
         from ..io.writer import save, with_sidecar
 
+        def state() -> dict:  # under the names of the ingredients' files, a tied tensor once
+            sd = self.state_dict()
+            first = self._ingredients()[0]
+            disk = self._names.disk_names if self._names is not None else {}
+            return {disk.get(n, n): t for n, t in sd.items() if n not in first.aliases}
+
         def write() -> str:
-            return with_sidecar(out, self.to_json(), lambda extras: save(self.state_dict(), out, _extras=extras, **options),
+            return with_sidecar(out, self.to_json(), lambda extras: save(state(), out, _extras=extras, **options),
                                 overwrite=bool(options.get("overwrite", False)))
 
         return _distributed.rank0(write)  # collective under torch.distributed: rank 0 writes
@@ -149,6 +163,8 @@ def learned_soup(
     seed: int = 0,
     progress: bool | None = None,
     verify: str = "sample",
+    key_map: Any = None,
+    strip_prefix: str | None = None,
 ) -> LearnedResult:
     """Learns the soup's mixing coefficients on held-out data, in O(P) memory.
 
@@ -178,6 +194,8 @@ def learned_soup(
         verify: how the cache key fingerprints the ingredients, as in
             :func:`~fastsoup.greedy_soup`: ``"sample"`` (file identity and sampled content) or
             ``"full"`` (every byte).
+        key_map, strip_prefix: how the ingredients' names become the model's, as in
+            :func:`~fastsoup.greedy_soup` (for a transformers model, its own renames by default).
 
     Returns:
         A :class:`LearnedResult`.
@@ -199,10 +217,12 @@ def learned_soup(
         raise ValueError(f"need lr > 0 and epochs >= 1 (or steps >= 1), got lr={lr}, epochs={epochs}, steps={steps}")
     K = len(sources)
     _cache.check_verify(verify)
-    ckpts: list[Checkpoint] = [open_checkpoint(s) for s in sources]
+    layout = open_checkpoint(model)
+    name_map = NameMap.build(key_map=key_map, strip_prefix=strip_prefix, model=model, layout=layout)
+    ckpts: list[Checkpoint] = name_map.apply([open_checkpoint(s) for s in sources])
     dev = torch.device(device) if device is not None else model_device(model)
     model = model.to(dev)
-    check_compatible([open_checkpoint(model)] + ckpts)
+    check_compatible([layout] + ckpts)
     params = dict(model.named_parameters())
     bad = [n for n, p in params.items() if p.dtype != torch.float32]
     if bad:
@@ -225,7 +245,7 @@ def learned_soup(
         if d is not None:
             return LearnedResult(torch.tensor(d["coefficients"], dtype=torch.float32), d["tensor_names"] or names,
                                  d["beta"], d["score"], d["loss"], d["uniform_loss"], d["losses"], sources, layerwise,
-                                 parametrization, config, time.perf_counter() - start)
+                                 parametrization, config, time.perf_counter() - start, _mapped=ckpts, _names=name_map)
 
     rows = len(names) if layerwise else 1
     base = torch.tensor(w0, dtype=torch.float32)
@@ -307,7 +327,7 @@ def learned_soup(
     final_loss = float(torch.nn.functional.cross_entropy(ev.logits * b, held.labels))
     coeff = alpha if layerwise else alpha[0]
     result = LearnedResult(coeff.clone(), names, b, ev.score, final_loss, uniform_loss, losses, sources, layerwise,
-                           parametrization, config, time.perf_counter() - start)
+                           parametrization, config, time.perf_counter() - start, _mapped=ckpts, _names=name_map)
     if cache_path is not None:
         _distributed.rank0(_write_cached, cache_path, result.to_json(), share=False)
     return result

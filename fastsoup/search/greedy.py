@@ -36,6 +36,7 @@ from .._errors import FastsoupError
 from .._native import _core
 from ..engine import CPU, resolve_device
 from ..io.checkpoint import Checkpoint, check_compatible, open_checkpoint
+from ..io.names import NameMap
 from ..io.writer import sidecar_path, with_sidecar
 from ..soup import Soup, _load_checkpoint
 from . import cache as _cache
@@ -104,12 +105,16 @@ class GreedyResult:
     metric: str
     strict: bool
     stats: SearchStats = field(default_factory=SearchStats)
+    _mapped: list = field(default=None, repr=False, compare=False)  # the kept ingredients, named as the model's
+    _names: Any = field(default=None, repr=False, compare=False)  # their NameMap (to save under the files' names)
 
     def soup(self) -> Soup:
         """The greedy soup as a :class:`~fastsoup.Soup`, summed in the order of the search (so its value
-        is bit for bit the one that was evaluated). Reads each kept ingredient once."""
-        soup = Soup.like(self.ingredients[0])
-        for ing in self.ingredients:
+        is bit for bit the one that was evaluated). Reads each kept ingredient once. Its names are the
+        model's; :meth:`save` writes the names of the ingredients' files."""
+        ings = self._mapped or self.ingredients
+        soup = Soup.like(ings[0], _names=self._names)
+        for ing in ings:
             soup.add(ing)
         return soup
 
@@ -186,6 +191,8 @@ class Search:
         progress: bool | None = None,
         evals: dict[str, Iterable] | None = None,
         verify: str = "sample",
+        key_map: Any = None,
+        strip_prefix: str | None = None,
     ):
         self.metric = check_metric(metric)
         self.verify = _cache.check_verify(verify)
@@ -197,7 +204,7 @@ class Search:
         self.progress = progress
         self.stats = SearchStats()
         self.names = [_name(src, i) for i, src in enumerate(self.sources)]
-        self.ckpts: list[Checkpoint] = [open_checkpoint(src) for src in self.sources]
+        opened = [open_checkpoint(src) for src in self.sources]
         self.device = torch.device(device) if device is not None else model_device(model)
         self.model = model.to(self.device)
         # The soup and the parameter writes run where the model is: the CUDA engine for a model on a
@@ -206,6 +213,9 @@ class Search:
         if self.device.type == "cuda" and _core.cuda_compiled and _core.cuda_device_count() > 0:
             self.engine_device = resolve_device(f"cuda:{self.device.index if self.device.index is not None else 0}")
         layout = open_checkpoint(model)
+        # The files' names as the module's (a key map, a prefix, transformers' own renames), tied weights alike.
+        self.name_map = NameMap.build(key_map=key_map, strip_prefix=strip_prefix, model=model, layout=layout)
+        self.ckpts: list[Checkpoint] = self.name_map.apply(opened)
         check_compatible([layout] + self.ckpts)
         self.model_fp = _cache.fingerprint_model(model)
         self.fps = [_cache.fingerprint_checkpoint(ck, verify) for ck in self.ckpts]
@@ -357,6 +367,8 @@ def greedy_soup(
     progress: bool | None = None,
     reorder: str = "examples",
     verify: str = "sample",
+    key_map: Any = None,
+    strip_prefix: str | None = None,
 ) -> GreedyResult:
     """Greedy soup, the paper's Recipe 1: rank the ingredients by held-out score, start from the best,
     try each next one once, keep it if the soup's held-out score does not drop.
@@ -395,6 +407,11 @@ def greedy_soup(
             place is evaluated again); ``"full"`` by every byte of every tensor (reads each
             checkpoint once more per run; for in-memory ingredients changed between runs, or to
             be sure). Without ``cache_dir`` it changes nothing.
+        key_map: the model's name of each tensor name in the ingredients' files (a callable, a dict,
+            or ``(regex, replacement)`` pairs). For a transformers model it defaults to the renaming
+            transformers itself applies between its files and the module, so ``save_pretrained``
+            folders of ViT, DINOv2, Swin, CLIP ... work with the model as they are.
+        strip_prefix: removes this prefix from the ingredients' names (``"module."``: DDP, open_clip).
 
     Returns:
         A :class:`GreedyResult`.
@@ -409,7 +426,7 @@ def greedy_soup(
         >>> result.save("greedy.safetensors")  # doctest: +SKIP
     """
     s = Search(ingredients, model, heldout, metric=metric, cache_dir=cache_dir, device=device, progress=progress,
-               verify=verify)
+               verify=verify, key_map=key_map, strip_prefix=strip_prefix)
     return run_greedy(s, strict=strict, order=order, reorder=reorder)
 
 
@@ -535,7 +552,7 @@ def run_greedy(s: Search, *, strict: bool = False, order: Sequence[int] | None =
     return GreedyResult(
         ingredients=[s.sources[i] for i in kept], indices=kept, score=best_score, history=history,
         individual_scores=scores, order=ranking, names=s.names, metric=metric_name(s.metric), strict=bool(strict),
-        stats=dataclasses.replace(s.stats),
+        stats=dataclasses.replace(s.stats), _mapped=[s.ckpts[i] for i in kept], _names=s.name_map,
     )
 
 
@@ -550,6 +567,8 @@ def greedy_ensemble(
     device: Any = None,
     progress: bool | None = None,
     verify: str = "sample",
+    key_map: Any = None,
+    strip_prefix: str | None = None,
 ) -> EnsembleResult:
     """The paper's greedy ensemble baseline: greedy soup's procedure over logit ensembles (the mean of
     the members' logits), computed from the ingredients' held-out logits (cached: free on a rerun).
@@ -557,7 +576,7 @@ def greedy_ensemble(
     Arguments as :func:`greedy_soup`.
     """
     s = Search(ingredients, model, heldout, metric=metric, cache_dir=cache_dir, device=device, progress=progress,
-               verify=verify)
+               verify=verify, key_map=key_map, strip_prefix=strip_prefix)
     return run_greedy_ensemble(s, strict=strict)
 
 

@@ -17,7 +17,7 @@ import hashlib
 import json
 import os
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,9 +76,12 @@ def prepare(data: Iterable, device: torch.device | str, *, name: str = "heldout"
     ``split="batches"``: batch i on rank i % world; ``"rows"``: a range of rows of every batch; None:
     all of it (see :mod:`fastsoup.distributed`).
 
-    A batch is ``(inputs, labels)`` or a dict with ``"labels"`` (or ``"label"``) and ``"images"`` (or
-    ``"inputs"``/``"input"``); inputs are a tensor, a tuple of tensors (``model(*inputs)``) or a dict
-    (``model(**inputs)``); labels a tensor with one entry per example.
+    A batch is ``(inputs, labels)``, or a dict (any mapping: a tokenizer's or a collator's
+    BatchEncoding too) with ``"labels"`` (or ``"label"``) and either ``"images"`` (or
+    ``"inputs"``/``"input"``) or the model's input names as transformers models take them
+    (``{"pixel_values", "labels"}``, ``{"input_ids", "attention_mask", "labels"}``: the model is
+    called as ``model(**inputs)`` without the labels). Inputs are a tensor, a tuple of tensors
+    (``model(*inputs)``) or a dict (``model(**inputs)``); labels a tensor with one entry per example.
 
     Raises:
         FastsoupError: the data is empty or a batch has another structure.
@@ -518,13 +521,29 @@ def progress_bar(enabled: bool | None, total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
 
 
+_LABELS = ("labels", "label")
+_POSITIONAL = ("images", "inputs", "input")  # {"images": x, "labels": y}: model(x)
+
+
 def _split(batch: Any, name: str, i: int):
-    if isinstance(batch, dict):
-        y = batch.get("labels", batch.get("label"))
-        x = next((batch[k] for k in ("images", "inputs", "input") if k in batch), None)
-        if x is None or y is None:
-            raise FastsoupError(f"{name}: batch {i} is a dict with keys {sorted(batch)}; expected 'images' (or 'inputs') and 'labels'")
-        return x, y
+    """(inputs, labels) of one batch. A mapping (a dict, or the BatchEncoding of a tokenizer or a
+    collator) holds ``labels`` (or ``label``) and either ``images``/``inputs``/``input`` (the model
+    is called with that value) or the model's own input names (``pixel_values``, ``input_ids``,
+    ``attention_mask``, ...: the model is called with them as keyword arguments)."""
+    if isinstance(batch, Mapping):
+        keys = [str(k) for k in batch.keys()]
+        y = next((batch[k] for k in _LABELS if k in batch), None)
+        if y is None:
+            what = "dict" if isinstance(batch, dict) else type(batch).__name__
+            raise FastsoupError(f"{name}: batch {i} is a {what} with keys {sorted(keys)} but no 'labels' (or 'label'); "
+                                "expected the labels and the inputs ('images', 'inputs', or the model's input names)")
+        positional = next((k for k in _POSITIONAL if k in batch), None)
+        if positional is not None:
+            return batch[positional], y
+        inputs = {k: batch[k] for k in batch.keys() if k not in _LABELS}
+        if not inputs:
+            raise FastsoupError(f"{name}: batch {i} holds labels but no inputs (keys {sorted(keys)})")
+        return inputs, y  # model(**inputs), as transformers models take them
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
         return batch[0], batch[1]
     raise FastsoupError(f"{name}: batch {i} is a {type(batch).__name__}; expected (inputs, labels)")

@@ -116,6 +116,8 @@ def run_report(
     progress: bool | None = None,
     overwrite: bool = False,
     verify: str = "sample",
+    key_map: Any = None,
+    strip_prefix: str | None = None,
 ) -> Report:
     """Runs the greedy search and scores every recipe (each ingredient, uniform and greedy soup, uniform
     and greedy logit ensembles) on the held-out set and every eval set; writes the greedy soup to
@@ -128,7 +130,7 @@ def run_report(
     if os.path.exists(out) and not overwrite:
         raise FastsoupError(f"{out} exists: pass --overwrite to replace it")
     s = Search(inputs, model, heldout, cache_dir=cache_dir, device=device, progress=progress, evals=evals,
-               verify=verify)
+               verify=verify, key_map=key_map, strip_prefix=strip_prefix)
     g = run_greedy(s, strict=strict)
     e = run_greedy_ensemble(s, strict=strict)
     sets = list(s.data)
