@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Union
 
@@ -138,6 +139,9 @@ def prefix_hint(missing: Sequence[str], extra: Sequence[str]) -> str | None:
 # transformers: the names on disk of a model's tensors
 
 
+_KEY_MAPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 class FusedLayoutError(CheckpointError):
     """The model's tensors and the files' tensors do not correspond one to one (transformers fuses or
     splits them on load, e.g. Mixtral's experts)."""
@@ -167,6 +171,10 @@ def transformers_key_map(model: Any) -> dict[str, str] | None:
         from transformers.core_model_loading import revert_weight_conversion
     except ImportError:  # transformers 4.x renames nothing on load
         return None
+    shapes = tuple((n, tuple(t.shape)) for n, t in model.state_dict().items())
+    hit = _KEY_MAPS.get(model)
+    if hit is not None and hit[0] == shapes:
+        return hit[1]
     disk_of: dict[str, str] = {}
     fused = []
     for name, t in model.state_dict().items():
@@ -185,11 +193,12 @@ def transformers_key_map(model: Any) -> dict[str, str] | None:
             "Soups through the module cannot map them: average the checkpoint folders file to file "
             "(fastsoup.average / `fastsoup average`, names as on disk), then load the soup with from_pretrained"
         )
-    if all(k == v for k, v in disk_of.items()):
-        return None
-    module_of = {disk: name for name, disk in disk_of.items()}
-    if len(module_of) != len(disk_of):
-        raise FusedLayoutError(f"{type(model).__name__}: two module tensors are saved under one name on disk")
+    module_of = None
+    if not all(k == v for k, v in disk_of.items()):
+        module_of = {disk: name for name, disk in disk_of.items()}
+        if len(module_of) != len(disk_of):
+            raise FusedLayoutError(f"{type(model).__name__}: two module tensors are saved under one name on disk")
+    _KEY_MAPS[model] = (shapes, module_of)  # a search forms many soups of one model: derived once
     return module_of
 
 

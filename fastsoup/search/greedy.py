@@ -333,7 +333,7 @@ class Search:
         out = {d: self.cached(members, d, weights) for d in sets}
         missing = [d for d, t in out.items() if t is None]
         if missing:
-            soup = Soup.like(self.model, device=self.engine_device)
+            soup = Soup.like(self.model, device=self.engine_device, _names=self.name_map)
             for n, i in enumerate(members):
                 soup.add(self.ckpts[i], 1.0 if weights is None else weights[n])
             soup.load_into(self.model)
@@ -491,7 +491,7 @@ def run_greedy(s: Search, *, strict: bool = False, order: Sequence[int] | None =
             else:
                 t0 = time.perf_counter()
                 if soup is None:
-                    soup = Soup.like(s.model, device=s.engine_device)
+                    soup = Soup.like(s.model, device=s.engine_device, _names=s.name_map)
                 for i in kept[summed:]:
                     soup.add(s.ckpts[i])
                 summed = len(kept)
