@@ -24,7 +24,7 @@ from ._dtypes import parse_float_dtype
 from . import distributed as _distributed
 from ._errors import CheckpointError, InputChangedError
 from ._native import _core
-from .io.checkpoint import Checkpoint, check_compatible, open_checkpoint
+from .io.checkpoint import Checkpoint, check_compatible, open_checkpoint, with_key
 from .io.writer import TensorSpec, plan_output
 
 SLOT_BYTES = 32 << 20  # CUDA pipeline: host input bytes per pinned slot (all inputs together)
@@ -93,6 +93,7 @@ def average(
     progress: bool | None = None,
     overwrite: bool = False,
     fsync: bool = False,
+    key: str | None = None,
 ):
     """Averages checkpoints: ``sum_k w_k * theta_k / sum_k w_k`` for every float tensor.
 
@@ -118,6 +119,9 @@ def average(
         progress: show a progress bar (default: on a terminal, for merges of 256 MB or more).
         overwrite: replace an existing ``out`` (only once the new soup is complete).
         fsync: flush the output to disk before it is renamed into place.
+        key: the state dict to take from training checkpoints (torch files holding several
+            entries), e.g. ``"state_dict_ema"`` of timm's ``train.py`` checkpoints; see
+            :func:`~fastsoup.open_checkpoint`. Path ingredients become :class:`~fastsoup.KeyedPath`.
 
     Returns:
         The state dict (``out=None``) or ``out``.
@@ -131,7 +135,7 @@ def average(
         >>> fastsoup.average(["a.safetensors", "b.safetensors"], out="soup.safetensors")  # doctest: +SKIP
         >>> soup = fastsoup.average([model_a.state_dict(), model_b.state_dict()])  # doctest: +SKIP
     """
-    ingredients = list(ingredients)
+    ingredients = with_key(ingredients, key)
     k = len(ingredients)
     if weights is None:
         ws = [1.0 / k] * k if k else []
@@ -161,13 +165,14 @@ def weighted_sum(
     progress: bool | None = None,
     overwrite: bool = False,
     fsync: bool = False,
+    key: str | None = None,
 ):
     """The raw linear combination ``sum_k w_k * theta_k`` (no normalization), e.g. for task
     arithmetic (``theta_0 + lambda * (theta_1 - theta_0)`` is ``weights=[1 - lambda, lambda]``).
 
     Arguments, returns and errors as :func:`average`, with ``weights`` required.
     """
-    ingredients = list(ingredients)
+    ingredients = with_key(ingredients, key)
     ws = _check_weights(weights, len(ingredients))
     with _distributed.merge_job(out, overwrite=overwrite, what="fastsoup.weighted_sum"):  # collective under torch.distributed
         return _merge(ingredients, ws, out=out, dtype=dtype, device=device, threads=threads, shard_size=shard_size,

@@ -35,7 +35,7 @@ from .. import distributed as _distributed
 from .._errors import FastsoupError
 from .._native import _core
 from ..engine import CPU, resolve_device
-from ..io.checkpoint import Checkpoint, check_compatible, open_checkpoint
+from ..io.checkpoint import Checkpoint, check_compatible, open_checkpoint, with_key
 from ..io.writer import sidecar_path, with_sidecar
 from ..soup import Soup, _load_checkpoint
 from . import cache as _cache
@@ -357,6 +357,7 @@ def greedy_soup(
     progress: bool | None = None,
     reorder: str = "examples",
     verify: str = "sample",
+    key: str | None = None,
 ) -> GreedyResult:
     """Greedy soup, the paper's Recipe 1: rank the ingredients by held-out score, start from the best,
     try each next one once, keep it if the soup's held-out score does not drop.
@@ -395,6 +396,8 @@ def greedy_soup(
             place is evaluated again); ``"full"`` by every byte of every tensor (reads each
             checkpoint once more per run; for in-memory ingredients changed between runs, or to
             be sure). Without ``cache_dir`` it changes nothing.
+        key: the state dict to take from training checkpoints, e.g. ``"state_dict_ema"`` (see
+            :func:`~fastsoup.open_checkpoint`); path ingredients become :class:`~fastsoup.KeyedPath`.
 
     Returns:
         A :class:`GreedyResult`.
@@ -408,8 +411,8 @@ def greedy_soup(
         >>> result.indices, result.score  # doctest: +SKIP
         >>> result.save("greedy.safetensors")  # doctest: +SKIP
     """
-    s = Search(ingredients, model, heldout, metric=metric, cache_dir=cache_dir, device=device, progress=progress,
-               verify=verify)
+    s = Search(with_key(ingredients, key), model, heldout, metric=metric, cache_dir=cache_dir, device=device,
+               progress=progress, verify=verify)
     return run_greedy(s, strict=strict, order=order, reorder=reorder)
 
 
@@ -550,14 +553,15 @@ def greedy_ensemble(
     device: Any = None,
     progress: bool | None = None,
     verify: str = "sample",
+    key: str | None = None,
 ) -> EnsembleResult:
     """The paper's greedy ensemble baseline: greedy soup's procedure over logit ensembles (the mean of
     the members' logits), computed from the ingredients' held-out logits (cached: free on a rerun).
 
     Arguments as :func:`greedy_soup`.
     """
-    s = Search(ingredients, model, heldout, metric=metric, cache_dir=cache_dir, device=device, progress=progress,
-               verify=verify)
+    s = Search(with_key(ingredients, key), model, heldout, metric=metric, cache_dir=cache_dir, device=device,
+               progress=progress, verify=verify)
     return run_greedy_ensemble(s, strict=strict)
 
 
