@@ -304,6 +304,44 @@ def test_open_clip_training_checkpoints(clip_runs):
 
 
 # ---------------------------------------------------------------------------------------------------
+# The command line
+
+
+def test_cli_key_and_the_note(timm_runs, tmp_path, capsys):
+    paths = [r["last"] for r in timm_runs]
+    out = str(tmp_path / "soup.safetensors")
+    assert cli.main(["average", *paths, "-o", out]) == 0
+    err = capsys.readouterr().err
+    notes = [line for line in err.splitlines() if "note:" in line]
+    assert len(notes) == 1, err  # one line for the three inputs
+    assert "took 'state_dict'" in notes[0] and "--key state_dict_ema" in notes[0] and paths[0] in notes[0]
+    from safetensors.torch import load_file
+
+    _same(load_file(out), mean_state_dict([r["state_dict"] for r in timm_runs]))
+
+    ema_out = str(tmp_path / "ema.safetensors")
+    assert cli.main(["average", *paths, "-o", ema_out, "--key", "state_dict_ema"]) == 0
+    assert "note:" not in capsys.readouterr().err
+    _same(load_file(ema_out), mean_state_dict([r["ema"] for r in timm_runs]))
+
+    assert cli.main(["similarity", *paths, "--key", "state_dict_ema"]) == 0
+    assert "cosine similarity" in capsys.readouterr().out
+    assert cli.main(["average", *paths, "-o", str(tmp_path / "x.safetensors"), "--key", "optimizer"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("fastsoup: error: ") and "optimizer state" in err and err.count("\n") == 1
+
+
+def test_cli_inspect_training_checkpoint(timm_runs, capsys):
+    assert cli.main(["inspect", timm_runs[0]["last"], "--tensors"]) == 0
+    out = capsys.readouterr().out
+    assert "training checkpoint: the state dict is 'state_dict'" in out
+    for entry in ("state_dict_ema", "optimizer state", "Namespace", "amp_scaler", "metric"):
+        assert entry in out
+    assert "conv_stem.weight" in out and "[8, 3, 3, 3]" in out and "float32" in out
+    assert "bn1.num_batches_tracked" in out and "int64" in out
+
+
+# ---------------------------------------------------------------------------------------------------
 # The libraries' own models and loaders, where they import.
 
 _TORCHVISION_REASON = ("imports torchvision, whose wheels in this registry (0.28.0 with torch 2.13.0+cpu) are "

@@ -29,11 +29,90 @@ def _subparsers(parser: argparse.ArgumentParser) -> dict:
     return dict(action.choices)
 
 
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"fastsoup {fastsoup.__version__}"
+
+
+def test_every_option_has_a_description():
+    missing = []
+    for name, sub in _subparsers(cli._parser()).items():
+        for action in sub._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            if not action.help:
+                missing.append(f"{name} {'/'.join(action.option_strings) or action.dest}")
+    assert not missing, missing
+
+
+MODULE = textwrap.dedent('''
+    import torch
+    from torch import nn
+
+    def net():
+        torch.manual_seed(0)
+        return nn.Linear(4, 2)
+
+    def heldout():
+        g = torch.Generator().manual_seed(1)
+        return [(torch.randn(8, 4, generator=g), torch.randint(0, 2, (8,), generator=g))]
+''')
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    torch = pytest.importorskip("torch")
+    (tmp_path / "tinymod.py").write_text(MODULE)
+    torch.manual_seed(0)
+    paths = []
+    for i in range(2):
+        sd = {k: v.detach().clone() + i for k, v in torch.nn.Linear(4, 2).state_dict().items()}
+        p = str(tmp_path / f"ft{i}.safetensors")
+        fastsoup.save(sd, p)
+        paths.append(p)
+    return tmp_path, str(tmp_path / "tinymod.py"), paths
+
+
+# cuda:99 fails on every machine: without CUDA in torch, without a GPU, and with fewer GPUs.
+@pytest.mark.parametrize("command", ["greedy", "learned"])
+@pytest.mark.parametrize("device", ["cuda:99", "gpu"])
+def test_unusable_device_is_one_line(tiny, capsys, command, device):
+    root, mod, paths = tiny
+    rc = cli.main([command, *paths, "--model", f"{mod}:net", "--heldout", f"{mod}:heldout",
+                   "-o", str(root / "out.safetensors"), "--device", device, "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert err.startswith(f"fastsoup: error: --device {device}: ") and err.count("\n") == 1, err
+    assert not os.path.exists(root / "out.safetensors")
+
+
 def _pair(tmp_path, n=300_000):
     a, b = str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")
     fastsoup.save({"w": np.ones(n, np.float32), "step": np.array([3], np.int64)}, a)
     fastsoup.save({"w": np.zeros(n, np.float32), "step": np.array([3], np.int64)}, b)
     return a, b
+
+
+def test_inspect_tensors_lists_names_shapes_dtypes(tmp_path, capsys):
+    path = str(tmp_path / "m.safetensors")
+    fastsoup.save({"encoder.weight": np.zeros((3, 4), np.float16), "encoder.bias": np.zeros(3, np.float32),
+                   "steps": np.zeros((), np.int64)}, path)
+    assert cli.main(["inspect", path, "--tensors"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[1:] if line.startswith("  ") and
+            not line.startswith("    ") and line.split()[0] in ("encoder.weight", "encoder.bias", "steps")}
+    assert rows == {"encoder.bias": ["[3]", "float32"], "encoder.weight": ["[3,", "4]", "float16"],
+                    "steps": ["[]", "int64"]}
+    assert cli.main(["inspect", path, "--tensors", "--json"]) == 0
+    import json
+
+    info = json.loads(capsys.readouterr().out)
+    assert sorted((t["name"], t["shape"], t["dtype"]) for t in info["tensor_list"]) == [
+        ("encoder.bias", [3], "float32"), ("encoder.weight", [3, 4], "float16"), ("steps", [], "int64")]
+    assert cli.main(["inspect", path]) == 0
+    assert "encoder.bias" not in capsys.readouterr().out  # the list only when asked
 
 
 def test_check_compatible_takes_paths(tmp_path):
