@@ -95,6 +95,19 @@ def _pair(tmp_path, n=300_000):
     return a, b
 
 
+def test_finished_progress_bar_leaves_a_summary(tmp_path, capsys):
+    a, b = _pair(tmp_path)
+    fastsoup.average([a, b], out=str(tmp_path / "s.safetensors"), progress=True)
+    err = capsys.readouterr().err
+    lines = [line for line in re.split(r"[\r\n]", err) if line.strip()]
+    assert re.fullmatch(r"average: 2\.40 MB in \d+\.\d\d s \((\d+\.\d|-) GB/s\)", lines[-1]), err
+    fastsoup.weighted_sum([a, b], [1, -1], out=str(tmp_path / "d.safetensors"), progress=True)
+    assert re.search(r"weighted_sum: 2\.40 MB in ", capsys.readouterr().err)
+    fastsoup.average([a, b], out=str(tmp_path / "q.safetensors"), progress=False)
+    assert capsys.readouterr().err == ""  # no bar, no summary
+    assert fastsoup.engine.progress_summary("average", 4_870_000_000, 0.61) == "average: 4.87 GB in 0.61 s (8.0 GB/s)"
+
+
 def test_inspect_tensors_lists_names_shapes_dtypes(tmp_path, capsys):
     path = str(tmp_path / "m.safetensors")
     fastsoup.save({"encoder.weight": np.zeros((3, 4), np.float16), "encoder.bias": np.zeros(3, np.float32),
