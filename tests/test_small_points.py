@@ -88,6 +88,16 @@ def test_unusable_device_is_one_line(tiny, capsys, command, device):
     assert not os.path.exists(root / "out.safetensors")
 
 
+def test_demo_time_is_the_same_in_help_and_readme():
+    demo = _subparsers(cli._parser())["demo"]
+    top = cli._parser().format_help()
+    assert cli.DEMO_SECONDS in re.sub(r"\s+", " ", top)
+    assert cli.DEMO_SECONDS in re.sub(r"\s+", " ", demo.format_help())
+    readme = re.sub(r"\s+", " ", _read("README.md"))
+    assert f"`fastsoup demo --out demo_out`, the paper's experiment in miniature ({cli.DEMO_SECONDS}" in readme
+    assert "~1 minute" not in top
+
+
 def _pair(tmp_path, n=300_000):
     a, b = str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")
     fastsoup.save({"w": np.ones(n, np.float32), "step": np.array([3], np.int64)}, a)
@@ -140,3 +150,19 @@ def test_check_compatible_takes_paths(tmp_path):
     with pytest.raises(fastsoup.CheckpointError, match="no ingredients"):
         fastsoup.check_compatible([])
 
+
+def test_license():
+    text = _read("LICENSE")
+    assert text.lstrip().startswith("Apache License") and "Version 2.0, January 2004" in text
+    assert "END OF TERMS AND CONDITIONS" in text
+    pyproject = _read("pyproject.toml")
+    assert re.search(r'^license = "Apache-2.0"$', pyproject, flags=re.M)
+    assert re.search(r'^license-files = \["LICENSE"\]$', pyproject, flags=re.M)
+
+
+def test_readme_install_line_takes_the_cpu_torch():
+    """No bare `pip install torch` (it pulls a multi-GB CUDA build): a pinned version or an index."""
+    for line in _read("README.md").splitlines():
+        m = re.match(r"\s*pip install (torch\S*)(.*)", line)
+        if m:
+            assert "==" in m.group(1) or "--index-url" in m.group(2), line
