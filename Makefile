@@ -1,6 +1,7 @@
 # The two commands of the README:
 #   make demo   set up .venv (torch first, then fastsoup with its native core) and run the main job
-#   make test   set up .venv and run the test suites (C++ ctest + pytest)
+#   make test   set up .venv and run the test suites (C++ ctest + pytest); setup installs the test, demo and
+#               clients extras (clients: the real libraries some tests use, pinned) with torch pinned
 # Both work on a fresh machine with Python >= 3.9 and a C++17 compiler. Override PYTHON, VENV or
 # TORCH (the pip requirement for torch, e.g. TORCH=torch to take the newest) on the command line.
 
@@ -20,7 +21,11 @@ $(STAMP): $(NATIVE_SOURCES)
 	$(PY) -m pip install --upgrade pip
 	# torch before anything that depends on it: a bare "torch" requirement pulls a multi-GB CUDA build
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH)"
-	$(PY) -m pip install -e ".[test,demo]"
+	# then everything else under a constraint on the torch now installed, so no dependency replaces it
+	# (unpinned, the libraries of the clients extra pulled a CUDA torch 2.14 here)
+	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-constraint.txt
+	$(PY) -m pip install -c $(VENV)/torch-constraint.txt -e ".[test,demo,clients]"
+	$(PY) -c "import torch; print('torch', torch.__version__)"
 	touch $(STAMP)
 
 demo: setup

@@ -8,9 +8,9 @@ files never import torch; torch is imported where tensors are.
 from ._native import _core
 from ._version import __version__
 from ._errors import (CheckpointError, FastsoupError, InputChangedError, InterruptedAfterInstall, OutputExistsError,
-                      UnsafeOutputError)
+                      StateDictChoiceWarning, UnsafeOutputError)
 from .engine import average, weighted_sum
-from .io import Checkpoint, TensorRef, check_compatible, open_checkpoint, save
+from .io import Checkpoint, KeyedPath, TensorRef, check_compatible, open_checkpoint, save
 from .diagnostics import inspect_checkpoint, similarity
 from .recipes import RECIPES, uniform_soup, weighted_soup
 from .recipes.interpolate import interpolate, wise_ft_sweep
@@ -59,10 +59,12 @@ __all__ = [
     "GreedyResult",
     "InputChangedError",
     "InterruptedAfterInstall",
+    "KeyedPath",
     "LearnedResult",
     "RECIPES",
     "Soup",
     "OutputExistsError",
+    "StateDictChoiceWarning",
     "TensorRef",
     "UnsafeOutputError",
     "__version__",

@@ -32,3 +32,15 @@ class InterruptedAfterInstall(KeyboardInterrupt):
     """Ctrl-C (or SIGTERM/SIGHUP) arrived after the output was installed, while the output it
     replaced was being removed: the new output is complete at its path. The message says where the
     rest of the old one is (the next run beside it removes it)."""
+
+
+class StateDictChoiceWarning(UserWarning):
+    """A training checkpoint holds several state dicts (e.g. ``state_dict`` and ``state_dict_ema``)
+    and fastsoup took one by its default rule. ``taken`` is the entry taken, ``others`` the other
+    state dicts, ``source`` the checkpoint; pass ``key=`` (CLI: ``--key``) to take another."""
+
+    def __init__(self, message: str, *, source: str, taken: str, others: tuple):
+        super().__init__(message)
+        self.source = source
+        self.taken = taken
+        self.others = tuple(others)

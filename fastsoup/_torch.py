@@ -6,11 +6,16 @@ Imported on first use only; ``import fastsoup`` and merges of safetensors files 
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import pickle
+import re
 from collections.abc import Sequence
 
 import torch
 
 from ._dtypes import BY_NAME, FLOAT_NAMES, info
+from ._errors import CheckpointError
 from ._native import _core
 
 _TORCH_DTYPES = {name: getattr(torch, name) for name in BY_NAME if isinstance(getattr(torch, name, None), torch.dtype)}
@@ -28,15 +33,65 @@ def torch_dtype(name: str) -> torch.dtype:
         raise ValueError(f"dtype {name} has no torch equivalent in torch {torch.__version__}") from None
 
 
+# Types a torch file may hold besides tensors and the containers torch allows by default: plain data
+# containers only, never a class whose construction runs code of its own. argparse.Namespace: timm's
+# train.py saves its arguments as one (``checkpoint["args"]``).
+PLAIN_GLOBALS = (argparse.Namespace,)
+
+
+def _allowing_plain_globals():
+    """The scope of :data:`PLAIN_GLOBALS` in ``torch.load(weights_only=True)``: the ``safe_globals``
+    context manager (torch >= 2.5), else ``add_safe_globals`` (process-wide, torch 2.4)."""
+    ser = torch.serialization
+    if hasattr(ser, "safe_globals"):
+        return ser.safe_globals(list(PLAIN_GLOBALS))
+    if hasattr(ser, "add_safe_globals"):
+        ser.add_safe_globals(list(PLAIN_GLOBALS))
+    return contextlib.nullcontext()
+
+
 def load_file(path: str):
     """``torch.load`` of a .pt/.bin file: memory-mapped and weights-only where the format allows.
-    Returns ``(object, mapped)``: mapped is False for legacy (non-zip) files, which are read whole."""
+    Returns ``(object, mapped)``: mapped is False for legacy (non-zip) files, which are read whole.
+
+    ``weights_only=True`` always, with :data:`PLAIN_GLOBALS` allowed besides torch's defaults. A file
+    that needs any other global (a class, a function: what a pickle can run) raises a
+    :class:`~fastsoup.CheckpointError` naming it; nothing of the file is executed."""
     try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=True), True
-    except RuntimeError as e:
-        if "mmap" not in str(e):  # legacy (non-zip) files cannot be mapped: load them whole
+        with _allowing_plain_globals():
+            try:
+                return torch.load(path, map_location="cpu", mmap=True, weights_only=True), True
+            except RuntimeError as e:
+                if "mmap" not in str(e):  # legacy (non-zip) files cannot be mapped: load them whole
+                    raise
+                return torch.load(path, map_location="cpu", weights_only=True), False
+    except pickle.UnpicklingError as e:
+        if "weights only" not in str(e).lower():  # a damaged file, not a refused type
             raise
-        return torch.load(path, map_location="cpu", weights_only=True), False
+        raise CheckpointError(_refusal(path, e)) from None
+
+
+def _refusal(path: str, e: Exception) -> str:
+    """The message for a torch file that weights-only loading refused: the types it needs, or what
+    stopped the unpickler (a damaged file, or not a torch file)."""
+    names = list(dict.fromkeys(re.findall(r"GLOBAL ([\w.]+)", str(e))))
+    if not names and hasattr(torch.serialization, "get_unsafe_globals_in_checkpoint"):
+        plain = {f"{t.__module__}.{t.__qualname__}" for t in PLAIN_GLOBALS}
+        try:
+            names = [n for n in torch.serialization.get_unsafe_globals_in_checkpoint(path) if n not in plain]
+        except Exception:  # not a zip file, or unreadable: no names
+            names = []
+    if not names:
+        detail = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(e))
+        return (f"{path}: cannot load as a torch checkpoint (damaged, or not one): weights-only unpickling stopped"
+                + (f" at: {detail.group(1).strip()}" if detail else ""))
+    allowed = ", ".join(f"{t.__module__}.{t.__qualname__}" for t in PLAIN_GLOBALS)
+    return (
+        f"{path}: holds a {', '.join(names)} object, which fastsoup does not load: it reads torch files with "
+        f"weights_only=True (tensors, numbers, strings, lists, tuples, dicts, {allowed}) and never runs code from a "
+        "checkpoint. If you trust the file, load it in your own code and save its state dict alone "
+        "(safetensors.torch.save_file(state_dict, 'model.safetensors'))"
+    )
 
 
 def guard_mapped_storages(obj, path: str):

@@ -1,17 +1,19 @@
 """The ``fastsoup`` command line.
 
-    fastsoup average IN [IN ...] -o OUT [--weights W ...] [--dtype {fp16,bf16,fp32}]
+    fastsoup average IN [IN ...] -o OUT [--weights W ...] [--dtype {fp16,bf16,fp32}] [--key KEY]
                      [--shard-size 5GB] [--threads N] [--no-progress] [--overwrite] [--fsync]
     fastsoup greedy CKPT [CKPT ...] --model MOD:FACTORY --heldout MOD:LOADER [--eval NAME=MOD:LOADER ...]
-                    -o OUT [--cache DIR] [--verify-cache] [--strict] [--device DEV] [--results PATH] [--overwrite]
+                    -o OUT [--cache DIR] [--verify-cache] [--strict] [--device DEV] [--results PATH] [--key KEY]
+                    [--overwrite]
     fastsoup plot RESULTS.jsonl -o FIG.png [--x heldout] [--y NAME]
     fastsoup learned CKPT [CKPT ...] --model MOD:FACTORY --heldout MOD:LOADER [--eval NAME=MOD:LOADER ...]
                      -o OUT [--layerwise] [--epochs N] [--lr LR] [--parametrization {softmax,free}] [--cache DIR]
-                     [--verify-cache]
-    fastsoup inspect PATH
-    fastsoup similarity CKPT [CKPT ...] [--base B] [--angles] [--plot PNG]
+                     [--verify-cache] [--key KEY]
+    fastsoup inspect PATH [--tensors] [--json] [--key KEY]
+    fastsoup similarity CKPT [CKPT ...] [--base B] [--angles] [--plot PNG] [--key KEY]
     fastsoup demo [--out DIR] [--models N] [--seed S]
     fastsoup info
+    fastsoup --version
 
 Errors are one line on stderr (no traceback) and a non-zero exit code; nothing is left at OUT.
 """
@@ -25,10 +27,20 @@ import signal
 import sys
 import threading
 import time
+import warnings
+
+# `time fastsoup demo --out DIR` on the 2-vCPU development machine, the whole command: 11.4 to 18.8 s (5 runs,
+# load average 3.7 to 4.3 from other jobs), 9 to 10 s of CPU. Said alike in the README (Quick start).
+DEMO_SECONDS = "10 to 20 s"
+KEY_HELP = ("the state dict to take from training checkpoints (torch files that hold several entries), e.g. "
+            "state_dict_ema for the EMA weights of timm's train.py (default: state_dict, else model)")
 
 
 def _parser() -> argparse.ArgumentParser:
+    from ._version import __version__
+
     p = argparse.ArgumentParser(prog="fastsoup", description="Fast, memory-bounded model soups.")
+    p.add_argument("--version", action="version", version=f"fastsoup {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     a = sub.add_parser("average", help="average checkpoints (uniform or weighted) into one",
@@ -46,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--no-progress", action="store_true", help="no progress bar")
     a.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     a.add_argument("--fsync", action="store_true", help="flush OUT to disk before it appears (durable, slower)")
+    a.add_argument("--key", metavar="KEY", help=KEY_HELP)
     _name_options(a)
 
     g = sub.add_parser(
@@ -69,6 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--verify-cache", action="store_true",
                    help="key the cache by every byte of the checkpoints (reads them once more per run), not by file "
                         "identity and sampled content")
+    g.add_argument("--key", metavar="KEY", help=KEY_HELP)
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     _name_options(g)
@@ -76,8 +90,8 @@ def _parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plot", help="the paper-style figure from a results.jsonl",
                         description="Individual models as points, uniform and greedy soup (and ensembles) marked; "
                                     "x = held-out accuracy, y = another data set's (default: the first eval set).")
-    pl.add_argument("results", metavar="RESULTS.jsonl")
-    pl.add_argument("-o", "--out", required=True, metavar="FIG.png")
+    pl.add_argument("results", metavar="RESULTS.jsonl", help="the results file of fastsoup greedy")
+    pl.add_argument("-o", "--out", required=True, metavar="FIG.png", help="where to write the figure (PNG)")
     pl.add_argument("--x", default="heldout", help="data set on the x axis (default: heldout)")
     pl.add_argument("--y", help="data set on the y axis (default: the first other one)")
 
@@ -86,42 +100,56 @@ def _parser() -> argparse.ArgumentParser:
         description="Learns one coefficient per checkpoint (--layerwise: per checkpoint and tensor) on the held-out "
                     "batches by gradient descent, streaming the checkpoints (memory does not grow with their number). "
                     "Defaults follow the official learned_soup.py: softmax, AdamW lr 0.05, 5 epochs.")
-    le.add_argument("inputs", nargs="+", metavar="CKPT")
-    le.add_argument("--model", required=True, metavar="MOD:FACTORY")
-    le.add_argument("--heldout", required=True, metavar="MOD:LOADER")
-    le.add_argument("--eval", action="append", default=[], metavar="NAME=MOD:LOADER")
-    le.add_argument("-o", "--out", required=True, metavar="OUT")
+    le.add_argument("inputs", nargs="+", metavar="CKPT", help="checkpoints fine-tuned from one init")
+    le.add_argument("--model", required=True, metavar="MOD:FACTORY",
+                    help="a function returning the nn.Module (float32 parameters), e.g. mypkg.models:make_model "
+                         "(or path/file.py:make_model)")
+    le.add_argument("--heldout", required=True, metavar="MOD:LOADER",
+                    help="a function returning the held-out (inputs, labels) batches the coefficients are trained on")
+    le.add_argument("--eval", action="append", default=[], metavar="NAME=MOD:LOADER",
+                    help="another data set to report the learned soup's accuracy on (repeatable)")
+    le.add_argument("-o", "--out", required=True, metavar="OUT",
+                    help="where to write the learned soup (safetensors) and its JSON sidecar")
     le.add_argument("--layerwise", action="store_true", help="one coefficient per checkpoint and tensor")
-    le.add_argument("--epochs", type=int, default=5)
-    le.add_argument("--steps", type=int, help="exact number of steps (instead of --epochs)")
-    le.add_argument("--lr", type=float, default=0.05)
-    le.add_argument("--parametrization", choices=["softmax", "free"], default="softmax")
+    le.add_argument("--epochs", type=int, default=5, metavar="N", help="passes over the held-out batches (default: 5)")
+    le.add_argument("--steps", type=int, metavar="N", help="exact number of steps (instead of --epochs)")
+    le.add_argument("--lr", type=float, default=0.05, help="AdamW learning rate (default: 0.05)")
+    le.add_argument("--parametrization", choices=["softmax", "free"], default="softmax",
+                    help="softmax: weights >= 0 summing to 1 (default); free: any real weights")
     le.add_argument("--cache", metavar="DIR", help="keep the result: a rerun returns it without training")
     le.add_argument("--verify-cache", action="store_true",
                     help="key the cache by every byte of the checkpoints, not by file identity and sampled content")
-    le.add_argument("--device")
-    le.add_argument("--no-progress", action="store_true")
-    le.add_argument("--overwrite", action="store_true")
+    le.add_argument("--device", help="evaluation device, e.g. cuda (default: the model's)")
+    le.add_argument("--key", metavar="KEY", help=KEY_HELP)
+    le.add_argument("--no-progress", action="store_true", help="no progress bar")
+    le.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     _name_options(le)
 
-    ins = sub.add_parser("inspect", help="what a checkpoint holds: tensors, parameters, dtypes, shards, metadata")
-    ins.add_argument("path", metavar="PATH")
+    ins = sub.add_parser("inspect", help="what a checkpoint holds: tensors, parameters, dtypes, shards, metadata",
+                         description="Counts of tensors, parameters and bytes per dtype, the files of a sharded "
+                                     "checkpoint, its metadata, and for a training checkpoint its entries and the one "
+                                     "the state dict was taken from.")
+    ins.add_argument("path", metavar="PATH", help="a checkpoint file, sharded folder or index file")
+    ins.add_argument("--tensors", action="store_true", help="also list every tensor: name, shape and dtype")
     ins.add_argument("--json", action="store_true", help="print JSON")
+    ins.add_argument("--key", metavar="KEY", help=KEY_HELP)
 
     si = sub.add_parser("similarity", help="pairwise cosine similarity / angle of checkpoints or task vectors",
                         description="One streaming pass over the checkpoints. With --base (the pretrained init), "
                                     "compares the task vectors theta_k - base, as the paper's angle analysis does.")
-    si.add_argument("inputs", nargs="+", metavar="CKPT")
+    si.add_argument("inputs", nargs="+", metavar="CKPT", help="the checkpoints to compare")
     si.add_argument("--base", metavar="B", help="subtract this checkpoint first (task vectors)")
     si.add_argument("--angles", action="store_true", help="print angles in degrees instead of cosines")
     si.add_argument("--plot", metavar="PNG", help="also write a heatmap")
-    si.add_argument("--threads", type=int)
+    si.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: all)")
+    si.add_argument("--key", metavar="KEY", help=KEY_HELP)
 
-    d = sub.add_parser("demo", help="the paper's experiment in miniature (real digits data, ~1 minute on 2 cores)",
+    d = sub.add_parser("demo", help=f"the paper's experiment in miniature (real digits data, {DEMO_SECONDS} on 2 cores)",
                        description="Pretrains a small MLP on scikit-learn's bundled digits, fine-tunes N models with a random "
                                    "hyperparameter search, and compares every model, the uniform and greedy soups and the "
                                    "logit ensembles on held-out, test and shifted test data; writes a table, results.jsonl, "
-                                   "the greedy soup and a figure. Nothing is downloaded.")
+                                   "the greedy soup and a figure. Nothing is downloaded. "
+                                   f"Takes {DEMO_SECONDS} on 2 cores.")
     d.add_argument("--out", default="demo_out", metavar="DIR", help="output folder (default: demo_out)")
     d.add_argument("--models", type=int, default=12, metavar="N", help="fine-tunes (default: 12)")
     d.add_argument("--seed", type=int, default=0, help="seed of the data split and the search (default: 0)")
@@ -149,14 +177,15 @@ def _key_map(args):
 
 
 def _greedy(args) -> int:
+    from .io.checkpoint import with_key
     from .search.report import greedy_report
 
     evals = _evals(args.eval)
     report = greedy_report(
-        args.inputs, model=args.model, heldout=args.heldout, evals=evals, out=args.out, cache_dir=args.cache,
-        strict=args.strict, device=args.device, results=args.results, progress=False if args.no_progress else None,
-        overwrite=args.overwrite, verify="full" if args.verify_cache else "sample", key_map=_key_map(args),
-        strip_prefix=args.strip_prefix,
+        with_key(args.inputs, args.key), model=args.model, heldout=args.heldout, evals=evals, out=args.out,
+        cache_dir=args.cache, strict=args.strict, device=args.device, results=args.results,
+        progress=False if args.no_progress else None, overwrite=args.overwrite,
+        verify="full" if args.verify_cache else "sample", key_map=_key_map(args), strip_prefix=args.strip_prefix,
     )
     print(report.table())
     _note(f"wrote {report.out} and {report.results_path} in {report.seconds:.2f} s")
@@ -177,7 +206,7 @@ def _learned(args) -> int:
     r = learned_soup(args.inputs, model, load_callable(args.heldout)(), layerwise=args.layerwise, epochs=args.epochs,
                      steps=args.steps, lr=args.lr, parametrization=args.parametrization, cache_dir=args.cache,
                      device=args.device, progress=False if args.no_progress else None,
-                     verify="full" if args.verify_cache else "sample", key_map=_key_map(args),
+                     verify="full" if args.verify_cache else "sample", key=args.key, key_map=_key_map(args),
                      strip_prefix=args.strip_prefix)
     coeff = r.coefficients if not r.layerwise else r.coefficients.mean(0)
     print(f"{'checkpoint':<40}  {'coefficient' if not r.layerwise else 'mean coefficient':>16}")
@@ -199,11 +228,16 @@ def _learned(args) -> int:
 def _inspect(args) -> int:
     from .diagnostics import inspect_checkpoint
 
-    info = inspect_checkpoint(args.path)
+    info = inspect_checkpoint(args.path, key=args.key, tensors=args.tensors)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
     print(f"{info['source']}: {info['tensors']} tensors, {info['params']:,} parameters, {info['bytes'] / 1e6:.1f} MB")
+    if info["entries"] is not None:
+        print(f"  training checkpoint: the state dict is {info['key']!r}; entries:")
+        width = max(len(k) for k in info["entries"])
+        for name, what in info["entries"].items():
+            print(f"    {name:<{width}}  {what}")
     for dt, d in info["dtypes"].items():
         print(f"  {dt:<10} {d['tensors']:>6} tensors {d['params']:>16,} parameters {d['bytes'] / 1e6:>10.1f} MB")
     if info["shards"]:
@@ -212,13 +246,22 @@ def _inspect(args) -> int:
             print(f"    {sh['file']}  {sh['bytes'] / 1e6:.1f} MB, {sh['tensors']} tensors")
     if info["metadata"]:
         print(f"  metadata: {json.dumps(info['metadata'])[:500]}")
+    if args.tensors:
+        rows = info["tensor_list"]
+        shapes = [str(list(r["shape"])) for r in rows]
+        nw = max((len(r["name"]) for r in rows), default=4)
+        sw = max((len(x) for x in shapes), default=5)
+        several = len(info["shards"]) > 1
+        print(f"  {'name':<{nw}}  {'shape':<{sw}}  dtype" + ("      file" if several else ""))
+        for r, shape in zip(rows, shapes):
+            print(f"  {r['name']:<{nw}}  {shape:<{sw}}  {r['dtype']:<9}" + (f"  {r['file']}" if several else ""))
     return 0
 
 
 def _similarity(args) -> int:
     from .diagnostics import similarity
 
-    s = similarity(args.inputs, base=args.base, threads=args.threads)
+    s = similarity(args.inputs, base=args.base, threads=args.threads, key=args.key)
     what = "angles" if args.angles else "cosine"
     label = "task vectors (minus " + args.base + ")" if args.base else "checkpoints"
     print(f"{'angles (degrees)' if args.angles else 'cosine similarity'} of {label}:")
@@ -265,6 +308,7 @@ def _average(args) -> int:
         fsync=args.fsync,
         key_map=_key_map(args),
         strip_prefix=args.strip_prefix,
+        key=args.key,
     )
     _note(f"wrote {path} from {len(args.inputs)} checkpoints in {time.perf_counter() - start:.2f} s")
     return 0
@@ -276,6 +320,63 @@ def _note(msg: str) -> None:
 
     if is_main_process():
         print(msg, file=sys.stderr)
+
+
+def _key_notes():
+    """Shows each :class:`~fastsoup.StateDictChoiceWarning` as one note line, once per kind of choice
+    (K inputs of the same training script give one line, not K warnings)."""
+    from ._errors import StateDictChoiceWarning
+
+    seen = set()
+    show = warnings.showwarning
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        if not isinstance(message, StateDictChoiceWarning):
+            return show(message, category, filename, lineno, file, line)
+        if (message.taken, message.others) in seen:
+            return None
+        seen.add((message.taken, message.others))
+        others = ", ".join(map(repr, message.others))
+        _note(f"fastsoup: note: {message.source} holds several state dicts: took {message.taken!r} (here and from "
+              f"every input like it), not {others}; --key {message.others[0]} takes "
+              f"{'that one' if len(message.others) == 1 else 'another'}")
+        return None
+
+    ctx = warnings.catch_warnings()
+    ctx.__enter__()
+    warnings.simplefilter("always", StateDictChoiceWarning)
+    warnings.showwarning = showwarning
+    return ctx
+
+
+def _check_device(device) -> None:
+    """``--device``: one torch knows and this process can use, said in one line instead of torch's
+    traceback (a CPU-only torch asked for CUDA raises an AssertionError deep in the first copy)."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"--device {device}: not a device torch knows (e.g. cpu, cuda, cuda:1)") from None
+    if dev.type == "cuda":
+        if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
+            raise ValueError(
+                f"--device {device}: this torch ({torch.__version__}) is built without CUDA; install a CUDA build of "
+                "torch, or leave out --device to run on the CPU"
+            )
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"--device {device}: no CUDA device is visible to this process")
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"--device {device}: {count} CUDA device(s) visible (cuda:0 to cuda:{count - 1})")
+    elif dev.type not in ("cpu", "meta"):
+        backend = getattr(torch, dev.type, None)
+        available = getattr(backend, "is_available", None)
+        if callable(available) and not available():
+            raise ValueError(
+                f"--device {device}: no {dev.type} device is available to this torch ({torch.__version__})")
 
 
 class Terminated(KeyboardInterrupt):
@@ -321,10 +422,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args) -> int:
+    notes = None
     try:
         from . import FastsoupError, native_info
         from .distributed import cli_begin
 
+        notes = _key_notes()
+        if args.command in ("greedy", "learned"):
+            _check_device(args.device)
         cli_begin(args)  # launched by torchrun: join the process group (average, greedy, learned)
         if args.command == "info":
             print(json.dumps(native_info(), indent=2))
@@ -355,6 +460,8 @@ def _main(args) -> int:
         from .distributed import cli_end
 
         cli_end()
+        if notes is not None:
+            notes.__exit__(None, None, None)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from typing import Any
 from ._dtypes import BY_NAME
 from ._dtypes import info as dtype_info
 from ._native import _core
-from .io.checkpoint import Checkpoint, check_compatible, open_checkpoint
+from .io.checkpoint import Checkpoint, check_compatible, open_checkpoint, with_key
 
 CHUNK = 1 << 20  # elements per task-vector block (K float32 rows of it are kept)
 
@@ -92,13 +92,15 @@ class Similarity:
         return out
 
 
-def similarity(ingredients: Sequence[Any], base: Any = None, *, threads: int | None = None) -> Similarity:
+def similarity(ingredients: Sequence[Any], base: Any = None, *, threads: int | None = None,
+               key: str | None = None) -> Similarity:
     """Cosine similarities and angles between K checkpoints over all their float tensors, or between
     their task vectors ``theta_k - base`` when ``base`` (e.g. the pretrained init) is given.
 
     One streaming pass over the K files (the fused ``gram`` kernel, float32 products summed in float64
     across blocks). Task vectors are formed block by block in float32 (K blocks of 1M elements), so
-    their small differences do not cancel against the large weights.
+    their small differences do not cancel against the large weights. ``key``: the state dict to take
+    from training checkpoints (the ingredients and the base), as in :func:`~fastsoup.open_checkpoint`.
 
     Example:
         >>> s = fastsoup.similarity(paths, base="pretrained.safetensors")  # doctest: +SKIP
@@ -107,8 +109,8 @@ def similarity(ingredients: Sequence[Any], base: Any = None, *, threads: int | N
     srcs = list(ingredients)
     if not srcs:
         raise ValueError("no ingredients: give at least one checkpoint")
-    ckpts = [open_checkpoint(s) for s in srcs]
-    base_ck = open_checkpoint(base) if base is not None else None
+    ckpts = [open_checkpoint(s) for s in with_key(srcs, key)]
+    base_ck = open_checkpoint(with_key([base], key)[0]) if base is not None else None
     check_compatible(ckpts + ([base_ck] if base_ck is not None else []))
     K = len(ckpts)
     t = threads or 0
@@ -157,9 +159,25 @@ def similarity(ingredients: Sequence[Any], base: Any = None, *, threads: int | N
     return Similarity(names, gram, base_name)
 
 
-def inspect_checkpoint(src: Any) -> dict:
-    """A summary of one checkpoint: tensors, parameters, bytes, dtypes, shards and metadata."""
-    ck = open_checkpoint(src)
+def inspect_checkpoint(src: Any, *, key: str | None = None, tensors: bool = False) -> dict:
+    """A summary of one checkpoint: tensors, parameters, bytes, dtypes, shards and metadata.
+
+    Args:
+        src: what :func:`~fastsoup.open_checkpoint` takes.
+        key: the state dict to take from a training checkpoint (as in ``open_checkpoint``).
+        tensors: also list every tensor (``"tensor_list"``: name, dtype, shape, bytes, file).
+
+    Returns:
+        ``{"source", "tensors" (count), "params", "bytes", "dtypes" ({dtype: {"tensors", "params",
+        "bytes"}}), "shards" ([{"file", "bytes", "tensors"}]), "metadata", "key" (the entry of a
+        training checkpoint the state dict came from, else None), "entries" (a training checkpoint's
+        entries: name -> what it holds, else None)}``, and ``"tensor_list"`` with ``tensors=True``.
+
+    Example:
+        >>> info = fastsoup.inspect_checkpoint("last.pth.tar", tensors=True)  # doctest: +SKIP
+        >>> info["key"], info["entries"]["epoch"]  # doctest: +SKIP
+    """
+    ck = open_checkpoint(with_key([src], key)[0])
     by_dtype: dict[str, dict[str, int]] = {}
     for ref in ck.values():
         d = by_dtype.setdefault(ref.dtype, {"tensors": 0, "params": 0, "bytes": 0})
@@ -170,7 +188,7 @@ def inspect_checkpoint(src: Any) -> dict:
     for f in ck.files:
         names = [r.name for r in ck.values() if r.file == f]
         shards.append({"file": f, "bytes": os.path.getsize(f), "tensors": len(names)})
-    return {
+    info = {
         "source": ck.source,
         "tensors": len(ck),
         "params": sum(r.numel for r in ck.values()),
@@ -178,7 +196,16 @@ def inspect_checkpoint(src: Any) -> dict:
         "dtypes": by_dtype,
         "shards": shards,
         "metadata": ck.metadata,
+        "key": ck.key,
+        "entries": ck.entries,
     }
+    if tensors:
+        info["tensor_list"] = [
+            {"name": r.name, "dtype": r.dtype, "shape": list(r.shape), "bytes": r.nbytes,
+             "file": os.path.basename(r.file) if r.file is not None else None}
+            for r in ck.values()
+        ]
+    return info
 
 
 __all__ = ["Similarity", "inspect_checkpoint", "similarity"]

@@ -11,16 +11,19 @@ import errno
 import json
 import os
 import stat
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
 
 from .._dtypes import info as dtype_info
-from .._errors import CheckpointError, InputChangedError
+from .._errors import CheckpointError, InputChangedError, StateDictChoiceWarning
 from .._native import _core
 from ._safetensors import parse_header
 
-TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pth.tar")  # .pth.tar: timm's train.py
+# The state dict of a training checkpoint when no key is given: the first of these entries that is one.
+DEFAULT_KEYS = ("state_dict", "model")
 
 
 @dataclass(frozen=True)
@@ -57,7 +60,10 @@ class Checkpoint(Mapping):
     """An opened checkpoint: an ordered, read-only mapping ``name -> TensorRef``.
 
     The order is the file order (for sharded checkpoints: shard by shard), or the dict's order for
-    in-memory sources. ``source`` names the checkpoint in every message.
+    in-memory sources. ``source`` names the checkpoint in every message. For a training checkpoint
+    (a torch file holding the state dict among other entries, as ``{"state_dict": ..., "optimizer":
+    ..., "epoch": ...}``), ``key`` is the entry the tensors come from and ``entries`` describes every
+    top-level entry (name -> what it holds); both are None for a plain state dict.
     """
 
     def __init__(
@@ -70,11 +76,17 @@ class Checkpoint(Mapping):
         maps: dict | None = None,
         watches: Sequence[FileWatch] = (),
         aliases: dict | None = None,
+        key: str | None = None,
+        entries: dict | None = None,
     ):
         self._refs = refs
         self.source = source
         self.files = list(files)
         self.metadata = metadata
+        # A training checkpoint: the entry the state dict was taken from ("state_dict", or
+        # "model/state_dict" when nested), and every top-level entry -> what it holds.
+        self.key = key
+        self.entries = entries
         self._maps = maps or {}
         # Files whose data is read lazily (mapped): their identity at open and their read faults.
         self._watches = list(watches) or [FileWatch(path, m.fileno(), m) for path, m in self._maps.items()]
@@ -93,7 +105,8 @@ class Checkpoint(Mapping):
                 continue
             refs[new] = ref if new == name else dataclasses.replace(ref, name=new)
         ck = Checkpoint(refs, source=self.source, files=self.files, metadata=self.metadata, maps=self._maps,
-                        watches=self._watches, aliases=self.aliases if aliases is None else aliases)
+                        watches=self._watches, aliases=self.aliases if aliases is None else aliases, key=self.key,
+                        entries=self.entries)
         ck.name_map = self.name_map
         return ck
 
@@ -175,6 +188,66 @@ class Checkpoint(Mapping):
         """Drops this checkpoint's mappings (they are unmapped once nothing else uses them)."""
         self._maps = {}
         self._watches = []
+
+
+class KeyedPath(os.PathLike):
+    """A checkpoint file and the entry of it to take as the state dict: ``KeyedPath("last.pth.tar",
+    "state_dict_ema")`` is the EMA weights of a timm training checkpoint.
+
+    It is path-like (``os.fspath`` gives the path, so it names the ingredient in tables and
+    messages) and carries the key wherever the ingredient goes: every function that takes
+    ingredients (``Soup.add``, the ingredients a ``GreedyResult`` re-reads, ...) opens it with that
+    key. ``key=`` of :func:`average`, :func:`greedy_soup` and the others wraps their path
+    ingredients this way.
+
+    Example:
+        >>> soup = fastsoup.Soup.like(fastsoup.KeyedPath("run1/last.pth.tar", "state_dict_ema"))  # doctest: +SKIP
+    """
+
+    __slots__ = ("path", "key")
+
+    def __init__(self, path: str | os.PathLike, key: str):
+        _check_key(key)
+        self.path = os.fspath(path)
+        self.key = key
+
+    def __fspath__(self) -> str:
+        return self.path
+
+    def __str__(self) -> str:
+        return self.path
+
+    def __repr__(self) -> str:
+        return f"KeyedPath({self.path!r}, key={self.key!r})"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, KeyedPath) and (self.path, self.key) == (other.path, other.key)
+
+    def __hash__(self) -> int:
+        return hash((self.path, self.key))
+
+
+def with_key(ingredients: Sequence[Any], key: str | None) -> list:
+    """The ingredients with ``key`` applied: paths become :class:`KeyedPath`, state dicts (mappings)
+    are opened with it; other ingredients (Checkpoints, modules, KeyedPaths) are taken as they are.
+    ``key=None``: the ingredients unchanged."""
+    if key is None:
+        return list(ingredients)
+    _check_key(key)
+    out = []
+    for src in ingredients:
+        if isinstance(src, (str, os.PathLike)) and not isinstance(src, KeyedPath):
+            out.append(KeyedPath(src, key))
+        elif isinstance(src, Mapping) and not isinstance(src, Checkpoint):
+            out.append(_from_state_dict(src, "<state dict>", key))
+        else:
+            out.append(src)
+    return out
+
+
+def _check_key(key: Any) -> None:
+    if not isinstance(key, str) or not key:
+        raise TypeError(f"key must be a non-empty string (an entry of the training checkpoint), got {key!r}")
 
 
 Source = Union[str, os.PathLike, Checkpoint, Mapping, Any]
@@ -329,36 +402,59 @@ def _open_regular(path: str) -> int:
     return _retrying(once, path)
 
 
-def open_checkpoint(src: Source) -> Checkpoint:
+def open_checkpoint(src: Source, *, key: str | None = None) -> Checkpoint:
     """Opens a checkpoint from any source fastsoup reads.
 
     Args:
         src: a ``.safetensors`` file; a sharded folder or its ``*.safetensors.index.json``; a torch
-            ``.pt``/``.bin`` file (or a folder with one, or with ``pytorch_model.bin.index.json``);
-            a state dict (``dict[str, Tensor]``, torch tensors or numpy arrays, also wrapped as
-            ``{"state_dict": ...}`` or ``{"model": ...}``); an ``nn.Module``; or a Checkpoint.
+            ``.pt``/``.bin``/``.pth``/``.ckpt``/``.pth.tar`` file (or a folder with one, or with
+            ``pytorch_model.bin.index.json``), also a training checkpoint that holds the state dict
+            among other entries (timm's and open_clip's training scripts, ``{"state_dict": ...,
+            "optimizer": ..., "epoch": ...}``); a state dict (``dict[str, Tensor]``, torch tensors or
+            numpy arrays, or wrapped in the same way); an ``nn.Module``; a :class:`KeyedPath`; or a
+            Checkpoint (returned as it is).
+        key: the entry of a training checkpoint to take as the state dict, e.g. ``"state_dict_ema"``
+            (``"model/ema"`` for a nested one, when no entry is named so). Default: ``"state_dict"``, else ``"model"``; when the checkpoint holds other state dicts
+            too, a :class:`~fastsoup.StateDictChoiceWarning` says which was taken. An optimizer
+            state is never taken.
+
+    Torch files are read with ``torch.load(weights_only=True)``: tensors and plain containers only
+    (the standard ones, and ``argparse.Namespace``, which timm's ``train.py`` saves its arguments
+    as); a file that needs any other type is refused, naming it; fastsoup never runs code from a
+    checkpoint.
 
     Returns:
         The :class:`Checkpoint`.
 
     Raises:
-        CheckpointError: the source is missing, malformed or of an unknown kind (the message names it).
+        CheckpointError: the source is missing, malformed or of an unknown kind, or ``key`` is not
+            one of its state dicts (the message names it).
 
     Example:
         >>> ckpt = fastsoup.open_checkpoint("runs/lr3e-5/model.safetensors")  # doctest: +SKIP
         >>> ckpt["head.weight"].shape  # doctest: +SKIP
+        >>> ema = fastsoup.open_checkpoint("output/train/run1/last.pth.tar", key="state_dict_ema")  # doctest: +SKIP
     """
+    if key is not None:
+        _check_key(key)
     if isinstance(src, Checkpoint):
         return src
+    if isinstance(src, KeyedPath):
+        if key is not None and key != src.key:
+            raise ValueError(f"{src!r}: already has key {src.key!r}; key={key!r} given too")
+        return _open_path(src.path, src.key)
     if isinstance(src, (str, os.PathLike)):
-        return _open_path(os.fspath(src))
+        return _open_path(os.fspath(src), key)
     if isinstance(src, Mapping):
-        return _from_state_dict(src, "<state dict>")
+        return _from_state_dict(src, "<state dict>", key)
+    if key is not None:
+        raise CheckpointError(f"key={key!r} picks a state dict in a training checkpoint (a torch file or a dict); "
+                              f"a {type(src).__name__} has one state dict")
     state_dict = getattr(src, "state_dict", None)
     if callable(state_dict):  # an nn.Module (or anything with a state dict)
         from .names import tied_pairs_of_module
 
-        return _from_state_dict(state_dict(), f"<{type(src).__name__} state dict>", tied_pairs_of_module(src))
+        return _from_state_dict(state_dict(), f"<{type(src).__name__} state dict>", declared=tied_pairs_of_module(src))
     raise CheckpointError(
         f"cannot open a checkpoint from {type(src).__name__}: give a path, a state dict, an nn.Module or a Checkpoint"
     )
@@ -368,29 +464,40 @@ def open_checkpoint(src: Source) -> Checkpoint:
 # Files
 
 
-def _open_path(path: str) -> Checkpoint:
+def _open_path(path: str, key: str | None = None) -> Checkpoint:
     if os.path.isdir(path):
-        return _open_folder(path)
+        return _open_folder(path, key)
     _check_regular(path)
     if path.endswith(".index.json"):
-        return _open_index(path)
+        return _no_key(_open_index(path), key)
     if path.endswith(".safetensors"):
-        return _open_safetensors(path)
+        return _no_key(_open_safetensors(path), key)
     if path.endswith(TORCH_SUFFIXES):
-        return _open_torch_file(path)
+        return _open_torch_file(path, key)
     fd = _open_regular(path)
     try:
         head = os.pread(fd, 9, 0)
     finally:
         os.close(fd)
     if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
-        return _open_torch_file(path)
+        return _open_torch_file(path, key)
     if len(head) == 9 and head[8:9] == b"{":
-        return _open_safetensors(path)
+        return _no_key(_open_safetensors(path), key)
     raise CheckpointError(f"{path}: not a safetensors file, a safetensors index or a torch checkpoint")
 
 
-def _open_folder(path: str) -> Checkpoint:
+def _no_key(ck: Checkpoint, key: str | None) -> Checkpoint:
+    """Refuses ``key`` for a source that holds one plain state dict (safetensors, a sharded index)."""
+    if key is not None:
+        ck.close()
+        raise CheckpointError(
+            f"{ck.source}: key={key!r} picks one state dict of a training checkpoint (a torch file holding several "
+            "entries), but this is a plain state dict: it has no entries to pick from"
+        )
+    return ck
+
+
+def _open_folder(path: str, key: str | None = None) -> Checkpoint:
     names = sorted(os.listdir(path))
     indexes = [n for n in names if n.endswith(".safetensors.index.json")]
     if len(indexes) > 1:
@@ -398,10 +505,10 @@ def _open_folder(path: str) -> Checkpoint:
     if len(indexes) > 1:
         raise CheckpointError(f"{path}: several safetensors index files ({', '.join(indexes)}); pass the one to use")
     if indexes:
-        return _open_index(os.path.join(path, indexes[0]))
+        return _no_key(_open_index(os.path.join(path, indexes[0])), key)
     files = [n for n in names if n.endswith(".safetensors")]
     if len(files) == 1:
-        return _open_safetensors(os.path.join(path, files[0]))
+        return _no_key(_open_safetensors(os.path.join(path, files[0])), key)
     if len(files) > 1:
         raise CheckpointError(
             f"{path}: {len(files)} .safetensors files but no *.safetensors.index.json to say how they form one "
@@ -409,11 +516,22 @@ def _open_folder(path: str) -> Checkpoint:
         )
     torch_indexes = [n for n in names if n.endswith(".bin.index.json")]
     if len(torch_indexes) == 1:
-        return _open_index(os.path.join(path, torch_indexes[0]))
-    torch_files = [n for n in names if n.endswith(TORCH_SUFFIXES)]
+        return _no_key(_open_index(os.path.join(path, torch_indexes[0])), key)
+    torch_files = [n for n in names if n.endswith(TORCH_SUFFIXES) and not os.path.isdir(os.path.join(path, n))]
     if len(torch_files) == 1:
-        return _open_torch_file(os.path.join(path, torch_files[0]))
-    raise CheckpointError(f"{path}: no checkpoint in this folder (no .safetensors, index or torch file)")
+        return _open_torch_file(os.path.join(path, torch_files[0]), key)
+    if torch_files:
+        # E.g. the output folder of timm's train.py: last.pth.tar, model_best.pth.tar, checkpoint-N.pth.tar.
+        pick = next((n for n in ("model_best.pth.tar", "last.pth.tar") if n in torch_files), torch_files[-1])
+        raise CheckpointError(
+            f"{path}: {len(torch_files)} torch checkpoint files ({_some(torch_files)}) and no index "
+            "(pytorch_model.bin.index.json) to say how they form one checkpoint: pass the file to use, e.g. "
+            f"{os.path.join(path, pick)}"
+        )
+    raise CheckpointError(
+        f"{path}: no checkpoint in this folder (no .safetensors file, safetensors or .bin index, or torch file "
+        f"{'/'.join(TORCH_SUFFIXES)})"
+    )
 
 
 def _map(path: str, writable: bool = False):
@@ -478,7 +596,7 @@ def _open_index(index_path: str) -> Checkpoint:
             sd, watch = _load_torch_state_dict(path)
             if watch is not None:
                 watches.append(watch)
-            shard_refs = list(_memory_refs(sd, path).values())
+            shard_refs = list(_memory_refs(_unwrap(sd, path)[0], path).values())
         names = set()
         for ref in shard_refs:
             if ref.name in seen_in:
@@ -509,6 +627,8 @@ def _load_torch_state_dict(path: str) -> tuple[Mapping, FileWatch | None]:
     opened = _OpenFile(path)  # the identity of the file torch is about to map
     try:
         obj, mapped = _torch.load_file(path)
+    except CheckpointError:
+        raise
     except Exception as e:  # torch raises many types for a bad file
         raise CheckpointError(f"{path}: cannot load as a torch checkpoint: {type(e).__name__}: {e}") from None
     if not isinstance(obj, Mapping):
@@ -529,15 +649,19 @@ def _load_torch_state_dict(path: str) -> tuple[Mapping, FileWatch | None]:
     return obj, watch
 
 
-def _open_torch_file(path: str) -> Checkpoint:
-    sd, watch = _load_torch_state_dict(path)
+def _open_torch_file(path: str, key: str | None = None) -> Checkpoint:
+    obj, watch = _load_torch_state_dict(path)
+    sd, taken, entries = _unwrap(obj, path, key)
     refs, aliases = _tied(_memory_refs(sd, path))
-    return Checkpoint(refs, source=path, watches=[watch] if watch is not None else [], aliases=aliases)
+    return Checkpoint(refs, source=path, watches=[watch] if watch is not None else [], key=taken,
+                      entries=entries, aliases=aliases)
 
 
-def _from_state_dict(sd: Mapping, source: str, declared: Mapping[str, str] | None = None) -> Checkpoint:
+def _from_state_dict(sd: Mapping, source: str, key: str | None = None,
+                     declared: Mapping[str, str] | None = None) -> Checkpoint:
+    sd, taken, entries = _unwrap(sd, source, key)
     refs, aliases = _tied(_memory_refs(sd, source), declared)
-    return Checkpoint(refs, source=source, aliases=aliases)
+    return Checkpoint(refs, source=source, key=taken, entries=entries, aliases=aliases)
 
 
 def _tied(refs: dict[str, TensorRef], declared: Mapping[str, str] | None = None) -> tuple[dict, dict]:
@@ -576,29 +700,117 @@ def _is_array(x: Any) -> bool:
     return (mod.startswith("torch") and hasattr(x, "data_ptr")) or (mod == "numpy" and hasattr(x, "__array_interface__"))
 
 
-def _unwrap(sd: Mapping, source: str) -> Mapping:
-    """Unwraps ``{"state_dict": ...}`` / ``{"model": ...}`` (as training loops save them)."""
+def _is_state_dict(x: Any) -> bool:
+    """A non-empty mapping of string names to tensors."""
+    return (isinstance(x, Mapping) and len(x) > 0 and all(isinstance(k, str) for k in x)
+            and all(_is_array(v) for v in x.values()))
+
+
+def _is_optimizer_state(x: Any) -> bool:
+    """``optimizer.state_dict()``: ``{"state": {index: {...}}, "param_groups": [...]}``."""
+    return isinstance(x, Mapping) and "param_groups" in x and "state" in x
+
+
+def _describe(v: Any) -> str:
+    """What an entry of a training checkpoint holds, in a few words (for ``fastsoup inspect``)."""
+    if _is_state_dict(v):
+        return f"state dict ({len(v)} tensors)"
+    if _is_optimizer_state(v):
+        return "optimizer state"
+    if _is_array(v):
+        return f"tensor {list(v.shape)}"
+    if isinstance(v, Mapping):
+        return f"dict ({len(v)} entries)"
+    if isinstance(v, (list, tuple)):
+        return f"{type(v).__name__} ({len(v)} items)"
+    if v is None or isinstance(v, (bool, int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return repr(v) if len(v) <= 60 else repr(v[:57]) + "..."
+    return type(v).__name__
+
+
+def _unwrap(sd: Mapping, source: str, key: str | None = None) -> tuple[Mapping, str | None, dict | None]:
+    """The state dict of a plain state dict or of a training checkpoint (``{"state_dict": ...,
+    "optimizer": ..., "epoch": ...}`` as training loops save them): ``(state dict, the entry taken or
+    None, {entry: description} or None)``.
+
+    ``key`` names the entry to take; without it, the first of :data:`DEFAULT_KEYS`, with a
+    :class:`~fastsoup.StateDictChoiceWarning` when other state dicts sit beside it (timm's
+    ``state_dict_ema``). An optimizer state is never taken."""
+    if all(_is_array(v) for v in sd.values()):
+        if key is not None:
+            raise CheckpointError(
+                f"{source}: key={key!r} picks one state dict of a training checkpoint, but this is a plain state dict "
+                f"({len(sd)} tensors): it has no entries to pick from"
+            )
+        return sd, None, None
+    entries = {str(k): _describe(v) for k, v in sd.items()}
+    path: list[str] = []
+    if key is not None:
+        # An entry of the checkpoint, or a path to a nested one: "model/ema" is sd["model"]["ema"].
+        parts = [key] if key in sd or "/" not in key else key.split("/")
+        for part in parts:
+            where = "/".join(path + [part])
+            if not isinstance(sd, Mapping) or part not in sd:
+                raise CheckpointError(f"{source}: no entry {where!r} to take as the state dict; {_holdings(sd)}")
+            inner = sd[part]
+            if _is_optimizer_state(inner):
+                raise CheckpointError(
+                    f"{source}: entry {where!r} is an optimizer state (its moments and step counts), not model "
+                    f"weights; {_holdings(sd)}"
+                )
+            if not isinstance(inner, Mapping):
+                raise CheckpointError(
+                    f"{source}: entry {where!r} is not a state dict (it holds {_describe(inner)}); {_holdings(sd)}")
+            sd = inner
+            path.append(part)
     while not all(_is_array(v) for v in sd.values()):
-        for key in ("state_dict", "model"):
-            inner = sd.get(key)
-            if isinstance(inner, Mapping):
-                sd = inner
-                break
-        else:
+        names = [k for k, v in sd.items() if _is_state_dict(v)]
+        pick = next((k for k in DEFAULT_KEYS if isinstance(sd.get(k), Mapping) and not _is_optimizer_state(sd[k])), None)
+        if pick is None:
+            if names:
+                raise CheckpointError(
+                    f"{source}: a training checkpoint without a {' or '.join(map(repr, DEFAULT_KEYS))} entry; "
+                    f"{_holdings(sd)}: pass key= (CLI: --key) to say which to take"
+                )
             bad = next(k for k, v in sd.items() if not _is_array(v))
             raise CheckpointError(
-                f"{source}: entry {bad!r} is a {type(sd[bad]).__name__}, not a tensor "
-                "(expected a state dict, or one wrapped as {'state_dict': ...} or {'model': ...})"
+                f"{source}: entry {bad!r} is a {type(sd[bad]).__name__}, not a tensor (expected a state dict, or a "
+                "training checkpoint holding one as {'state_dict': ...} or {'model': ...}; key= picks another entry)"
             )
-    return sd
+        others = tuple("/".join(path + [n]) for n in names if n != pick)
+        if others:
+            what = f"{others[0]!r}" if len(others) == 1 else ", ".join(map(repr, others))
+            taken = "/".join(path + [pick])
+            warnings.warn(StateDictChoiceWarning(
+                f"a training checkpoint holds several state dicts: took {taken!r}; it also holds {what} (pass "
+                f"key={others[0]!r} to take {'that one' if len(others) == 1 else 'another'})",
+                source=source, taken=taken, others=others,
+            ), stacklevel=2)
+        sd = sd[pick]
+        path.append(pick)
+    return sd, "/".join(path), entries
+
+
+def _holdings(sd: Mapping) -> str:
+    """``"its state dicts: 'state_dict', 'state_dict_ema'; other entries: 'epoch', ..."`` of a training checkpoint."""
+    names = [k for k, v in sd.items() if _is_state_dict(v)]
+    rest = [str(k) for k in sd if k not in names]
+    parts = [f"its state dicts: {_some(names)}" if names else "it holds no state dict (a mapping of names to tensors)"]
+    if rest:
+        parts.append(f"other entries: {_some(rest)}")
+    return "; ".join(parts)
 
 
 def _memory_refs(sd: Mapping, source: str) -> dict[str, TensorRef]:
-    sd = _unwrap(sd, source)
+    """The refs of a plain state dict (name -> tensor)."""
     refs = {}
     for name, t in sd.items():
         if not isinstance(name, str):
             raise CheckpointError(f"{source}: key {name!r} is not a string")
+        if not _is_array(t):
+            raise CheckpointError(f"{source}: entry {name!r} is a {type(t).__name__}, not a tensor")
         dtype, shape, nbytes = _array_meta(t, source, name)
         refs[name] = TensorRef(name, dtype, shape, nbytes, tensor=t)
     return refs
@@ -640,16 +852,40 @@ def _some(names: Sequence[str], limit: int = 10) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def check_compatible(checkpoints: Sequence[Checkpoint]) -> None:
+def check_compatible(ingredients: Sequence[Source], *, key: str | None = None) -> None:
     """Checks that checkpoints can be averaged, before any work is done.
 
     Same key set (the missing and extra names of each checkpoint are listed, at most 10 each), same
     shapes, and the same kind of tensor (float, or integer/bool which is copied from the first);
     float types that cannot be averaged (fp8, complex) are refused.
 
+    Args:
+        ingredients: what :func:`average` takes: paths, state dicts, modules or opened Checkpoints
+            (a path is opened for the check and closed after it).
+        key: the state dict to take from training checkpoints (as in :func:`open_checkpoint`).
+
     Raises:
         CheckpointError: listing every problem found, each naming the file and the tensor.
+
+    Example:
+        >>> fastsoup.check_compatible(["a.safetensors", "b.safetensors"])  # doctest: +SKIP
     """
+    ingredients = list(ingredients)
+    if not ingredients:
+        raise CheckpointError("no ingredients: give at least one checkpoint")
+    opened = []
+    try:
+        for src in with_key(ingredients, key):
+            opened.append(open_checkpoint(src))
+        _check_compatible(opened)
+    finally:
+        for src, ck in zip(ingredients, opened):
+            if ck is not src:
+                ck.close()
+
+
+def _check_compatible(checkpoints: Sequence[Checkpoint]) -> None:
+    """:func:`check_compatible` of opened checkpoints."""
     if not checkpoints:
         raise CheckpointError("no ingredients: give at least one checkpoint")
     first = checkpoints[0]

@@ -35,7 +35,7 @@ import torch
 from .. import distributed as _distributed
 from .._errors import FastsoupError
 from ..io import _tempfiles
-from ..io.checkpoint import Checkpoint, check_compatible, open_checkpoint
+from ..io.checkpoint import Checkpoint, check_compatible, open_checkpoint, with_key
 from ..io.names import NameMap
 from ..search import cache as _cache
 from ..search.heldout import HeldOut, evaluate, model_device, model_logits, prepare, progress_bar
@@ -165,6 +165,7 @@ def learned_soup(
     verify: str = "sample",
     key_map: Any = None,
     strip_prefix: str | None = None,
+    key: str | None = None,
 ) -> LearnedResult:
     """Learns the soup's mixing coefficients on held-out data, in O(P) memory.
 
@@ -194,6 +195,8 @@ def learned_soup(
         verify: how the cache key fingerprints the ingredients, as in
             :func:`~fastsoup.greedy_soup`: ``"sample"`` (file identity and sampled content) or
             ``"full"`` (every byte).
+        key: the state dict to take from training checkpoints, e.g. ``"state_dict_ema"`` (see
+            :func:`~fastsoup.open_checkpoint`); path ingredients become :class:`~fastsoup.KeyedPath`.
         key_map, strip_prefix: how the ingredients' names become the model's, as in
             :func:`~fastsoup.greedy_soup` (for a transformers model, its own renames by default).
 
@@ -210,7 +213,7 @@ def learned_soup(
         raise ValueError(f"parametrization must be one of {PARAMETRIZATIONS}, got {parametrization!r}")
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    sources = list(ingredients)
+    sources = with_key(ingredients, key)
     if not sources:
         raise ValueError("no ingredients: give at least one checkpoint")
     if not lr > 0 or (steps is None and not epochs >= 1) or (steps is not None and not steps >= 1):

@@ -35,7 +35,7 @@ from .. import distributed as _distributed
 from .._errors import FastsoupError
 from .._native import _core
 from ..engine import CPU, resolve_device
-from ..io.checkpoint import Checkpoint, check_compatible, open_checkpoint
+from ..io.checkpoint import Checkpoint, check_compatible, open_checkpoint, with_key
 from ..io.names import NameMap
 from ..io.writer import sidecar_path, with_sidecar
 from ..soup import Soup, _load_checkpoint
@@ -369,6 +369,7 @@ def greedy_soup(
     verify: str = "sample",
     key_map: Any = None,
     strip_prefix: str | None = None,
+    key: str | None = None,
 ) -> GreedyResult:
     """Greedy soup, the paper's Recipe 1: rank the ingredients by held-out score, start from the best,
     try each next one once, keep it if the soup's held-out score does not drop.
@@ -407,6 +408,8 @@ def greedy_soup(
             place is evaluated again); ``"full"`` by every byte of every tensor (reads each
             checkpoint once more per run; for in-memory ingredients changed between runs, or to
             be sure). Without ``cache_dir`` it changes nothing.
+        key: the state dict to take from training checkpoints, e.g. ``"state_dict_ema"`` (see
+            :func:`~fastsoup.open_checkpoint`); path ingredients become :class:`~fastsoup.KeyedPath`.
         key_map: the model's name of each tensor name in the ingredients' files (a callable, a dict,
             or ``(regex, replacement)`` pairs). For a transformers model it defaults to the renaming
             transformers itself applies between its files and the module, so ``save_pretrained``
@@ -425,8 +428,8 @@ def greedy_soup(
         >>> result.indices, result.score  # doctest: +SKIP
         >>> result.save("greedy.safetensors")  # doctest: +SKIP
     """
-    s = Search(ingredients, model, heldout, metric=metric, cache_dir=cache_dir, device=device, progress=progress,
-               verify=verify, key_map=key_map, strip_prefix=strip_prefix)
+    s = Search(with_key(ingredients, key), model, heldout, metric=metric, cache_dir=cache_dir, device=device,
+               progress=progress, verify=verify, key_map=key_map, strip_prefix=strip_prefix)
     return run_greedy(s, strict=strict, order=order, reorder=reorder)
 
 
@@ -569,14 +572,15 @@ def greedy_ensemble(
     verify: str = "sample",
     key_map: Any = None,
     strip_prefix: str | None = None,
+    key: str | None = None,
 ) -> EnsembleResult:
     """The paper's greedy ensemble baseline: greedy soup's procedure over logit ensembles (the mean of
     the members' logits), computed from the ingredients' held-out logits (cached: free on a rerun).
 
     Arguments as :func:`greedy_soup`.
     """
-    s = Search(ingredients, model, heldout, metric=metric, cache_dir=cache_dir, device=device, progress=progress,
-               verify=verify, key_map=key_map, strip_prefix=strip_prefix)
+    s = Search(with_key(ingredients, key), model, heldout, metric=metric, cache_dir=cache_dir, device=device,
+               progress=progress, verify=verify, key_map=key_map, strip_prefix=strip_prefix)
     return run_greedy_ensemble(s, strict=strict)
 
 
