@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -24,6 +26,7 @@ from fastsoup import cli  # noqa: E402
 from _frameworks import (DDP, TinyCLIP, TinyResNet, mean_state_dict, open_clip_zoo, soup_state_dict,  # noqa: E402
                         timm_zoo)
 from conftest import bits_equal  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -301,6 +304,21 @@ def test_open_clip_training_checkpoints(clip_runs):
     ddp.load_state_dict(soup, strict=True)  # the soup loads into the DDP-wrapped model as it is
     info = fastsoup.inspect_checkpoint(paths[0])
     assert info["key"] == "state_dict" and info["entries"]["name"].startswith("'2026_12_01")
+
+
+def test_open_clip_soups_load_into_the_plain_model_with_strip_prefix(clip_runs, tmp_path):
+    # The soup of DDP checkpoints loads where its model came from: strip_prefix="module." (API) and
+    # --strip-prefix module. (CLI) give the plain model's names.
+    paths = [r["latest"] for r in clip_runs]
+    want = mean_state_dict([r["state_dict"] for r in clip_runs])
+    soup = fastsoup.average(paths, strip_prefix="module.")
+    _same(soup, want)
+    _load(TinyCLIP, soup)
+    out = tmp_path / "soup.safetensors"
+    r = subprocess.run([sys.executable, "-m", "fastsoup", "average", *paths, "-o", out, "--strip-prefix", "module.",
+                        "--no-progress"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    _same(load_file(out), want)
 
 
 # ---------------------------------------------------------------------------------------------------
