@@ -24,8 +24,10 @@ from ._dtypes import parse_float_dtype
 from . import distributed as _distributed
 from ._errors import CheckpointError, InputChangedError
 from ._native import _core
+from .io import _sidefiles
+from .io._sidefiles import Donor, SoupInfo
 from .io.checkpoint import Checkpoint, check_compatible, open_checkpoint
-from .io.writer import TensorSpec, plan_output
+from .io.writer import TensorSpec, TorchOutput, is_torch_output, plan_output
 
 SLOT_BYTES = 32 << 20  # CUDA pipeline: host input bytes per pinned slot (all inputs together)
 NSLOTS = 3  # pinned slots in the ring: fill j+1 while j is copied and j-1 is summed
@@ -93,6 +95,7 @@ def average(
     progress: bool | None = None,
     overwrite: bool = False,
     fsync: bool = False,
+    config_from: Any = None,
 ):
     """Averages checkpoints: ``sum_k w_k * theta_k / sum_k w_k`` for every float tensor.
 
@@ -104,10 +107,17 @@ def average(
             files, state dicts, modules), mixed freely.
         weights: one number per ingredient, like ``numpy.average``; None for the uniform soup.
             Negative weights are allowed; their sum must not be zero.
-        out: None to return ``dict[str, torch.Tensor]``; a path to write safetensors there (one file
-            if it ends in ``.safetensors``, else a sharded folder) and return the path.
+        out: None to return ``dict[str, torch.Tensor]``; a path to write there and return: one
+            safetensors file if it ends in ``.safetensors``, one torch file (``torch.save`` of the
+            state dict) if it ends in ``.pt``, ``.pth``, ``.bin`` or ``.ckpt``, else a folder. A
+            folder soup of model folders is a model folder: weights named as the first ingredient's
+            (``model.safetensors``, or shards like it with ``model.safetensors.index.json``; a soup
+            of peft adapters: ``adapter_model.safetensors``), the side files of the donor (see
+            ``config_from``) and a model card. Every safetensors output records the recipe,
+            ingredients, weights and fastsoup version in its metadata (``fastsoup.*``).
         dtype: output dtype ("fp16", "bf16", "fp32", or a torch dtype); default: each tensor's dtype
-            in the first ingredient. Integer and bool tensors are copied from the first ingredient.
+            in the first ingredient (a :class:`UserWarning` says so when the ingredients' dtypes
+            differ). Integer and bool tensors are copied from the first ingredient.
         device: "cpu", or "cuda"/"cuda:N": file inputs stream through pinned memory to the GPU, the
             fused kernel sums there; ``out=None`` then returns CUDA tensors (inputs already on that
             GPU are read in place), a path is written back through pinned memory.
@@ -118,12 +128,17 @@ def average(
         progress: show a progress bar (default: on a terminal, for merges of 256 MB or more).
         overwrite: replace an existing ``out`` (only once the new soup is complete).
         fsync: flush the output to disk before it is renamed into place.
+        config_from: the folder (or a file in it) whose side files a folder ``out`` gets:
+            ``config.json`` (its dtype set to the soup's), ``generation_config.json``, tokenizer
+            files, chat templates, processor configs, ``adapter_config.json``, ``README.md``.
+            Default: the first ingredient's folder, when it has one (a folder, or a file named as
+            transformers or peft name weights, e.g. ``x/model.safetensors``); False: none.
 
     Returns:
         The state dict (``out=None``) or ``out``.
 
     Raises:
-        CheckpointError: an ingredient is unreadable or does not match the others.
+        CheckpointError: an ingredient (or a side file) is unreadable or does not match the others.
         ValueError: bad weights or options.
         OutputExistsError: ``out`` exists and ``overwrite`` is False.
 
@@ -144,9 +159,10 @@ def average(
         if total == 0.0:
             raise ValueError(f"weights sum to zero ({list(weights)}): cannot normalize; use fastsoup.weighted_sum")
         ws = [w / total for w in scaled]
-    with _distributed.merge_job(out, overwrite=overwrite, what="fastsoup.average"):  # collective under torch.distributed
-        return _merge(ingredients, ws, out=out, dtype=dtype, device=device, threads=threads, shard_size=shard_size,
-                      progress=progress, overwrite=overwrite, fsync=fsync, desc="average")
+    recipe = "uniform_soup" if weights is None else "weighted_soup"
+    return _collective(out, overwrite, "fastsoup.average", lambda: _merge(
+        ingredients, ws, out=out, dtype=dtype, device=device, threads=threads, shard_size=shard_size,
+        progress=progress, overwrite=overwrite, fsync=fsync, desc="average", recipe=recipe, config_from=config_from))
 
 
 def weighted_sum(
@@ -161,6 +177,7 @@ def weighted_sum(
     progress: bool | None = None,
     overwrite: bool = False,
     fsync: bool = False,
+    config_from: Any = None,
 ):
     """The raw linear combination ``sum_k w_k * theta_k`` (no normalization), e.g. for task
     arithmetic (``theta_0 + lambda * (theta_1 - theta_0)`` is ``weights=[1 - lambda, lambda]``).
@@ -169,9 +186,19 @@ def weighted_sum(
     """
     ingredients = list(ingredients)
     ws = _check_weights(weights, len(ingredients))
-    with _distributed.merge_job(out, overwrite=overwrite, what="fastsoup.weighted_sum"):  # collective under torch.distributed
-        return _merge(ingredients, ws, out=out, dtype=dtype, device=device, threads=threads, shard_size=shard_size,
-                      progress=progress, overwrite=overwrite, fsync=fsync, desc="weighted_sum")
+    return _collective(out, overwrite, "fastsoup.weighted_sum", lambda: _merge(
+        ingredients, ws, out=out, dtype=dtype, device=device, threads=threads, shard_size=shard_size,
+        progress=progress, overwrite=overwrite, fsync=fsync, desc="weighted_sum", recipe="weighted_sum",
+        config_from=config_from))
+
+
+def _collective(out, overwrite: bool, what: str, merge):
+    """``merge()`` as one collective merge under torch.distributed (see ``distributed.merge_job``); a
+    torch-file output is computed and written by rank 0 alone (the others wait), as ``torch.save`` is."""
+    if out is not None and is_torch_output(out):
+        return _distributed.rank0(merge)
+    with _distributed.merge_job(out, overwrite=overwrite, what=what):
+        return merge()
 
 
 def _check_weights(weights: Sequence[float], k: int) -> list[float]:
@@ -186,7 +213,8 @@ def _check_weights(weights: Sequence[float], k: int) -> list[float]:
     return ws
 
 
-def _merge(ingredients, weights, *, out, dtype, device, threads, shard_size, progress, overwrite, fsync, desc):
+def _merge(ingredients, weights, *, out, dtype, device, threads, shard_size, progress, overwrite, fsync, desc,
+           recipe, config_from=None):
     dev = resolve_device(device)
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads must be a positive integer, got {threads!r}")
@@ -194,8 +222,13 @@ def _merge(ingredients, weights, *, out, dtype, device, threads, shard_size, pro
     opened = [open_checkpoint(src) for src in ingredients]
     try:
         check_compatible(opened)
+        note = _sidefiles.mixed_dtypes_note(opened, out_override)
+        if note is not None:
+            _sidefiles.note(note)
+        donor = _sidefiles.donor_for(out, config_from, ingredients[0])  # read before any work
+        info = SoupInfo(recipe, _sidefiles.ingredient_names(ingredients), list(weights))
         return _run(opened, weights, out, out_override, threads or 0, shard_size, progress, overwrite, fsync, desc,
-                    device=dev)
+                    device=dev, info=info, donor=donor)
     finally:
         for src, ck in zip(ingredients, opened):
             if ck is not src:
@@ -210,19 +243,25 @@ def _output_dtype(ref, override):
 
 
 def _run(ckpts: list[Checkpoint], weights, out, override, threads, shard_size, progress, overwrite, fsync, desc,
-         layout: Checkpoint | None = None, device: Device = CPU, extras: dict | None = None):
+         layout: Checkpoint | None = None, device: Device = CPU, extras: dict | None = None,
+         info: SoupInfo | None = None, donor: Donor | None = None):
     # `layout` (default: the first input) gives the tensor order, default dtypes, shards and metadata.
     # `extras`: files written into a folder output with it (name -> bytes: a sidecar).
+    # `info`: what the soup is made of (its metadata and model card); `donor`: the side files of a
+    # folder output (read by the caller before any work).
     first = layout if layout is not None else ckpts[0]
     K = len(ckpts)
     names = list(first)
     out_dtypes = {name: _output_dtype(first[name], override) for name in names}  # name -> (dtype, averaged?)
     keep: list[Any] = []  # objects whose memory the native plan points into
+    if (donor is not None and donor.adapter) or _sidefiles.has_lora_keys(names):
+        _sidefiles.note(_sidefiles.ADAPTER_NOTE)
+    torch_out = out is not None and is_torch_output(out)
 
     # Destinations.
     result = None
     writer = None
-    if out is None:
+    if out is None or torch_out:
         from . import _torch
 
         result = {}
@@ -234,17 +273,22 @@ def _run(ckpts: list[Checkpoint], weights, out, override, threads, shard_size, p
                 raise CheckpointError(f"{first.where(name)}: {e}; write the result to a file instead (out=PATH)") from None
             result[name] = t
             dests.append((-1, t.data_ptr()))
+        if torch_out:  # the state dict, then torch.save into a temporary file installed as a file output is
+            writer = TorchOutput(out, overwrite=overwrite, fsync=fsync, protect=[f for ck in [*ckpts, first] for f in ck.files])
     else:
-        specs, groups = [], []
-        shard_index = {f: i for i, f in enumerate(first.files)}
+        specs = []
         for name in names:
             ref = first[name]
             od = out_dtypes[name][0]
             specs.append(TensorSpec(name, od, ref.shape, ref.numel * dtype_info(od).itemsize))
-            groups.append(shard_index.get(ref.file, 0))
-        metadata = first.metadata if first.metadata is not None else {"format": "pt"}
-        plan = plan_output(specs, out, shard_size=shard_size, groups=groups if len(first.files) > 1 else None,
-                           metadata=metadata)
+        metadata = _sidefiles.soup_metadata(first.metadata, info)
+        plan = plan_output(specs, out, shard_size=shard_size, groups=_sidefiles.shard_groups(first, names),
+                           metadata=metadata, weights_name=donor.weights_name if donor is not None else None)
+        if donor is not None and donor.adapter and len(plan.shards) > 1:
+            raise ValueError(f"{out}: a soup of peft adapters is one {donor.weights_name} (peft reads no shards); "
+                             f"shard_size={shard_size!r} would cut it into {len(plan.shards)}")
+        if donor is not None and not plan.single:
+            extras = {**donor.render(dtype=_soup_dtype(first, out_dtypes), info=info), **(extras or {})}
         locations = plan.locations()
         dests = [locations[name] for name in names]
         # One process: AtomicOutput and every tensor; in a collective merge (torch.distributed) this
@@ -279,9 +323,12 @@ def _run(ckpts: list[Checkpoint], weights, out, override, threads, shard_size, p
         if writer is not None:
             writer.open()
         try:
-            segs.run(weights, fds=writer.fds if writer is not None else [], threads=threads, progress=callback,
-                     device=device, fd_names=writer.names if writer is not None else ())
+            files = writer is not None and not torch_out
+            segs.run(weights, fds=writer.fds if files else [], threads=threads, progress=callback,
+                     device=device, fd_names=writer.names if files else ())
             verify_inputs(ckpts)  # truncated or rewritten meanwhile: nothing is installed or returned
+            if torch_out:
+                writer.write(result)
         except BaseException:
             if writer is not None:
                 writer.abort()
@@ -293,6 +340,15 @@ def _run(ckpts: list[Checkpoint], weights, out, override, threads, shard_size, p
             bar.close()
         del keep
     return result if out is None else os.fspath(out)
+
+
+def _soup_dtype(first: Checkpoint, out_dtypes: dict) -> str | None:
+    """The soup's dtype as a config names it: the float dtype of most of the averaged elements."""
+    count: dict[str, int] = {}
+    for name, (od, is_float) in out_dtypes.items():
+        if is_float:
+            count[od] = count.get(od, 0) + first[name].numel
+    return max(count, key=lambda d: (count[d], d)) if count else None
 
 
 def verify_inputs(ckpts, during: str = "the merge") -> None:
