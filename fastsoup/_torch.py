@@ -94,6 +94,23 @@ def _refusal(path: str, e: Exception) -> str:
     )
 
 
+def save_state_dict(tensors, fd: int) -> None:
+    """``torch.save`` of a state dict (name -> torch tensor or numpy array) into the open file ``fd``,
+    from its start: CPU tensors, each saved with a storage of its own size (a view of a larger
+    buffer would otherwise carry the whole buffer into the file)."""
+    import os
+
+    sd = {}
+    for name, t in tensors.items():
+        t = t if isinstance(t, torch.Tensor) else torch.from_numpy(t)
+        t = t.detach().cpu()
+        if not t.is_contiguous() or t.untyped_storage().nbytes() != t.numel() * t.element_size():
+            t = t.contiguous().clone()
+        sd[name] = t
+    with os.fdopen(os.dup(fd), "wb") as f:
+        torch.save(sd, f)
+
+
 def guard_mapped_storages(obj, path: str):
     """A native FaultGuard over the file mapping that ``torch.load(mmap=True)`` made for ``path``:
     the span of the storages of the tensors in ``obj`` (a possibly nested state dict), which all lie

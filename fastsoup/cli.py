@@ -1,26 +1,29 @@
 """The ``fastsoup`` command line.
 
     fastsoup average IN [IN ...] -o OUT [--weights W ...] [--dtype {fp16,bf16,fp32}] [--key KEY]
-                     [--shard-size 5GB] [--threads N] [--no-progress] [--overwrite] [--fsync]
+                     [--shard-size 5GB] [--threads N] [--no-progress] [--overwrite] [--fsync] [--config-from PATH]
+                     [--strip-prefix PREFIX] [--rename REGEX=REPLACEMENT ...]
     fastsoup greedy CKPT [CKPT ...] --model MOD:FACTORY --heldout MOD:LOADER [--eval NAME=MOD:LOADER ...]
                     -o OUT [--cache DIR] [--verify-cache] [--strict] [--device DEV] [--results PATH] [--key KEY]
-                    [--overwrite]
+                    [--overwrite] [--config-from PATH] [--strip-prefix PREFIX] [--rename REGEX=REPLACEMENT ...]
     fastsoup plot RESULTS.jsonl -o FIG.png [--x heldout] [--y NAME]
     fastsoup learned CKPT [CKPT ...] --model MOD:FACTORY --heldout MOD:LOADER [--eval NAME=MOD:LOADER ...]
                      -o OUT [--layerwise] [--epochs N] [--lr LR] [--parametrization {softmax,free}] [--cache DIR]
-                     [--verify-cache] [--key KEY]
+                     [--verify-cache] [--key KEY] [--config-from PATH] [--strip-prefix PREFIX] [--rename ...]
     fastsoup inspect PATH [--tensors] [--json] [--key KEY]
     fastsoup similarity CKPT [CKPT ...] [--base B] [--angles] [--plot PNG] [--key KEY]
     fastsoup demo [--out DIR] [--models N] [--seed S]
     fastsoup info
     fastsoup --version
 
-Errors are one line on stderr (no traceback) and a non-zero exit code; nothing is left at OUT.
+Errors are one line on stderr (no traceback) and a non-zero exit code; nothing is left at OUT. Notes
+(mixed input dtypes, LoRA factors averaged separately) are one line each, ``fastsoup: note: ...``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import signal
@@ -34,6 +37,8 @@ import warnings
 DEMO_SECONDS = "10 to 20 s"
 KEY_HELP = ("the state dict to take from training checkpoints (torch files that hold several entries), e.g. "
             "state_dict_ema for the EMA weights of timm's train.py (default: state_dict, else model)")
+_CONFIG_FROM_HELP = ("the model folder (or a file in it) whose config, tokenizer, generation config, processor "
+                     "configs, adapter config and model card a folder OUT gets (default: the first input's folder)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -50,7 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("inputs", nargs="+", metavar="IN",
                    help=".safetensors files, sharded folders or index files, .pt/.bin files")
     a.add_argument("-o", "--out", required=True, metavar="OUT",
-                   help="output: a path ending in .safetensors for one file, else a sharded folder")
+                   help="output: a path ending in .safetensors for one file, .pt/.pth/.bin/.ckpt for one torch file, "
+                        "else a folder (a model folder like the first input's)")
     a.add_argument("--weights", nargs="+", type=float, metavar="W", help="one weight per input (default: uniform)")
     a.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="output dtype (default: as the first input)")
     a.add_argument("--shard-size", metavar="SIZE", help="largest output shard, e.g. 5GB (default: as the first input)")
@@ -59,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     a.add_argument("--fsync", action="store_true", help="flush OUT to disk before it appears (durable, slower)")
     a.add_argument("--key", metavar="KEY", help=KEY_HELP)
+    a.add_argument("--config-from", metavar="PATH", help=_CONFIG_FROM_HELP)
     _name_options(a)
 
     g = sub.add_parser(
@@ -85,6 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--key", metavar="KEY", help=KEY_HELP)
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    g.add_argument("--config-from", metavar="PATH", help=_CONFIG_FROM_HELP.replace("first input", "first kept input"))
     _name_options(g)
 
     pl = sub.add_parser("plot", help="the paper-style figure from a results.jsonl",
@@ -123,6 +131,7 @@ def _parser() -> argparse.ArgumentParser:
     le.add_argument("--key", metavar="KEY", help=KEY_HELP)
     le.add_argument("--no-progress", action="store_true", help="no progress bar")
     le.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    le.add_argument("--config-from", metavar="PATH", help=_CONFIG_FROM_HELP)
     _name_options(le)
 
     ins = sub.add_parser("inspect", help="what a checkpoint holds: tensors, parameters, dtypes, shards, metadata",
@@ -181,12 +190,14 @@ def _greedy(args) -> int:
     from .search.report import greedy_report
 
     evals = _evals(args.eval)
-    report = greedy_report(
-        with_key(args.inputs, args.key), model=args.model, heldout=args.heldout, evals=evals, out=args.out,
-        cache_dir=args.cache, strict=args.strict, device=args.device, results=args.results,
-        progress=False if args.no_progress else None, overwrite=args.overwrite,
-        verify="full" if args.verify_cache else "sample", key_map=_key_map(args), strip_prefix=args.strip_prefix,
-    )
+    with _notes():
+        report = greedy_report(
+            with_key(args.inputs, args.key), model=args.model, heldout=args.heldout, evals=evals, out=args.out,
+            cache_dir=args.cache, strict=args.strict, device=args.device, results=args.results,
+            progress=False if args.no_progress else None, overwrite=args.overwrite,
+            verify="full" if args.verify_cache else "sample", config_from=args.config_from, key_map=_key_map(args),
+            strip_prefix=args.strip_prefix,
+        )
     print(report.table())
     _note(f"wrote {report.out} and {report.results_path} in {report.seconds:.2f} s")
     return 0
@@ -220,7 +231,8 @@ def _learned(args) -> int:
         for name, spec in evals.items():
             data = prepare(load_callable(spec)(), next(model.parameters()).device, name=name)
             print(f"{name} accuracy {100 * evaluate(model, data).score:.2f}")
-    path = r.save(args.out, overwrite=args.overwrite)
+    with _notes():
+        path = r.save(args.out, overwrite=args.overwrite, config_from=args.config_from)
     _note(f"wrote {path} in {time.perf_counter() - start:.2f} s")
     return 0
 
@@ -296,22 +308,44 @@ def _average(args) -> int:
     from .engine import average
 
     start = time.perf_counter()
-    path = average(
-        args.inputs,
-        args.weights,
-        out=args.out,
-        dtype=args.dtype,
-        threads=args.threads,
-        shard_size=args.shard_size,
-        progress=False if args.no_progress else None,
-        overwrite=args.overwrite,
-        fsync=args.fsync,
-        key_map=_key_map(args),
-        strip_prefix=args.strip_prefix,
-        key=args.key,
-    )
+    with _notes():
+        path = average(
+            args.inputs,
+            args.weights,
+            out=args.out,
+            dtype=args.dtype,
+            threads=args.threads,
+            shard_size=args.shard_size,
+            progress=False if args.no_progress else None,
+            overwrite=args.overwrite,
+            fsync=args.fsync,
+            config_from=args.config_from,
+            key_map=_key_map(args),
+            strip_prefix=args.strip_prefix,
+            key=args.key,
+        )
     _note(f"wrote {path} from {len(args.inputs)} checkpoints in {time.perf_counter() - start:.2f} s")
     return 0
+
+
+@contextlib.contextmanager
+def _notes():
+    """fastsoup's notes about a soup (``SoupNote`` warnings) as one line each on stderr, once each;
+    other warnings as Python shows them."""
+    from .io._sidefiles import SoupNote
+
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", SoupNote)
+            yield
+    finally:
+        seen = set()
+        for w in caught:  # shown outside the block, where showwarning is Python's again
+            if not issubclass(w.category, SoupNote):
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+            elif str(w.message) not in seen:
+                seen.add(str(w.message))
+                _note(f"fastsoup: note: {w.message}")
 
 
 def _note(msg: str) -> None:

@@ -25,9 +25,11 @@ from ._dtypes import parse_float_dtype
 from . import distributed as _distributed
 from ._errors import CheckpointError, InputChangedError
 from ._native import _core
+from .io import _sidefiles
+from .io._sidefiles import Donor, SoupInfo
 from .io.checkpoint import Checkpoint, check_compatible, open_checkpoint, with_key
 from .io.names import NameMap
-from .io.writer import TensorSpec, plan_output
+from .io.writer import TensorSpec, TorchOutput, is_torch_output, plan_output
 
 SLOT_BYTES = 32 << 20  # CUDA pipeline: host input bytes per pinned slot (all inputs together)
 NSLOTS = 3  # pinned slots in the ring: fill j+1 while j is copied and j-1 is summed
@@ -98,6 +100,7 @@ def average(
     key_map: Any = None,
     strip_prefix: str | None = None,
     key: str | None = None,
+    config_from: Any = None,
 ):
     """Averages checkpoints: ``sum_k w_k * theta_k / sum_k w_k`` for every float tensor.
 
@@ -109,10 +112,17 @@ def average(
             files, state dicts, modules), mixed freely.
         weights: one number per ingredient, like ``numpy.average``; None for the uniform soup.
             Negative weights are allowed; their sum must not be zero.
-        out: None to return ``dict[str, torch.Tensor]``; a path to write safetensors there (one file
-            if it ends in ``.safetensors``, else a sharded folder) and return the path.
+        out: None to return ``dict[str, torch.Tensor]``; a path to write there and return: one
+            safetensors file if it ends in ``.safetensors``, one torch file (``torch.save`` of the
+            state dict) if it ends in ``.pt``, ``.pth``, ``.bin`` or ``.ckpt``, else a folder. A
+            folder soup of model folders is a model folder: weights named as the first ingredient's
+            (``model.safetensors``, or shards like it with ``model.safetensors.index.json``; a soup
+            of peft adapters: ``adapter_model.safetensors``), the side files of the donor (see
+            ``config_from``) and a model card. Every safetensors output records the recipe,
+            ingredients, weights and fastsoup version in its metadata (``fastsoup.*``).
         dtype: output dtype ("fp16", "bf16", "fp32", or a torch dtype); default: each tensor's dtype
-            in the first ingredient. Integer and bool tensors are copied from the first ingredient.
+            in the first ingredient (a :class:`UserWarning` says so when the ingredients' dtypes
+            differ). Integer and bool tensors are copied from the first ingredient.
         device: "cpu", or "cuda"/"cuda:N": file inputs stream through pinned memory to the GPU, the
             fused kernel sums there; ``out=None`` then returns CUDA tensors (inputs already on that
             GPU are read in place), a path is written back through pinned memory.
@@ -137,12 +147,17 @@ def average(
     are recognised in ``save_pretrained`` folders, ``model.state_dict()``, ``save_model`` files and
     ``.bin`` files alike; the soup writes the tensor once, under ``save_pretrained``'s name, and an
     in-memory result carries both names.
+        config_from: the folder (or a file in it) whose side files a folder ``out`` gets:
+            ``config.json`` (its dtype set to the soup's), ``generation_config.json``, tokenizer
+            files, chat templates, processor configs, ``adapter_config.json``, ``README.md``.
+            Default: the first ingredient's folder, when it has one (a folder, or a file named as
+            transformers or peft name weights, e.g. ``x/model.safetensors``); False: none.
 
     Returns:
         The state dict (``out=None``) or ``out``.
 
     Raises:
-        CheckpointError: an ingredient is unreadable or does not match the others.
+        CheckpointError: an ingredient (or a side file) is unreadable or does not match the others.
         ValueError: bad weights or options.
         OutputExistsError: ``out`` exists and ``overwrite`` is False.
 
@@ -163,10 +178,11 @@ def average(
         if total == 0.0:
             raise ValueError(f"weights sum to zero ({list(weights)}): cannot normalize; use fastsoup.weighted_sum")
         ws = [w / total for w in scaled]
-    with _distributed.merge_job(out, overwrite=overwrite, what="fastsoup.average"):  # collective under torch.distributed
-        return _merge(ingredients, ws, out=out, dtype=dtype, device=device, threads=threads, shard_size=shard_size,
-                      progress=progress, overwrite=overwrite, fsync=fsync, desc="average", key_map=key_map,
-                      strip_prefix=strip_prefix)
+    recipe = "uniform_soup" if weights is None else "weighted_soup"
+    return _collective(out, overwrite, "fastsoup.average", lambda: _merge(
+        ingredients, ws, out=out, dtype=dtype, device=device, threads=threads, shard_size=shard_size,
+        progress=progress, overwrite=overwrite, fsync=fsync, desc="average", recipe=recipe, config_from=config_from,
+        key_map=key_map, strip_prefix=strip_prefix))
 
 
 def weighted_sum(
@@ -184,6 +200,7 @@ def weighted_sum(
     key_map: Any = None,
     strip_prefix: str | None = None,
     key: str | None = None,
+    config_from: Any = None,
 ):
     """The raw linear combination ``sum_k w_k * theta_k`` (no normalization), e.g. for task
     arithmetic (``theta_0 + lambda * (theta_1 - theta_0)`` is ``weights=[1 - lambda, lambda]``).
@@ -192,10 +209,19 @@ def weighted_sum(
     """
     ingredients = with_key(ingredients, key)
     ws = _check_weights(weights, len(ingredients))
-    with _distributed.merge_job(out, overwrite=overwrite, what="fastsoup.weighted_sum"):  # collective under torch.distributed
-        return _merge(ingredients, ws, out=out, dtype=dtype, device=device, threads=threads, shard_size=shard_size,
-                      progress=progress, overwrite=overwrite, fsync=fsync, desc="weighted_sum", key_map=key_map,
-                      strip_prefix=strip_prefix)
+    return _collective(out, overwrite, "fastsoup.weighted_sum", lambda: _merge(
+        ingredients, ws, out=out, dtype=dtype, device=device, threads=threads, shard_size=shard_size,
+        progress=progress, overwrite=overwrite, fsync=fsync, desc="weighted_sum", recipe="weighted_sum",
+        config_from=config_from, key_map=key_map, strip_prefix=strip_prefix))
+
+
+def _collective(out, overwrite: bool, what: str, merge):
+    """``merge()`` as one collective merge under torch.distributed (see ``distributed.merge_job``); a
+    torch-file output is computed and written by rank 0 alone (the others wait), as ``torch.save`` is."""
+    if out is not None and is_torch_output(out):
+        return _distributed.rank0(merge)
+    with _distributed.merge_job(out, overwrite=overwrite, what=what):
+        return merge()
 
 
 def _check_weights(weights: Sequence[float], k: int) -> list[float]:
@@ -211,7 +237,7 @@ def _check_weights(weights: Sequence[float], k: int) -> list[float]:
 
 
 def _merge(ingredients, weights, *, out, dtype, device, threads, shard_size, progress, overwrite, fsync, desc,
-           key_map=None, strip_prefix=None):
+           recipe, config_from=None, key_map=None, strip_prefix=None):
     dev = resolve_device(device)
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads must be a positive integer, got {threads!r}")
@@ -221,8 +247,13 @@ def _merge(ingredients, weights, *, out, dtype, device, threads, shard_size, pro
         names = NameMap.build(key_map=key_map, strip_prefix=strip_prefix)
         mapped = names.apply(opened)
         check_compatible(mapped)
+        note = _sidefiles.mixed_dtypes_note(mapped, out_override)
+        if note is not None:
+            _sidefiles.note(note)
+        donor = _sidefiles.donor_for(out, config_from, ingredients[0])  # read before any work
+        info = SoupInfo(recipe, _sidefiles.ingredient_names(ingredients), list(weights))
         return _run(mapped, weights, out, out_override, threads or 0, shard_size, progress, overwrite, fsync, desc,
-                    device=dev, aliases=names.aliases)
+                    device=dev, aliases=names.aliases, info=info, donor=donor)
     finally:
         for src, ck in zip(ingredients, opened):
             if ck is not src:
@@ -238,19 +269,24 @@ def _output_dtype(ref, override):
 
 def _run(ckpts: list[Checkpoint], weights, out, override, threads, shard_size, progress, overwrite, fsync, desc,
          layout: Checkpoint | None = None, device: Device = CPU, extras: dict | None = None,
-         aliases: dict | None = None):
+         aliases: dict | None = None, info: SoupInfo | None = None, donor: Donor | None = None):
     # `layout` (default: the first input) gives the tensor order, default dtypes, shards and metadata.
     # `extras`: files written into a folder output with it (name -> bytes: a sidecar).
+    # `info`: what the soup is made of (its metadata and model card); `donor`: the side files of a
+    # folder output (read by the caller before any work).
     first = layout if layout is not None else ckpts[0]
     K = len(ckpts)
     names = list(first)
     out_dtypes = {name: _output_dtype(first[name], override) for name in names}  # name -> (dtype, averaged?)
     keep: list[Any] = []  # objects whose memory the native plan points into
+    if (donor is not None and donor.adapter) or _sidefiles.has_lora_keys(names):
+        _sidefiles.note(_sidefiles.ADAPTER_NOTE)
+    torch_out = out is not None and is_torch_output(out)
 
     # Destinations.
     result = None
     writer = None
-    if out is None:
+    if out is None or torch_out:
         from . import _torch
 
         result = {}
@@ -262,17 +298,22 @@ def _run(ckpts: list[Checkpoint], weights, out, override, threads, shard_size, p
                 raise CheckpointError(f"{first.where(name)}: {e}; write the result to a file instead (out=PATH)") from None
             result[name] = t
             dests.append((-1, t.data_ptr()))
+        if torch_out:  # the state dict, then torch.save into a temporary file installed as a file output is
+            writer = TorchOutput(out, overwrite=overwrite, fsync=fsync, protect=[f for ck in [*ckpts, first] for f in ck.files])
     else:
-        specs, groups = [], []
-        shard_index = {f: i for i, f in enumerate(first.files)}
+        specs = []
         for name in names:
             ref = first[name]
             od = out_dtypes[name][0]
             specs.append(TensorSpec(name, od, ref.shape, ref.numel * dtype_info(od).itemsize))
-            groups.append(shard_index.get(ref.file, 0))
-        metadata = first.metadata if first.metadata is not None else {"format": "pt"}
-        plan = plan_output(specs, out, shard_size=shard_size, groups=groups if len(first.files) > 1 else None,
-                           metadata=metadata)
+        metadata = _sidefiles.soup_metadata(first.metadata, info)
+        plan = plan_output(specs, out, shard_size=shard_size, groups=_sidefiles.shard_groups(first, names),
+                           metadata=metadata, weights_name=donor.weights_name if donor is not None else None)
+        if donor is not None and donor.adapter and len(plan.shards) > 1:
+            raise ValueError(f"{out}: a soup of peft adapters is one {donor.weights_name} (peft reads no shards); "
+                             f"shard_size={shard_size!r} would cut it into {len(plan.shards)}")
+        if donor is not None and not plan.single:
+            extras = {**donor.render(dtype=_soup_dtype(first, out_dtypes), info=info), **(extras or {})}
         locations = plan.locations()
         dests = [locations[name] for name in names]
         # One process: AtomicOutput and every tensor; in a collective merge (torch.distributed) this
@@ -309,9 +350,16 @@ def _run(ckpts: list[Checkpoint], weights, out, override, threads, shard_size, p
         if writer is not None:
             writer.open()
         try:
-            segs.run(weights, fds=writer.fds if writer is not None else [], threads=threads, progress=callback,
-                     device=device, fd_names=writer.names if writer is not None else ())
+            files = writer is not None and not torch_out
+            segs.run(weights, fds=writer.fds if files else [], threads=threads, progress=callback,
+                     device=device, fd_names=writer.names if files else ())
             verify_inputs(ckpts)  # truncated or rewritten meanwhile: nothing is installed or returned
+            if result is not None:
+                for alias, canon in (aliases or {}).items():  # tied weights: both names, one tensor
+                    if canon in result and alias not in result:
+                        result[alias] = result[canon]
+            if torch_out:
+                writer.write(result)  # torch.save keeps the two names on one storage, as state_dict() does
         except BaseException:
             if writer is not None:
                 writer.abort()
@@ -326,9 +374,6 @@ def _run(ckpts: list[Checkpoint], weights, out, override, threads, shard_size, p
                 print(progress_summary(desc, total_in, time.perf_counter() - started), file=sys.stderr)
         del keep
     if out is None:
-        for alias, canon in (aliases or {}).items():  # tied weights: both names, one tensor
-            if canon in result and alias not in result:
-                result[alias] = result[canon]
         return result
     return os.fspath(out)
 
@@ -338,6 +383,15 @@ def progress_summary(desc: str, nbytes: int, seconds: float) -> str:
     rate = f"{nbytes / seconds / 1e9:.1f} GB/s" if seconds > 0 else "- GB/s"
     size = f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.2f} MB"
     return f"{desc}: {size} in {seconds:.2f} s ({rate})"
+
+
+def _soup_dtype(first: Checkpoint, out_dtypes: dict) -> str | None:
+    """The soup's dtype as a config names it: the float dtype of most of the averaged elements."""
+    count: dict[str, int] = {}
+    for name, (od, is_float) in out_dtypes.items():
+        if is_float:
+            count[od] = count.get(od, 0) + first[name].numel
+    return max(count, key=lambda d: (count[d], d)) if count else None
 
 
 def verify_inputs(ckpts, during: str = "the merge") -> None:

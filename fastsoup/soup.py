@@ -21,9 +21,9 @@ from typing import Any
 from ._dtypes import BY_NAME, parse_float_dtype
 from ._dtypes import info as dtype_info
 from ._errors import FastsoupError, InputChangedError
-from . import distributed as _distributed
 from ._native import _core
-from .engine import CPU, Device, _Segments, _run, _source, resolve_device
+from .engine import CPU, Device, _collective, _Segments, _run, _source, resolve_device
+from .io import _sidefiles
 from .io.checkpoint import Checkpoint, check_compatible, open_checkpoint
 from .io.names import NameMap
 
@@ -66,6 +66,7 @@ class Soup:
             raise ValueError(f"threads must be a positive integer, got {threads!r}")
         self._threads = threads or 0
         self._model = template if _is_module(template) else None
+        self._template = template if _sidefiles.is_path(template) else None  # the default donor of side files
         layout = open_checkpoint(template)
         names = _names if _names is not None else layout.name_map
         if names is None:
@@ -223,11 +224,20 @@ class Soup:
         overwrite: bool = False,
         fsync: bool = False,
         progress: bool | None = None,
+        config_from: Any = None,
         _extras: dict | None = None,
+        _info: _sidefiles.SoupInfo | None = None,
     ) -> str:
-        """Writes the soup as safetensors with the rules of ``average(out=...)`` (layout of the template).
-        (``_extras``: files written into a folder output with it, e.g. a recipe's sidecar.)"""
+        """Writes the soup with the rules of ``average(out=...)`` (layout of the template; a ``.pt``
+        path: one torch file). A folder output gets the side files of ``config_from`` (default: the
+        template's folder, else the first ingredient's; False: none) and a model card; the
+        safetensors metadata records the ingredients (``Soup.ingredients``) and their weights.
+        (``_extras``: files written into a folder output with it, e.g. a recipe's sidecar; ``_info``:
+        a recipe's own record of the soup.)"""
         self._need_ingredients("save it")
+        if _info is None:
+            _info = _sidefiles.SoupInfo("soup", [src for src, _ in self.ingredients],
+                                        [w / self.total_weight for _, w in self.ingredients])
         flat = {}
         for name, ref in self._layout.items():
             if name in self._floats:
@@ -242,9 +252,13 @@ class Soup:
             mapping = {n: disk.get(n, n) for n in layout}
             src, layout = src.with_names(mapping), layout.with_names(mapping)
         override = parse_float_dtype(dtype) if dtype is not None else None
-        with _distributed.merge_job(out, overwrite=overwrite, what="Soup.save"):  # collective under torch.distributed
-            return _run([src], [1.0 / self.total_weight], out, override, self._threads, shard_size, progress,
-                        overwrite, fsync, "save", layout=layout, device=self._device, extras=_extras)
+        default = self._template if self._template is not None else self.ingredients[0][0]
+        donor = _sidefiles.donor_for(out, config_from, default)  # read before any work
+        aliases = {disk.get(a, a): disk.get(c, c) for a, c in self._layout.aliases.items()}
+        # Collective under torch.distributed (a torch file: rank 0 alone).
+        return _collective(out, overwrite, "Soup.save", lambda: _run(
+            [src], [1.0 / self.total_weight], out, override, self._threads, shard_size, progress, overwrite, fsync,
+            "save", layout=layout, device=self._device, extras=_extras, info=_info, donor=donor, aliases=aliases))
 
     def __len__(self) -> int:
         return len(self.ingredients)

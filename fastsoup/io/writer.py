@@ -29,6 +29,7 @@ from . import _tempfiles
 from ._safetensors import build_header
 
 INDEX_NAME = "model.safetensors.index.json"
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")  # an output path ending so is one torch state-dict file
 DEFAULT_SHARD_SIZE = 5_000_000_000  # bytes; as transformers' save_pretrained
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -70,12 +71,14 @@ class ShardPlan:
 
 @dataclass
 class OutputPlan:
-    """Where every output tensor goes: ``path`` is one .safetensors file or a sharded folder."""
+    """Where every output tensor goes: ``path`` is one .safetensors file or a folder (of shards and
+    their index, or of one named file with no index: ``index`` False)."""
 
     path: str
     single: bool
     shards: list[ShardPlan]
     metadata: dict | None
+    index: bool = True  # a folder output: write model.safetensors.index.json
 
     def locations(self) -> dict[str, tuple[int, int]]:
         """name -> (shard index, absolute byte offset in that shard's file) of every tensor."""
@@ -87,6 +90,18 @@ class OutputPlan:
         return sum(s.nbytes for shard in self.shards for s in shard.specs)
 
 
+def is_file_output(path: str | os.PathLike) -> bool:
+    """Whether an output path names one file (``.safetensors``, or a torch file: ``.pt``, ``.pth``,
+    ``.bin``, ``.ckpt``) rather than a folder."""
+    path = os.fspath(path)
+    return path.endswith(".safetensors") or is_torch_output(path)
+
+
+def is_torch_output(path: str | os.PathLike) -> bool:
+    """Whether an output path names a torch state-dict file (``torch.save``)."""
+    return os.fspath(path).endswith(TORCH_SUFFIXES)
+
+
 def plan_output(
     specs: Sequence[TensorSpec],
     path: str | os.PathLike,
@@ -94,11 +109,15 @@ def plan_output(
     shard_size: int | str | None = None,
     groups: Sequence[int] | None = None,
     metadata: dict | None = None,
+    weights_name: str | None = None,
 ) -> OutputPlan:
     """Lays tensors out in files: one file when ``path`` ends in ``.safetensors``, else a folder of
     ``model-0000i-of-0000n.safetensors`` shards cut at ``shard_size`` bytes (a tensor larger than
     that gets a shard of its own), or grouped as ``groups`` says (a shard number per tensor, e.g.
-    the layout of an input), or one shard."""
+    the layout of an input), or one shard, with ``model.safetensors.index.json``.
+
+    ``weights_name`` (a folder output, e.g. ``"model.safetensors"``): the name of the one file when
+    the layout has one shard, written without an index, as transformers' ``save_pretrained`` does."""
     path = os.fspath(path)
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
@@ -131,16 +150,22 @@ def plan_output(
     else:
         buckets = [list(specs)]
     n = len(buckets)
+    named = not single and weights_name is not None and n == 1
+    if named and (os.path.basename(weights_name) != weights_name or not weights_name.endswith(".safetensors")):
+        raise ValueError(f"weights_name {weights_name!r} is not a plain .safetensors file name")
     shards = []
     for i, bucket in enumerate(buckets):
-        filename = os.path.basename(path) if single else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        if single or named:
+            filename = os.path.basename(path) if single else weights_name
+        else:
+            filename = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
         header = build_header(((s.name, s.dtype, s.shape, s.nbytes) for s in bucket), metadata)
         offsets, off = {}, len(header)
         for s in bucket:
             offsets[s.name] = off
             off += s.nbytes
         shards.append(ShardPlan(filename, bucket, header, offsets))
-    return OutputPlan(path, single, shards, metadata)
+    return OutputPlan(path, single, shards, metadata, index=not single and not named)
 
 
 MANIFEST_NAME = ".fastsoup.json"  # in every output folder: the files fastsoup wrote there, and their sizes
@@ -293,8 +318,9 @@ class AtomicOutput:
         self.extras = dict(extras or {})
         if self.extras and plan.single:
             raise ValueError("extra files need a folder output")
+        taken = {INDEX_NAME, MANIFEST_NAME, *(s.filename for s in plan.shards)}
         for name in self.extras:
-            if os.path.basename(name) != name or name in (INDEX_NAME, MANIFEST_NAME) or name.startswith("."):
+            if os.path.basename(name) != name or name in taken or name.startswith("."):
                 raise ValueError(f"extra file name {name!r} is not a plain file name of its own")
         self.fds: list[int] = []
         self.target = os.path.abspath(plan.path)
@@ -360,13 +386,14 @@ class AtomicOutput:
                     _named(name, os.fsync, fd)
             self._close_files()
             if not self.plan.single:
-                index = {
-                    "metadata": {"total_size": self.plan.total_size},
-                    "weight_map": {s.name: shard.filename for shard in self.plan.shards for s in shard.specs},
-                }
                 files = {shard.filename: shard.size for shard in self.plan.shards}
-                self._write_in_tmp(INDEX_NAME, (json.dumps(index, indent=2) + "\n").encode())
-                files[INDEX_NAME] = os.path.getsize(os.path.join(self._tmp, INDEX_NAME))
+                if self.plan.index:
+                    index = {
+                        "metadata": {"total_size": self.plan.total_size},
+                        "weight_map": {s.name: shard.filename for shard in self.plan.shards for s in shard.specs},
+                    }
+                    self._write_in_tmp(INDEX_NAME, (json.dumps(index, indent=2) + "\n").encode())
+                    files[INDEX_NAME] = os.path.getsize(os.path.join(self._tmp, INDEX_NAME))
                 for name, data in self.extras.items():
                     self._write_in_tmp(name, data)
                     files[name] = len(data)
@@ -444,6 +471,34 @@ class AtomicOutput:
                     os.close(fd)
                 except OSError:
                     pass
+
+
+class TorchOutput(AtomicOutput):
+    """An :class:`AtomicOutput` of one torch state-dict file (``NAME.pt``, ``.pth``, ``.bin``,
+    ``.ckpt``), with the same rules: checked and created under a temporary name by :meth:`open`
+    (before the work), filled by :meth:`write` (``torch.save``), installed by :meth:`commit`.
+    Imports torch only in :meth:`write`."""
+
+    def __init__(self, path: str | os.PathLike, *, overwrite: bool = False, fsync: bool = False,
+                 protect: Sequence[str] = ()):
+        path = os.fspath(path)
+        plan = OutputPlan(path, True, [ShardPlan(os.path.basename(path), [])], None, index=False)
+        super().__init__(plan, overwrite=overwrite, fsync=fsync, protect=protect)
+
+    def write(self, tensors: Mapping[str, Any]) -> None:
+        """``torch.save`` of ``tensors`` (name -> torch tensor or numpy array) into the temporary file."""
+        from .. import _torch
+
+        _named(self.names[0], _torch.save_state_dict, tensors, self.fds[0])
+
+
+def save_torch(tensors: Mapping[str, Any], path: str | os.PathLike, *, overwrite: bool = False, fsync: bool = False,
+               protect: Sequence[str] = ()) -> str:
+    """Writes a state dict as one torch file that ``torch.load(path, weights_only=True)`` reads,
+    atomically (:class:`TorchOutput`). Returns ``path``."""
+    with TorchOutput(path, overwrite=overwrite, fsync=fsync, protect=protect) as out:
+        out.write(tensors)
+    return os.fspath(path)
 
 
 def _named(path: str, fn, *args):
@@ -554,10 +609,10 @@ SIDECAR_RECIPES = ("greedy_soup", "learned_soup", "learned_soup_layerwise")
 
 
 def sidecar_path(out: str | os.PathLike) -> str:
-    """``NAME.json`` next to a ``NAME.safetensors`` file, ``soup.json`` inside a sharded folder."""
+    """``NAME.json`` next to a ``NAME.safetensors`` (or torch ``NAME.pt``) file, ``soup.json`` inside a folder."""
     out = os.fspath(out)
-    if out.endswith(".safetensors"):
-        return out[: -len(".safetensors")] + ".json"
+    if is_file_output(out):
+        return os.path.splitext(out)[0] + ".json"
     return os.path.join(out, SIDECAR_NAME)
 
 
@@ -576,14 +631,14 @@ def with_sidecar(out: str | os.PathLike, record: dict, write, *, overwrite: bool
     folder output gets ``extras = {"soup.json": ...}``, written inside it before its install; a file
     output gets None) and returns its path.
 
-    For a ``NAME.safetensors`` output the sidecar is ``NAME.json`` beside it: refused before any work
+    For a ``NAME.safetensors`` (or torch ``NAME.pt``) output the sidecar is ``NAME.json`` beside it: refused before any work
     when a file of that name exists that fastsoup did not write (or without ``overwrite``), and
     written whole (temporary name, rename) after the soup is installed; ``rank0(fn)``, when given,
     runs that write (on rank 0 alone under torch.distributed).
     """
     data = (json.dumps(record, indent=1) + "\n").encode()
     out = os.fspath(out)
-    if not out.endswith(".safetensors"):
+    if not is_file_output(out):
         return write({SIDECAR_NAME: data})
     side = sidecar_path(out)
     if os.path.lexists(side):
@@ -625,7 +680,9 @@ def save(
     Args:
         tensors: ``{name: tensor}`` (torch tensors or numpy arrays), an iterable of ``(name,
             tensor)`` pairs, or a :class:`~fastsoup.Checkpoint` (to copy or reshard one).
-        path: a path ending in ``.safetensors`` for one file; anything else is a folder of
+        path: a path ending in ``.safetensors`` for one file; ``.pt``, ``.pth``, ``.bin`` or
+            ``.ckpt`` for one torch file (``torch.save`` of the state dict; ``metadata`` and
+            ``shard_size`` do not apply); anything else is a folder of
             ``model-0000i-of-0000n.safetensors`` shards plus ``model.safetensors.index.json``.
         shard_size: largest shard in bytes (int or ``"5GB"``) for a folder; one shard if None.
         metadata: the header's ``__metadata__`` (default ``{"format": "pt"}``).
@@ -672,6 +729,16 @@ def save(
             dtype, shape, nbytes = _array_meta(item[1], "save", item[0])
             specs.append(TensorSpec(item[0], dtype, shape, nbytes))
         buffer = _host_buffer
+    if is_torch_output(path):
+        if _extras:
+            raise ValueError("extra files need a folder output")
+        if isinstance(tensors, Checkpoint):
+            values = {name: tensors.tensor(name) for name, _ in items}
+            tensors.verify("the save")
+        else:
+            values = dict(items)
+        return save_torch(values, path, overwrite=overwrite, fsync=fsync,
+                          protect=list(tensors.files) if isinstance(tensors, Checkpoint) else [])
     from .._dtypes import info
 
     for s in specs:

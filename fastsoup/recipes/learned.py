@@ -101,20 +101,35 @@ class LearnedResult:
                 out[alias] = out[canon]
         return out
 
-    def save(self, out: str | os.PathLike, **options: Any) -> str:
-        """Writes the soup as safetensors (options of :func:`fastsoup.save`) and a JSON sidecar with the
-        coefficients, beta, scores and loss curve (``NAME.json``, or ``soup.json`` in a folder)."""
-        from ..io.writer import save, with_sidecar
+    def save(self, out: str | os.PathLike, *, shard_size: int | str | None = None, overwrite: bool = False,
+             fsync: bool = False, progress: bool | None = None, config_from: Any = None) -> str:
+        """Writes the soup with the layout rules of ``average(out=...)`` (dtypes and shards of the first
+        ingredient; a ``.pt`` path: one torch file) and a JSON sidecar with the coefficients, beta,
+        scores and loss curve (``NAME.json``, or ``soup.json`` in a folder). A folder output also gets
+        the side files of the first ingredient's folder (or of ``config_from``; False: none) and a
+        model card; the safetensors metadata records the ingredients and coefficients."""
+        from ..engine import _run
+        from ..io._sidefiles import SoupInfo, donor_for, ingredient_names
+        from ..io.writer import with_sidecar
 
-        def state() -> dict:  # under the names of the ingredients' files, a tied tensor once
-            sd = self.state_dict()
-            first = self._ingredients()[0]
+        recipe = "learned_soup_layerwise" if self.layerwise else "learned_soup"
+        info = SoupInfo(recipe, ingredient_names(self.sources), self.weights())
+
+        def write_soup(extras) -> str:
+            donor = donor_for(out, config_from, self.sources[0])  # read before any work
+            # The layout of the first ingredient (named as the model's, a tied tensor once), written under
+            # the names of its files; the soup is already in its dtypes: weight 1 copies it.
+            layout = self._ingredients()[0]
+            soup = open_checkpoint(self.state_dict())
             disk = self._names.disk_names if self._names is not None else {}
-            return {disk.get(n, n): t for n, t in sd.items() if n not in first.aliases}
+            if disk:
+                mapping = {n: disk.get(n, n) for n in layout}
+                layout, soup = layout.with_names(mapping), soup.with_names(mapping)
+            return _run([soup], [1.0], out, None, 0, shard_size, progress, overwrite, fsync, "save", layout=layout,
+                        extras=extras, info=info, donor=donor)
 
         def write() -> str:
-            return with_sidecar(out, self.to_json(), lambda extras: save(state(), out, _extras=extras, **options),
-                                overwrite=bool(options.get("overwrite", False)))
+            return with_sidecar(out, self.to_json(), write_soup, overwrite=overwrite)
 
         return _distributed.rank0(write)  # collective under torch.distributed: rank 0 writes
 

@@ -35,6 +35,7 @@ from .. import distributed as _distributed
 from .._errors import FastsoupError
 from .._native import _core
 from ..engine import CPU, resolve_device
+from ..io._sidefiles import SoupInfo
 from ..io.checkpoint import Checkpoint, check_compatible, open_checkpoint, with_key
 from ..io.names import NameMap
 from ..io.writer import sidecar_path, with_sidecar
@@ -128,10 +129,14 @@ class GreedyResult:
 
     def save(self, out: str | os.PathLike, **options: Any) -> str:
         """Writes the soup with the layout rules of ``average(out=...)`` (options: dtype, shard_size,
-        overwrite, fsync, progress), and a JSON sidecar with the ingredients, scores and history:
-        ``NAME.json`` next to a ``NAME.safetensors`` file, ``soup.json`` inside a sharded folder."""
+        overwrite, fsync, progress, config_from), and a JSON sidecar with the ingredients, scores and
+        history: ``NAME.json`` next to a ``NAME.safetensors`` (or ``.pt``) file, ``soup.json`` inside
+        a folder. A folder output also gets the side files of the first kept ingredient's folder (or
+        of ``config_from``) and a model card, as :func:`~fastsoup.average` writes them."""
         soup = self.soup()
-        return with_sidecar(out, self.to_json(), lambda extras: soup.save(out, _extras=extras, **options),
+        kept = [self.names[i] for i in self.indices]
+        info = SoupInfo("greedy_soup", kept, [1.0 / len(kept)] * len(kept))
+        return with_sidecar(out, self.to_json(), lambda extras: soup.save(out, _extras=extras, _info=info, **options),
                             overwrite=bool(options.get("overwrite", False)),
                             rank0=lambda fn: _distributed.rank0(fn, share=False))  # collective save, rank 0's record
 

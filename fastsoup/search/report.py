@@ -118,11 +118,13 @@ def run_report(
     verify: str = "sample",
     key_map: Any = None,
     strip_prefix: str | None = None,
+    config_from: Any = None,
 ) -> Report:
     """Runs the greedy search and scores every recipe (each ingredient, uniform and greedy soup, uniform
     and greedy logit ensembles) on the held-out set and every eval set; writes the greedy soup to
     ``out`` and the rows to ``results`` (JSONL). ``verify``: how the cache fingerprints the
-    ingredients (``"sample"`` or ``"full"``, see :func:`~fastsoup.greedy_soup`)."""
+    ingredients (``"sample"`` or ``"full"``, see :func:`~fastsoup.greedy_soup`); ``config_from``: the
+    side files of a folder ``out`` (see :func:`~fastsoup.average`)."""
     from .greedy import Search, ensemble_logits, run_greedy, run_greedy_ensemble
     from .heldout import score_logits
 
@@ -150,7 +152,7 @@ def run_report(
                  **scores({d: ensemble_logits(s.individual_logits(d)) for d in sets})})
     rows.append({"name": "greedy ensemble", "kind": "greedy_ensemble", "members": e.members,
                  **scores({d: ensemble_logits([s.individual_logits(d)[i] for i in e.members]) for d in sets})})
-    path = g.save(out, overwrite=overwrite, progress=progress)
+    path = g.save(out, overwrite=overwrite, progress=progress, config_from=config_from)
     if results is None:
         results = os.path.join(cache_dir if cache_dir else os.path.dirname(os.path.abspath(out)), "results.jsonl")
     _distributed.rank0(_write_rows, results, rows, share=False)  # rank 0 under torch.distributed
