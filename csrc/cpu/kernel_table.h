@@ -10,16 +10,20 @@
 namespace fastsoup {
 namespace cpu {
 
-constexpr int64_t kBlock = 2048;   // elements per L1 block (an 8 KiB binary32 accumulator)
+constexpr int64_t kBlock = 2048;   // elements per L1 block (a 16 KiB binary64 accumulator)
 constexpr int kGroup = 8;          // inputs summed in registers per pass over the accumulator
 
 struct KernelTable {
-  // acc[j] = (init ? -0.0f : acc[j]) + w[0]*x0[j] + ... + w[g-1]*x{g-1}[j], left to right,
-  // for j < n <= kBlock, all x of element type D (the table's index), 1 <= g <= kGroup.
-  void (*accumulate[kNumDTypes])(float* acc, bool init, const void* const* x, const float* w, int g,
-                                 int64_t n);
-  // out[j] = cast(acc[j]) for j < n, round to nearest even.
-  void (*store[kNumDTypes])(const float* acc, void* out, int64_t n);
+  // Plain mode (kernels.h) over one block, inputs of type I (first index), output type O (second),
+  // j < n <= kBlock, 1 <= g <= kGroup:
+  //   a = (init ? -0.0 : acc[j]) + w[0]*x0[j] + ... + w[g-1]*x{g-1}[j]   (binary64, left to right)
+  //   out == nullptr: acc[j] = a;  else out[j] = round_O(a / divisor) and acc is not written.
+  void (*sum[kNumDTypes][kNumDTypes])(double* acc, bool init, const void* const* x, const double* w, int g,
+                                      int64_t n, void* out, double divisor);
+  // Compensated mode likewise, the running sum kept as s[j] + c[j] (init: s = -0.0, c = 0), the
+  // divisor divisor + divisor_lo.
+  void (*sum2[kNumDTypes][kNumDTypes])(double* s, double* c, bool init, const void* const* x, const double* w,
+                                       int g, int64_t n, void* out, double divisor, double divisor_lo);
   // acc[j] = float(x[j]) for j < n.
   void (*load[kNumDTypes])(const void* x, float* acc, int64_t n);
   // sum_j a[j]*b[j] for j < n <= kBlock: binary32 products summed in 64 binary32 lanes

@@ -1,8 +1,10 @@
 // CPU drivers: split the elements over threads, walk each thread's range in L1-sized blocks, and
 // inside a block read every input once (a group of up to kGroup inputs summed in registers per
-// pass over the block's binary32 accumulator). Arithmetic comes from the ISA table chosen at run time.
+// pass over the block's binary64 accumulator; the last group rounds straight into the output).
+// Arithmetic comes from the ISA table chosen at run time.
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
@@ -27,10 +29,11 @@ bool cpu_has(Isa isa) {
     case Isa::kScalar:
       return true;
     case Isa::kAvx2:
-      return cpu::avx2_table() && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+      return cpu::avx2_table() && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+             __builtin_cpu_supports("f16c");
     case Isa::kAvx512:
       return cpu::avx512_table() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("f16c");
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
   }
   return false;
 #else
@@ -58,8 +61,10 @@ cpu::KernelTable complete(const cpu::KernelTable* t) {
   const cpu::KernelTable& s = cpu::scalar_table();
   cpu::KernelTable r = t ? *t : s;
   for (int d = 0; d < kNumDTypes; ++d) {
-    if (!r.accumulate[d]) r.accumulate[d] = s.accumulate[d];
-    if (!r.store[d]) r.store[d] = s.store[d];
+    for (int o = 0; o < kNumDTypes; ++o) {
+      if (!r.sum[d][o]) r.sum[d][o] = s.sum[d][o];
+      if (!r.sum2[d][o]) r.sum2[d][o] = s.sum2[d][o];
+    }
     if (!r.load[d]) r.load[d] = s.load[d];
   }
   if (!r.dot) r.dot = s.dot;
@@ -146,13 +151,21 @@ int64_t task_size(int64_t n, int threads, int64_t min_elems) {
 
 void weighted_sum_range(const WeightedSumParams& p, const cpu::KernelTable& tab, int64_t begin, int64_t end) {
   const int64_t K = p.num_inputs;
-  alignas(64) float scratch[cpu::kBlock];
+  const bool compensated = needs_compensated(p.input_dtypes, K, p.out_dtype);
+  alignas(64) double s[cpu::kBlock];
+  alignas(64) double c[cpu::kBlock];  // compensated mode only
   const void* ptrs[cpu::kGroup];
-  const bool direct = p.out_dtype == DType::kFloat32;  // accumulate straight into the output
+  const size_t out_size = itemsize(p.out_dtype);
+  const int o = static_cast<int>(p.out_dtype);
   for (int64_t b = begin; b < end; b += cpu::kBlock) {
     const int64_t n = std::min(cpu::kBlock, end - b);
-    float* acc = direct ? static_cast<float*>(p.out) + b : scratch;
+    char* out_b = static_cast<char*>(p.out) + b * static_cast<int64_t>(out_size);
     bool init = !p.accumulate;
+    if (p.accumulate) {  // float32 out: the sum starts from it
+      const float* acc = static_cast<const float*>(p.out) + b;
+      for (int64_t j = 0; j < n; ++j) s[j] = acc[j];
+      if (compensated) std::memset(c, 0, static_cast<size_t>(n) * sizeof(double));
+    }
     for (int64_t k = 0; k < K;) {
       // A group: consecutive inputs of one dtype, at most kGroup of them (summation order kept).
       const DType d = p.input_dtypes[k];
@@ -161,11 +174,13 @@ void weighted_sum_range(const WeightedSumParams& p, const cpu::KernelTable& tab,
         ptrs[g] = ptr_at(p.inputs[k + g], b, d);
         ++g;
       }
-      tab.accumulate[static_cast<int>(d)](acc, init, ptrs, p.weights + k, g, n);
+      void* out = k + g == K ? out_b : nullptr;
+      if (compensated)
+        tab.sum2[static_cast<int>(d)][o](s, c, init, ptrs, p.weights + k, g, n, out, p.divisor, p.divisor_lo);
+      else tab.sum[static_cast<int>(d)][o](s, init, ptrs, p.weights + k, g, n, out, p.divisor);
       init = false;
       k += g;
     }
-    if (!direct) tab.store[static_cast<int>(p.out_dtype)](acc, static_cast<char*>(p.out) + b * itemsize(p.out_dtype), n);
   }
 }
 
@@ -175,6 +190,10 @@ Status weighted_sum_cpu(const WeightedSumParams& p) {
   if (p.n < 0) return Status::Error("weighted_sum: n must be >= 0");
   if (p.accumulate && p.out_dtype != DType::kFloat32)
     return Status::Error("weighted_sum: accumulate=True needs a float32 output");
+  if (p.accumulate && (p.divisor != 1.0 || p.divisor_lo != 0.0))
+    return Status::Error("weighted_sum: accumulate=True needs divisor 1");
+  if (!std::isfinite(p.divisor) || p.divisor == 0.0 || !std::isfinite(p.divisor_lo))
+    return Status::Error("weighted_sum: divisor must be finite and nonzero");
   if (p.n == 0) return Status::Ok();
   if (p.out == nullptr) return Status::Error("weighted_sum: out is a null address");
   for (int64_t k = 0; k < p.num_inputs; ++k)
