@@ -321,6 +321,8 @@ PYBIND11_MODULE(_core, m) {
     d["bytes_written"] = c.bytes_written;
     d["calls"] = c.calls;
     d["mapped_bytes_read"] = c.mapped_bytes_read;
+    d["fast_blocks"] = c.fast_blocks;
+    d["fallback_blocks"] = c.fallback_blocks;
     return d;
   });
   m.def("reset_counters", &reset_counters);

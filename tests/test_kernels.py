@@ -49,12 +49,19 @@ def _fine_tunes(k, n, dtype, seed=0):
 @pytest.mark.parametrize("divisor", [4.0, 5.0, -3.0], ids=lambda d: f"div{d:g}")
 @pytest.mark.parametrize("data", ["fine_tunes", "independent"])
 def test_weighted_sum_with_a_divisor_matches_reference_bitwise(isa, in_dtype, out_dtype, divisor, data):
-    # weights 1 or short, and a divisor
+    # weights 1 or short, and a divisor: the CPU's binary32 fast path where it is exact
+    # (fine-tune-like data), the binary64 order where it is not (independent data); the same bits
     n = 3 * 2048 + 77
     ts = _fine_tunes(5, n, in_dtype, seed=1) if data == "fine_tunes" else _inputs(5, n, [in_dtype], seed=2)
     for ws in ([1.0] * 5, [0.5, 1.0, 1.5, 0.25, 2.0]):
+        _core.reset_counters()
         got = _torch.weighted_sum(ts, ws, dtype=out_dtype, divisor=divisor)
+        c = _core.counters()
         assert bits_equal(got, _reference.weighted_sum(ts, ws, out_dtype, divisor=divisor)), ws
+        if isa != "scalar" and out_dtype != torch.float64 and data == "fine_tunes":
+            assert c["fast_blocks"] > 0 and c["fallback_blocks"] == 0, c
+        if isa == "scalar" or out_dtype == torch.float64:
+            assert c["fast_blocks"] == 0 and c["fallback_blocks"] == 0, c
 
 
 def test_float64_operands_use_the_compensated_sum(isa):

@@ -24,6 +24,16 @@ struct KernelTable {
   // divisor divisor + divisor_lo.
   void (*sum2[kNumDTypes][kNumDTypes])(double* s, double* c, bool init, const void* const* x, const double* w,
                                        int g, int64_t n, void* out, double divisor, double divisor_lo);
+  // The binary32 fast path (kernels.cpp: used only while no operation of a block is inexact, so
+  // it gives the binary64 results bit for bit). nullptr where the ISA has none (scalar).
+  //   acc[j] = ((init ? -0.0f : acc[j]) + w[0]*x0[j] + ... + w[g-1]*x{g-1}[j]) * scale   (binary32)
+  void (*sum32[kNumDTypes])(float* acc, bool init, const void* const* x, const float* w, int g, int64_t n,
+                            float scale);
+  //   out[j] = round_O(acc[j]) (the value is exact: binary32 -> O, nearest even)
+  void (*store32[kNumDTypes])(const float* acc, void* out, int64_t n);
+  //   out[j] = round_O(double(acc[j]) / divisor): plain mode's finish, for a divisor that is not a
+  //   power of two
+  void (*finish32[kNumDTypes])(const float* acc, void* out, int64_t n, double divisor);
   // acc[j] = float(x[j]) for j < n.
   void (*load[kNumDTypes])(const void* x, float* acc, int64_t n);
   // sum_j a[j]*b[j] for j < n <= kBlock: binary32 products summed in 64 binary32 lanes

@@ -123,6 +123,80 @@ void sum(double* acc, bool init, const void* const* x, const double* w, int g, i
   else sum_vec<D, O, false>(acc, init, x, w, g, n, out, divisor);
 }
 
+// ---- The binary32 fast path (the fp32 kernel of before, with a final exact scale) -----------------
+
+template <DType D, bool kUnit>
+void sum32_vec(float* acc, bool init, const void* const* x, const float* w, int g, int64_t n, float scale) {
+  __m256 wv[kGroup];
+  for (int i = 0; i < g; ++i) wv[i] = _mm256_set1_ps(w[i]);
+  const __m256 neg_zero = _mm256_set1_ps(-0.0f);
+  const __m256 sv = _mm256_set1_ps(scale);
+  const bool scaled = scale != 1.0f;
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    __m256 a0 = init ? neg_zero : _mm256_loadu_ps(acc + j);
+    __m256 a1 = init ? neg_zero : _mm256_loadu_ps(acc + j + 8);
+    for (int i = 0; i < g; ++i) {
+      _mm_prefetch(static_cast<const char*>(x[i]) + (j + kPrefetchElems) * (D == DType::kFloat32 ? 4 : 2), _MM_HINT_T0);
+      const __m256 v0 = load8<D>(x[i], j), v1 = load8<D>(x[i], j + 8);
+      a0 = _mm256_add_ps(a0, kUnit ? v0 : _mm256_mul_ps(wv[i], v0));
+      a1 = _mm256_add_ps(a1, kUnit ? v1 : _mm256_mul_ps(wv[i], v1));
+    }
+    if (scaled) {
+      a0 = _mm256_mul_ps(a0, sv);
+      a1 = _mm256_mul_ps(a1, sv);
+    }
+    _mm256_storeu_ps(acc + j, a0);
+    _mm256_storeu_ps(acc + j + 8, a1);
+  }
+  for (; j < n; ++j) {
+    float a = init ? -0.0f : acc[j];
+    for (int i = 0; i < g; ++i) a = a + w[i] * load_float(x[i], j, D);
+    acc[j] = scaled ? a * scale : a;
+  }
+}
+
+template <DType D>
+void sum32(float* acc, bool init, const void* const* x, const float* w, int g, int64_t n, float scale) {
+  bool unit = true;
+  for (int i = 0; i < g; ++i) unit = unit && w[i] == 1.0f;
+  if (unit) sum32_vec<D, true>(acc, init, x, w, g, n, scale);
+  else sum32_vec<D, false>(acc, init, x, w, g, n, scale);
+}
+
+template <DType O>
+inline void store8(void* p, int64_t j, __m256 v) {
+  if constexpr (O == DType::kFloat16) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(p) + j),
+                     _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  } else if constexpr (O == DType::kBFloat16) {
+    const __m256i x = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(x, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(x, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+    const __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+    r = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(r), _mm256_castsi256_ps(_mm256_set1_epi32(0x7fc0)), nan));
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(p) + j), _mm256_castsi256_si128(packed));
+  } else {
+    _mm256_storeu_ps(static_cast<float*>(p) + j, v);
+  }
+}
+
+template <DType O>
+void store32(const float* acc, void* out, int64_t n) {
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) store8<O>(out, j, _mm256_loadu_ps(acc + j));
+  for (; j < n; ++j) store_float(out, j, O, acc[j]);
+}
+
+template <DType O>
+void finish32(const float* acc, void* out, int64_t n, double divisor) {
+  const __m256d dv = _mm256_set1_pd(divisor);
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) store4d<O>(out, j, _mm256_div_pd(_mm256_cvtps_pd(_mm_loadu_ps(acc + j)), dv));
+  for (; j < n; ++j) store_double(out, j, O, sum_finish(static_cast<double>(acc[j]), divisor));
+}
+
 template <DType D>
 void load(const void* x, float* acc, int64_t n) {
   int64_t j = 0;
@@ -153,6 +227,9 @@ const KernelTable kTable = {
     {FASTSOUP_VEC_ROW(DType::kFloat16), FASTSOUP_VEC_ROW(DType::kBFloat16), FASTSOUP_VEC_ROW(DType::kFloat32),
      FASTSOUP_GENERIC_ROW(sum_generic, DType::kFloat64)},
     FASTSOUP_GENERIC_TABLE(sum2_generic),
+    {sum32<DType::kFloat16>, sum32<DType::kBFloat16>, sum32<DType::kFloat32>, nullptr},
+    {store32<DType::kFloat16>, store32<DType::kBFloat16>, store32<DType::kFloat32>, nullptr},
+    {finish32<DType::kFloat16>, finish32<DType::kBFloat16>, finish32<DType::kFloat32>, nullptr},
     {load<DType::kFloat16>, load<DType::kBFloat16>, load<DType::kFloat32>, nullptr},
     dot,
 };

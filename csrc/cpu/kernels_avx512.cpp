@@ -137,6 +137,89 @@ void sum(double* acc, bool init, const void* const* x, const double* w, int g, i
   else sum_vec<D, O, false>(acc, init, x, w, g, n, out, divisor);
 }
 
+// ---- The binary32 fast path (the fp32 kernel of before, with a final exact scale) -----------------
+
+template <DType D, bool kUnit>
+void sum32_vec(float* acc, bool init, const void* const* x, const float* w, int g, int64_t n, float scale) {
+  __m512 wv[kGroup];
+  for (int i = 0; i < g; ++i) wv[i] = _mm512_set1_ps(w[i]);
+  const __m512 neg_zero = _mm512_set1_ps(-0.0f);
+  const __m512 sv = _mm512_set1_ps(scale);
+  const bool scaled = scale != 1.0f;
+  int64_t j = 0;
+  for (; j + 32 <= n; j += 32) {  // two vectors per step: independent dependency chains
+    __m512 a0 = init ? neg_zero : _mm512_loadu_ps(acc + j);
+    __m512 a1 = init ? neg_zero : _mm512_loadu_ps(acc + j + 16);
+    for (int i = 0; i < g; ++i) {
+      _mm_prefetch(static_cast<const char*>(x[i]) + (j + kPrefetchElems) * sizeof_dtype<D>(), _MM_HINT_T0);
+      const __m512 v0 = load16<D>(x[i], j), v1 = load16<D>(x[i], j + 16);
+      a0 = _mm512_add_ps(a0, kUnit ? v0 : _mm512_mul_ps(wv[i], v0));
+      a1 = _mm512_add_ps(a1, kUnit ? v1 : _mm512_mul_ps(wv[i], v1));
+    }
+    if (scaled) {
+      a0 = _mm512_mul_ps(a0, sv);
+      a1 = _mm512_mul_ps(a1, sv);
+    }
+    _mm512_storeu_ps(acc + j, a0);
+    _mm512_storeu_ps(acc + j + 16, a1);
+  }
+  for (; j < n; j += 16) {
+    const __mmask16 m = n - j >= 16 ? static_cast<__mmask16>(0xffff) : tail_mask(n - j);
+    __m512 a = init ? neg_zero : _mm512_maskz_loadu_ps(m, acc + j);
+    for (int i = 0; i < g; ++i) {
+      const __m512 v = load16<D>(x[i], j, m);
+      a = _mm512_add_ps(a, kUnit ? v : _mm512_mul_ps(wv[i], v));
+    }
+    if (scaled) a = _mm512_mul_ps(a, sv);
+    _mm512_mask_storeu_ps(acc + j, m, a);
+  }
+}
+
+template <DType D>
+void sum32(float* acc, bool init, const void* const* x, const float* w, int g, int64_t n, float scale) {
+  bool unit = true;
+  for (int i = 0; i < g; ++i) unit = unit && w[i] == 1.0f;
+  if (unit) sum32_vec<D, true>(acc, init, x, w, g, n, scale);
+  else sum32_vec<D, false>(acc, init, x, w, g, n, scale);
+}
+
+// binary32 -> bfloat16 bits in the low half of each 32-bit lane, round to nearest even, NaN -> 0x7fc0.
+inline __m256i to_bf16(__m512 v) {
+  const __m512i x = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(x, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(x, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
+  return _mm512_cvtepi32_epi16(r);
+}
+
+template <DType O>
+inline void store16(void* p, int64_t j, __m512 v, __mmask16 m) {
+  if constexpr (O == DType::kFloat16) {
+    _mm256_mask_storeu_epi16(static_cast<uint16_t*>(p) + j, m,
+                             _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  } else if constexpr (O == DType::kBFloat16) {
+    _mm256_mask_storeu_epi16(static_cast<uint16_t*>(p) + j, m, to_bf16(v));
+  } else {
+    _mm512_mask_storeu_ps(static_cast<float*>(p) + j, m, v);
+  }
+}
+
+template <DType O>
+void store32(const float* acc, void* out, int64_t n) {
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = n - j >= 16 ? static_cast<__mmask16>(0xffff) : tail_mask(n - j);
+    store16<O>(out, j, _mm512_maskz_loadu_ps(m, acc + j), m);
+  }
+}
+
+template <DType O>
+void finish32(const float* acc, void* out, int64_t n, double divisor) {
+  const __m512d dv = _mm512_set1_pd(divisor);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) store8d<O>(out, j, _mm512_div_pd(_mm512_cvtps_pd(_mm256_loadu_ps(acc + j)), dv));
+  for (; j < n; ++j) store_double(out, j, O, sum_finish(static_cast<double>(acc[j]), divisor));
+}
+
 template <DType D>
 void load(const void* x, float* acc, int64_t n) {
   int64_t j = 0;
@@ -174,6 +257,9 @@ const KernelTable kTable = {
     {FASTSOUP_VEC_ROW(DType::kFloat16), FASTSOUP_VEC_ROW(DType::kBFloat16), FASTSOUP_VEC_ROW(DType::kFloat32),
      FASTSOUP_GENERIC_ROW(sum_generic, DType::kFloat64)},
     FASTSOUP_GENERIC_TABLE(sum2_generic),
+    {sum32<DType::kFloat16>, sum32<DType::kBFloat16>, sum32<DType::kFloat32>, nullptr},
+    {store32<DType::kFloat16>, store32<DType::kBFloat16>, store32<DType::kFloat32>, nullptr},
+    {finish32<DType::kFloat16>, finish32<DType::kBFloat16>, finish32<DType::kFloat32>, nullptr},
     {load<DType::kFloat16>, load<DType::kBFloat16>, load<DType::kFloat32>, nullptr},
     dot,
 };

@@ -26,6 +26,9 @@ double dot(const float* a, const float* b, int64_t n) {
 const KernelTable kTable = {
     FASTSOUP_GENERIC_TABLE(sum_generic),
     FASTSOUP_GENERIC_TABLE(sum2_generic),
+    {},  // no binary32 fast path: the scalar code is the reference
+    {},
+    {},
     {load<DType::kFloat16>, load<DType::kBFloat16>, load<DType::kFloat32>, load<DType::kFloat64>},
     dot,
 };

@@ -304,6 +304,96 @@ static void test_isas_agree() {
   set_isa(best_supported_isa());
 }
 
+// The binary32 fast path (2-byte inputs, short weights) against the element-by-element binary64
+// order, on data whose blocks are exact in binary32 (fine-tune-like values) and on data where
+// some are not (mixed magnitudes): every ISA must give the reference bits either way, and the
+// counters must show which path ran.
+static void test_fast_path() {
+  std::mt19937 rng(3);
+  std::normal_distribution<float> base(0.0f, 0.02f), noise(0.0f, 0.002f);
+  std::uniform_real_distribution<float> mag(-30.0f, 10.0f);
+  const int64_t n = 5 * 2048 + 37;
+  for (DType in : {DType::kFloat16, DType::kBFloat16}) {
+    for (int K : {2, 3, 8, 9, 17}) {
+      for (int mixed = 0; mixed < 2; ++mixed) {
+        std::vector<float> b(static_cast<size_t>(n));
+        for (auto& v : b) v = base(rng);
+        std::vector<std::vector<uint16_t>> st(static_cast<size_t>(K), std::vector<uint16_t>(static_cast<size_t>(n)));
+        std::vector<const void*> ptrs;
+        std::vector<DType> dt(static_cast<size_t>(K), in);
+        for (int k = 0; k < K; ++k) {
+          for (int64_t i = 0; i < n; ++i) {
+            float v = b[i] + noise(rng);
+            // mixed: in the second block only, some values of very different magnitude (and in
+            // a few elements a large and a small one: a binary32 sum of them is inexact)
+            if (mixed && i >= 2048 && i < 4096 && i % 97 == k) v = std::ldexp(1.0f, static_cast<int>(mag(rng))) * 1.37f;
+            if (mixed && i >= 2048 && i < 4096 && i % 301 == 0 && k < 2) v = k == 0 ? 1537.0f : 0.0123f;
+            st[k][i] = in == DType::kFloat16 ? float_to_half(v) : float_to_bf16(v);
+          }
+          ptrs.push_back(st[k].data());
+        }
+        for (int wkind = 0; wkind < 3; ++wkind) {
+          std::vector<double> w(static_cast<size_t>(K), 1.0);
+          double divisor = K;  // uniform: weights 1, divisor K (a power of two for K = 2, 8)
+          if (wkind == 1) {    // short weights (exact products), the total as divisor
+            divisor = 0;
+            for (int k = 0; k < K; ++k) divisor += (w[k] = 0.25 * (k % 4 + 1));
+          } else if (wkind == 2) {  // long weights: the binary64 path from the start
+            for (int k = 0; k < K; ++k) w[k] = 1.0 / (k + 3);
+            divisor = 1.0;
+          }
+          for (DType od : {DType::kFloat16, DType::kBFloat16, DType::kFloat32, DType::kFloat64}) {
+            std::vector<char> ref(static_cast<size_t>(n) * itemsize(od));
+            const bool comp = needs_compensated(dt.data(), K, od);
+            for (int64_t i = 0; i < n; ++i) {
+              double a = -0.0, c = 0.0;
+              for (int k = 0; k < K; ++k) {
+                const double x = load_double(ptrs[k], i, in);
+                if (comp) sum2_step(a, c, w[k], x);
+                else a = sum_step(a, w[k], x);
+              }
+              store_double(ref.data(), i, od, comp ? sum2_finish(a, c, divisor, 0.0) : sum_finish(a, divisor));
+            }
+            for (Isa isa : {Isa::kScalar, Isa::kAvx2, Isa::kAvx512}) {
+              if (!isa_supported(isa)) continue;
+              set_isa(isa);
+              std::vector<char> got(ref.size());
+              WeightedSumParams p;
+              p.inputs = ptrs.data();
+              p.input_dtypes = dt.data();
+              p.weights = w.data();
+              p.num_inputs = K;
+              p.divisor = divisor;
+              p.out = got.data();
+              p.out_dtype = od;
+              p.n = n;
+              p.threads = 2;
+              reset_counters();
+              EXPECT(weighted_sum_cpu(p).ok, "fast path call");
+              const Counters c = counters();
+              EXPECT(got == ref, "fast path: %s in=%s out=%s K=%d mixed=%d weights=%d", isa_name(isa), dtype_name(in),
+                     dtype_name(od), K, mixed, wkind);
+              const bool eligible = isa != Isa::kScalar && wkind < 2 && od != DType::kFloat64;
+              if (!eligible) {
+                EXPECT(c.fast_blocks == 0 && c.fallback_blocks == 0, "no fast path expected: %s", isa_name(isa));
+              } else if (in == DType::kFloat16 && !mixed) {
+                EXPECT(c.fast_blocks == 6 && c.fallback_blocks == 0, "fast path expected (%lld fast, %lld fallback)",
+                       (long long)c.fast_blocks, (long long)c.fallback_blocks);
+              } else if (mixed) {
+                EXPECT(c.fallback_blocks >= 1 && c.fast_blocks + c.fallback_blocks == 6,
+                       "a fallback expected (%lld fast, %lld fallback): %s in=%s out=%s K=%d weights=%d",
+                       (long long)c.fast_blocks, (long long)c.fallback_blocks, isa_name(isa), dtype_name(in),
+                       dtype_name(od), K, wkind);
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+  set_isa(best_supported_isa());
+}
+
 int main() {
   test_half_roundtrip_exhaustive();
   test_half_rounding();
@@ -311,6 +401,7 @@ int main() {
   test_double_rounding_is_single();
   test_compensated_exact_cases();
   test_isas_agree();
+  test_fast_path();
   std::printf("fastsoup C++ tests: best ISA %s, %d failure(s)\n", isa_name(best_supported_isa()), g_failures);
   return g_failures == 0 ? 0 : 1;
 }

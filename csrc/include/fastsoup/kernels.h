@@ -29,6 +29,9 @@
 // by 1 or a division by 1 does not change any bit; a NaN result is a NaN (its payload is not
 // specified). -0.0 is the additive identity, so a single input with weight 1 is copied exactly.
 // K == 0 writes +0.
+//
+// The CPU kernels compute blocks of 2-byte inputs in binary32 where that is exact (the inexact
+// flag tells): then binary32 computes the same values, so the results are these bits either way.
 #pragma once
 
 #include <cstdint>
@@ -109,6 +112,8 @@ struct Counters {
   int64_t bytes_written = 0;
   int64_t calls = 0;
   int64_t mapped_bytes_read = 0;  // of bytes_read: input bytes the merge executor read from file mappings
+  int64_t fast_blocks = 0;        // weighted_sum blocks done exactly in binary32 (kernels.cpp)
+  int64_t fallback_blocks = 0;    // blocks where binary32 was inexact, summed again in binary64
 };
 Counters counters();
 void reset_counters();
