@@ -104,17 +104,25 @@ def weighted_sum(tensors: Sequence[torch.Tensor], weights: Sequence[float], dtyp
     return _round_to(acc, dtype)
 
 
+def normalization(weights: Sequence[float] | None, k: int) -> tuple[list[float], float, float]:
+    """What fastsoup.average passes the kernels: uniform -> weights 1 and divisor K; else the
+    weights and their total as math.fsum plus the rest, scaled by one power of two (the largest
+    weight in [1, 2)). Returns (weights, divisor, divisor_lo)."""
+    if weights is None:
+        return [1.0] * k, float(max(k, 1)), 0.0
+    ws = [float(w) for w in weights]
+    total = math.fsum(ws)
+    rest = math.fsum([*ws, -total])
+    shift = math.frexp(max(abs(w) for w in ws))[1] - 1
+    return [math.ldexp(w, -shift) for w in ws], math.ldexp(total, -shift), math.ldexp(rest, -shift)
+
+
 def average_state_dicts(state_dicts: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float] | None = None,
                         dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """What fastsoup.average computes: normalized weights (in float64), fused sum,
+    """What fastsoup.average computes: the weighted sum divided once by the weight total,
     integer/bool tensors copied from the first state dict."""
-    k = len(state_dicts)
-    if weights is None:
-        ws = [1.0 / k] * k
-    else:
-        total = math.fsum(float(w) for w in weights)
-        ws = [float(w) / total for w in weights]
-    return combine_state_dicts(state_dicts, ws, dtype)
+    ws, divisor, divisor_lo = normalization(weights, len(state_dicts))
+    return combine_state_dicts(state_dicts, ws, dtype, divisor, divisor_lo)
 
 
 def combine_state_dicts(state_dicts, ws, dtype=None, divisor=1.0, divisor_lo=0.0):
@@ -143,8 +151,8 @@ def gram(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 
 def soup_state_dict(state_dicts: Sequence[Mapping[str, torch.Tensor]], like: Mapping[str, torch.Tensor]) -> dict:
     """The uniform soup as fastsoup.Soup computes it, re-summed from scratch: a float32 running sum
-    ``S = round32(S + x_k)`` from +0 (the kernels' accumulate mode), then ``round(S * (1 / n))``
-    in ``like``'s dtypes; other tensors from the first state dict."""
+    ``S = round32(S + x_k)`` from +0 (the kernels' accumulate mode), then ``round(S / n)`` in
+    ``like``'s dtypes; other tensors from the first state dict."""
     n = len(state_dicts)
     out = {}
     for name, ref in like.items():
@@ -154,7 +162,7 @@ def soup_state_dict(state_dicts: Sequence[Mapping[str, torch.Tensor]], like: Map
         acc = torch.zeros(ref.shape, dtype=torch.float32)
         for sd in state_dicts:
             acc = weighted_sum([sd[name]], [1.0], torch.float32, accumulate_into=acc)
-        out[name] = weighted_sum([acc], [1.0 / n], ref.dtype)
+        out[name] = weighted_sum([acc], [1.0], ref.dtype, divisor=float(n))
     return out
 
 

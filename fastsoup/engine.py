@@ -96,7 +96,10 @@ def average(
     """Averages checkpoints: ``sum_k w_k * theta_k / sum_k w_k`` for every float tensor.
 
     A drop-in for the hand-written averaging loop, streaming from memory-mapped files with one
-    fused pass over the inputs (float32 accumulation) and memory that does not grow with K.
+    fused pass over the inputs and memory that does not grow with K. The sum is accumulated in
+    float64 with the weights as given, then divided once by their total and rounded once to the
+    output dtype (a uniform soup: the plain sum divided by K), so results are within one unit in
+    the last place of the exact mean (README, "Numerics").
 
     Args:
         ingredients: what :func:`~fastsoup.open_checkpoint` takes (paths of files, folders or index
@@ -131,18 +134,30 @@ def average(
         >>> soup = fastsoup.average([model_a.state_dict(), model_b.state_dict()])  # doctest: +SKIP
     """
     ingredients = list(ingredients)
-    k = len(ingredients)
-    if weights is None:
-        ws = [1.0 / k] * k if k else []
-    else:
-        ws = _check_weights(weights, k)
-        total = math.fsum(ws)
-        if total == 0.0:
-            raise ValueError(f"weights sum to zero ({list(weights)}): cannot normalize; use fastsoup.weighted_sum")
-        ws = [w / total for w in ws]
+    ws, divisor = _normalization(weights, len(ingredients))
     with _distributed.merge_job(out, overwrite=overwrite, what="fastsoup.average"):  # collective under torch.distributed
         return _merge(ingredients, ws, out=out, dtype=dtype, device=device, threads=threads, shard_size=shard_size,
-                      progress=progress, overwrite=overwrite, fsync=fsync, desc="average")
+                      progress=progress, overwrite=overwrite, fsync=fsync, desc="average", divisor=divisor)
+
+
+def _normalization(weights: Sequence[float] | None, k: int) -> tuple[list[float], tuple[float, float]]:
+    """The kernel weights and divisor of an average: the sum is divided once by the weight total.
+
+    Uniform: weights 1 and divisor K (the plain sum, exact in float64 for float16 inputs, divided
+    once). Otherwise the weights as given and their total as ``(hi, lo)``: ``math.fsum`` (the
+    correctly rounded total) and the rest, which the float64 kernels divide by too. All scaled by
+    one power of two so the largest weight lies in [1, 2): exact, the same quotient and rounding,
+    and no overflow or underflow from extreme weights.
+    """
+    if weights is None:
+        return [1.0] * k, (float(max(k, 1)), 0.0)
+    ws = _check_weights(weights, k)
+    total = math.fsum(ws)
+    if total == 0.0:
+        raise ValueError(f"weights sum to zero ({list(weights)}): cannot normalize; use fastsoup.weighted_sum")
+    rest = math.fsum([*ws, -total])
+    shift = math.frexp(max(abs(w) for w in ws))[1] - 1
+    return [math.ldexp(w, -shift) for w in ws], (math.ldexp(total, -shift), math.ldexp(rest, -shift))
 
 
 def weighted_sum(
@@ -182,7 +197,8 @@ def _check_weights(weights: Sequence[float], k: int) -> list[float]:
     return ws
 
 
-def _merge(ingredients, weights, *, out, dtype, device, threads, shard_size, progress, overwrite, fsync, desc):
+def _merge(ingredients, weights, *, out, dtype, device, threads, shard_size, progress, overwrite, fsync, desc,
+           divisor=(1.0, 0.0)):
     dev = resolve_device(device)
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads must be a positive integer, got {threads!r}")
@@ -191,7 +207,7 @@ def _merge(ingredients, weights, *, out, dtype, device, threads, shard_size, pro
     try:
         check_compatible(opened)
         return _run(opened, weights, out, out_override, threads or 0, shard_size, progress, overwrite, fsync, desc,
-                    device=dev)
+                    device=dev, divisor=divisor)
     finally:
         for src, ck in zip(ingredients, opened):
             if ck is not src:
@@ -206,8 +222,9 @@ def _output_dtype(ref, override):
 
 
 def _run(ckpts: list[Checkpoint], weights, out, override, threads, shard_size, progress, overwrite, fsync, desc,
-         layout: Checkpoint | None = None, device: Device = CPU):
+         layout: Checkpoint | None = None, device: Device = CPU, divisor: tuple[float, float] = (1.0, 0.0)):
     # `layout` (default: the first input) gives the tensor order, default dtypes, shards and metadata.
+    # Float tensors: round(sum_k weights[k] * theta_k / divisor), divisor = (high part, low part).
     first = layout if layout is not None else ckpts[0]
     K = len(ckpts)
     names = list(first)
@@ -241,7 +258,9 @@ def _run(ckpts: list[Checkpoint], weights, out, override, threads, shard_size, p
         dests = [locations[name] for name in names]
         # One process: AtomicOutput and every tensor; in a collective merge (torch.distributed) this
         # rank's writer and the tensors of its shards only.
-        writer, names, dests = _distributed.output(plan, names, dests, weights, overwrite=overwrite, fsync=fsync)
+        # (The ranks compare the effective weights, weights / divisor.)
+        writer, names, dests = _distributed.output(plan, names, dests, [w / divisor[0] for w in weights],
+                                                   overwrite=overwrite, fsync=fsync)
 
     # Segments, fused where contiguous in every input and in the output.
     segs = _Segments(K)
@@ -270,7 +289,7 @@ def _run(ckpts: list[Checkpoint], weights, out, override, threads, shard_size, p
             writer.open()
         try:
             segs.run(weights, fds=writer.fds if writer is not None else [], threads=threads, progress=callback,
-                     device=device)
+                     device=device, divisor=divisor)
         except BaseException:
             if writer is not None:
                 writer.abort()
@@ -317,7 +336,7 @@ class _Segments:
         self._last = None  # (kind, out_file, out_end, out_code, input ends, input codes, mapped)
 
     def weighted(self, n: int, out_file: int, out_offset: int, out_code: int, inputs, weights=None) -> None:
-        """out[:n] = cast(sum_k w_k * in_k[:n]); inputs: K ``(address, dtype code, location)`` with
+        """out[:n] = round(sum_k w_k * in_k[:n] / divisor); inputs: K ``(address, dtype code, location)`` with
         location 0 host memory, 1 a file mapping (True/False work), 2 device memory.
 
         ``weights``: this segment's own K weights (then every segment of the plan must have them);
@@ -364,21 +383,24 @@ class _Segments:
         self._last = (kind, dfile, doff + out_len, out_code, ends, codes, mapped, ws)
 
     def run(self, weights=None, *, fds=(), threads: int = 0, progress=None, accumulate: bool = False,
-            device: Device = CPU) -> None:
+            device: Device = CPU, divisor: float | tuple[float, float] = 1.0) -> None:
         """Runs the plan in the native executor (GIL released; Ctrl-C is seen between steps).
         ``weights``: K weights for every segment; None when the segments carry their own.
+        ``divisor``: every weighted sum is divided by it once, before its rounding (a number, or
+        ``(high, low)`` parts: see kernels.h, ``divisor_lo``).
         ``device``: CUDA runs the pipeline of pinned slots and the fused kernel on torch's current
         stream of that device (outputs with out_file -1 are then device addresses)."""
         if (weights is None) != bool(self.weights) and self.n:
             raise ValueError("pass weights to run() exactly when the segments have none of their own")
         ws = [float(w) for w in weights] if weights is not None else self.weights
+        hi, lo = (float(divisor), 0.0) if not isinstance(divisor, tuple) else (float(divisor[0]), float(divisor[1]))
         if device.is_cuda:
             from . import _torch
 
             _core.merge_cuda(
                 ws, self.n, self.kind, self.out_file, self.out_offset, self.out_dtype, self.in_addr, self.in_dtype,
                 self.in_mapped, list(fds), device.index, _torch.cuda_stream(device.index), SLOT_BYTES, NSLOTS,
-                threads, progress, accumulate,
+                threads, progress, accumulate, hi, lo,
             )
             return
         if 2 in self.in_mapped:
@@ -386,7 +408,7 @@ class _Segments:
         _core.merge(
             ws, self.n, self.kind, self.out_file, self.out_offset, self.out_dtype,
             self.in_addr, self.in_dtype, self.in_mapped, list(fds), threads, WINDOW_BYTES, BUFFER_BYTES, NBUFFERS,
-            progress, accumulate=accumulate,
+            progress, accumulate=accumulate, divisor=hi, divisor_lo=lo,
         )
 
 
