@@ -5,12 +5,17 @@ Never used as a fallback for a missing or broken native build.
 ``weighted_sum`` follows the order documented in csrc/include/fastsoup/kernels.h operation by
 operation (so the tests can ask for the same bits): the sum in float64 (compensated when an
 operand is float64), divided once by ``divisor``, rounded once to the output dtype.
+``exact_weighted_mean`` is the other kind of oracle: the exact value, in rational arithmetic,
+rounded once, to measure how far any implementation is from it (``ulp_distance``).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from fractions import Fraction
+
+import numpy as np
 import torch
 
 _SPLIT = 134217729.0  # 2^27 + 1: Dekker's splitting constant for binary64
@@ -134,6 +139,92 @@ def combine_state_dicts(state_dicts, ws, dtype=None, divisor=1.0, divisor_lo=0.0
         else:
             out[name] = t0.clone()
     return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# The exact oracle
+
+# significand bits (with the implicit one), smallest normal exponent, largest exponent
+_FORMATS = {
+    torch.float16: (11, -14, 15),
+    torch.bfloat16: (8, -126, 127),
+    torch.float32: (24, -126, 127),
+    torch.float64: (53, -1022, 1023),
+}
+
+
+def _round_double(q: np.ndarray, dtype: torch.dtype):
+    """q (float64) rounded to nearest even in dtype, as float64; and whether q is a midpoint of dtype."""
+    p, emin, emax = _FORMATS[dtype]
+    _, e = np.frexp(q)
+    quantum = np.ldexp(1.0, np.maximum(e.astype(np.int64) - 1, emin) - (p - 1))  # the spacing at q
+    scaled = q / quantum  # exact: a power of two
+    r = np.rint(scaled) * quantum  # rint: ties to even
+    tie = (scaled - np.floor(scaled)) == 0.5
+    big = math.ldexp(2.0 - math.ldexp(1.0, 1 - p), emax)
+    r = np.where(np.abs(r) > big, np.copysign(np.inf, q), r)
+    return r, tie, quantum
+
+
+def exact_weighted_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float] | None, dtype: torch.dtype,
+                        divisor: float | None = None) -> torch.Tensor:
+    """``sum_k w_k x_k / sum_k w_k`` computed exactly (integers and fractions), rounded once to
+    ``dtype`` (nearest, ties to even). ``weights`` None: uniform; ``divisor``: divide by it instead
+    of the weight total. Finite inputs only.
+    """
+    k = len(tensors)
+    ws = [1.0] * k if weights is None else [float(w) for w in weights]
+    shape = tensors[0].shape
+    x = np.stack([t.detach().reshape(-1).double().numpy() for t in tensors])  # exact for every dtype
+    if not np.all(np.isfinite(x)):
+        raise ValueError("exact_weighted_mean: finite inputs only")
+    m, e = np.frexp(x)
+    mant = (m * 2.0**53).astype(np.int64)  # x = mant * 2^(e - 53), exactly
+    expo = e.astype(np.int64) - 53
+    wfrac = [Fraction(w) for w in ws]
+    wexp = [-(f.denominator.bit_length() - 1) for f in wfrac]  # denominators are powers of two
+    terms_exp = expo + np.array(wexp, dtype=np.int64)[:, None]
+    low = int(terms_exp[mant != 0].min()) if np.any(mant != 0) else 0
+    num = np.zeros(x.shape[1], dtype=object)
+    for i in range(k):
+        num = num + ((mant[i].astype(object) * wfrac[i].numerator) << (terms_exp[i] - low).astype(object))
+    den = Fraction(divisor) if divisor is not None else sum(wfrac, Fraction(0))
+    # value = num * 2^low / den = P / Q
+    P = num * (den.denominator << max(low, 0))
+    Q = den.numerator << max(-low, 0)
+    if Q < 0:
+        P, Q = -P, -Q
+    q = np.array([int(a) / Q for a in P], dtype=np.float64)  # int / int: correctly rounded to float64
+    if dtype == torch.float64:
+        r = q
+    else:
+        # Rounding q again is the rounding of P/Q, except where q is a midpoint of dtype: there P/Q
+        # is the midpoint itself (ties to even, as rint did) or beside it (compare exactly).
+        r, tie, quantum = _round_double(q, dtype)
+        for i in np.nonzero(tie)[0]:
+            tn, td = float(q[i]).as_integer_ratio()
+            cmp = int(P[i]) * td - tn * Q
+            if cmp != 0:
+                r[i] = q[i] + (quantum[i] / 2 if cmp > 0 else -quantum[i] / 2)
+        r = np.where(np.abs(r) > math.ldexp(2.0 - math.ldexp(1.0, 1 - _FORMATS[dtype][0]), _FORMATS[dtype][2]),
+                     np.copysign(np.inf, r), r)
+    return torch.from_numpy(r).reshape(shape).to(dtype)
+
+
+def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """How many representable values of their (common) dtype lie between a and b: 0 for equal
+    values (+0 and -0 included), 1 for neighbours. int64, elementwise."""
+    if a.dtype != b.dtype:
+        raise ValueError(f"ulp_distance: dtypes {a.dtype} and {b.dtype}")
+    view, sign = {2: (torch.int16, 0x7FFF), 4: (torch.int32, 0x7FFFFFFF), 8: (torch.int64, 0x7FFFFFFFFFFFFFFF)}[
+        a.element_size()]
+
+    def ordinal(t):
+        bits = t.contiguous().view(view).long()
+        mag = bits & sign
+        return torch.where(bits < 0, -mag, mag)
+
+    return (ordinal(a) - ordinal(b)).abs()
 
 
 def multi_dot(tensors: Sequence[torch.Tensor], g: torch.Tensor) -> torch.Tensor:
