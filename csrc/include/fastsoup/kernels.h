@@ -23,9 +23,9 @@
 // (53 - 8 - log2(K)) binades of each other. Otherwise the error before the final rounding is at
 // most about (K + 1) * 2^-53 * sum_k |w_k x_k| / |divisor| in plain mode (about K^2 * 2^-106
 // times the same sum in compensated mode, plus half an ulp of binary64): less than half an ulp of
-// a 2-byte or float32 output unless the sum cancels, sum_k |w_k x_k| / |sum_k w_k x_k| above about
-// 2^53 / ((K + 1) * 2^p) for p-bit outputs. In compensated mode, K identical float64 inputs
-// average to themselves exactly. Skipping a product
+// a p-bit output (p = 11, 8, 24) unless the sum cancels, sum_k |w_k x_k| / |sum_k w_k x_k| above
+// about 2^(52 - p) / (K + 1). In compensated mode, K identical float64 inputs average to
+// themselves exactly. Skipping a product
 // by 1 or a division by 1 does not change any bit; a NaN result is a NaN (its payload is not
 // specified). -0.0 is the additive identity, so a single input with weight 1 is copied exactly.
 // K == 0 writes +0.
