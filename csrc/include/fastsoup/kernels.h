@@ -112,8 +112,8 @@ struct Counters {
   int64_t bytes_written = 0;
   int64_t calls = 0;
   int64_t mapped_bytes_read = 0;  // of bytes_read: input bytes the merge executor read from file mappings
-  int64_t fast_blocks = 0;        // weighted_sum blocks done exactly in binary32 (kernels.cpp)
-  int64_t fallback_blocks = 0;    // blocks where binary32 was inexact, summed again in binary64
+  int64_t fast_blocks = 0;        // weighted_sum pieces (of 1024 elements) done exactly in binary32
+  int64_t fallback_blocks = 0;    // pieces where binary32 was inexact, summed again in binary64
 };
 Counters counters();
 void reset_counters();
