@@ -56,8 +56,9 @@ Inputs make_inputs(const char* op, const std::vector<uintptr_t>& addrs, const st
 
 // Parameters of the three primitives from the binding's plain values; `in` (and `weights`, `out`)
 // must outlive them. Shared by the CPU and the CUDA entry points.
-WeightedSumParams weighted_sum_params(const char* op, const Inputs& in, const std::vector<float>& weights, int64_t n,
-                                      uintptr_t out, int out_dtype, bool accumulate) {
+WeightedSumParams weighted_sum_params(const char* op, const Inputs& in, const std::vector<double>& weights, int64_t n,
+                                      uintptr_t out, int out_dtype, bool accumulate, double divisor,
+                                      double divisor_lo) {
   if (weights.size() != in.ptrs.size())
     throw std::invalid_argument(std::string(op) + ": got " + std::to_string(in.ptrs.size()) + " inputs and " +
                                 std::to_string(weights.size()) + " weights");
@@ -70,6 +71,8 @@ WeightedSumParams weighted_sum_params(const char* op, const Inputs& in, const st
   p.out_dtype = to_dtype(op, "out", out_dtype);
   p.n = n;
   p.accumulate = accumulate;
+  p.divisor = divisor;
+  p.divisor_lo = divisor_lo;
   return p;
 }
 
@@ -110,11 +113,11 @@ void check_threads(const char* op, int threads) {
 }
 
 // The segment lists of fastsoup.engine._Segments -> a MergePlan (checked again by the executor).
-MergePlan make_plan(const std::vector<float>& weights, const std::vector<int64_t>& seg_n, const std::vector<int>& seg_kind,
+MergePlan make_plan(const std::vector<double>& weights, const std::vector<int64_t>& seg_n, const std::vector<int>& seg_kind,
                     const std::vector<int>& seg_out_file, const std::vector<int64_t>& seg_out_offset,
                     const std::vector<int>& seg_out_dtype, const std::vector<uintptr_t>& in_addr,
                     const std::vector<int>& in_dtype, const std::vector<uint8_t>& in_mapped, const std::vector<int>& fds,
-                    bool accumulate) {
+                    bool accumulate, double divisor, double divisor_lo) {
   const size_t S = seg_n.size();
   if (seg_kind.size() != S || seg_out_file.size() != S || seg_out_offset.size() != S || seg_out_dtype.size() != S)
     throw std::invalid_argument("merge: the seg_* lists must have equal lengths");
@@ -137,6 +140,8 @@ MergePlan make_plan(const std::vector<float>& weights, const std::vector<int64_t
   plan.in_mapped = in_mapped;
   plan.fds = fds;
   plan.accumulate = accumulate;
+  plan.divisor = divisor;
+  plan.divisor_lo = divisor_lo;
   return plan;
 }
 
@@ -225,17 +230,21 @@ PYBIND11_MODULE(_core, m) {
 
   m.def(
       "weighted_sum",
-      [](const std::vector<uintptr_t>& inputs, const std::vector<int>& dtypes, const std::vector<float>& weights,
-         int64_t n, uintptr_t out, int out_dtype, bool accumulate, int threads) {
+      [](const std::vector<uintptr_t>& inputs, const std::vector<int>& dtypes, const std::vector<double>& weights,
+         int64_t n, uintptr_t out, int out_dtype, bool accumulate, int threads, double divisor,
+         double divisor_lo) {
         Inputs in = make_inputs("weighted_sum", inputs, dtypes);
         check_threads("weighted_sum", threads);
-        WeightedSumParams p = weighted_sum_params("weighted_sum", in, weights, n, out, out_dtype, accumulate);
+        WeightedSumParams p =
+            weighted_sum_params("weighted_sum", in, weights, n, out, out_dtype, accumulate, divisor, divisor_lo);
         p.threads = threads;
         check(weighted_sum_cpu(p));
       },
       py::arg("inputs"), py::arg("dtypes"), py::arg("weights"), py::arg("n"), py::arg("out"), py::arg("out_dtype"),
-      py::arg("accumulate") = false, py::arg("threads") = 0, py::call_guard<py::gil_scoped_release>(),
-      "out[i] = cast(sum_k weights[k] * float(inputs[k][i])) over n elements at raw addresses.");
+      py::arg("accumulate") = false, py::arg("threads") = 0, py::arg("divisor") = 1.0, py::arg("divisor_lo") = 0.0,
+      py::call_guard<py::gil_scoped_release>(),
+      "out[i] = round(sum_k weights[k] * inputs[k][i] / divisor) over n elements at raw addresses (binary64 "
+      "arithmetic, one rounding; see csrc/include/fastsoup/kernels.h).");
 
   m.def(
       "multi_dot",
@@ -297,17 +306,17 @@ PYBIND11_MODULE(_core, m) {
 
   m.def(
       "merge",
-      [](const std::vector<float>& weights, const std::vector<int64_t>& seg_n, const std::vector<int>& seg_kind,
+      [](const std::vector<double>& weights, const std::vector<int64_t>& seg_n, const std::vector<int>& seg_kind,
          const std::vector<int>& seg_out_file, const std::vector<int64_t>& seg_out_offset,
          const std::vector<int>& seg_out_dtype, const std::vector<uintptr_t>& in_addr, const std::vector<int>& in_dtype,
          const std::vector<uint8_t>& in_mapped, const std::vector<int>& fds, int threads, int64_t window_bytes,
          int64_t buffer_bytes, int nbuffers, const py::object& progress, int prefetch_steps, bool release, bool accumulate,
-         const std::vector<std::string>& fd_names) {
+         const std::vector<std::string>& fd_names, double divisor, double divisor_lo) {
         check_threads("merge", threads);
         for (uint8_t loc : in_mapped)
           if (loc > 1) throw std::invalid_argument("merge: a device input in a CPU merge (use merge_cuda)");
         MergePlan plan = make_plan(weights, seg_n, seg_kind, seg_out_file, seg_out_offset, seg_out_dtype, in_addr,
-                                   in_dtype, in_mapped, fds, accumulate);
+                                   in_dtype, in_mapped, fds, accumulate, divisor, divisor_lo);
         plan.threads = threads;
         plan.window_bytes = window_bytes;
         plan.buffer_bytes = buffer_bytes;
@@ -323,7 +332,8 @@ PYBIND11_MODULE(_core, m) {
       py::arg("seg_out_dtype"), py::arg("in_addr"), py::arg("in_dtype"), py::arg("in_mapped"), py::arg("fds"),
       py::arg("threads") = 0, py::arg("window_bytes") = int64_t(64) << 20, py::arg("buffer_bytes") = int64_t(16) << 20,
       py::arg("nbuffers") = 4, py::arg("progress") = py::none(), py::arg("prefetch_steps") = 2, py::arg("release") = true,
-      py::arg("accumulate") = false, py::arg("fd_names") = std::vector<std::string>(),
+      py::arg("accumulate") = false, py::arg("fd_names") = std::vector<std::string>(), py::arg("divisor") = 1.0,
+      py::arg("divisor_lo") = 0.0,
       "Run a streaming merge plan (built by fastsoup.engine); see csrc/include/fastsoup/io.h.");
 
   m.def("isa", [] { return std::string(isa_name(current_isa())); }, "The CPU instruction set the kernels use now.");
@@ -350,6 +360,8 @@ PYBIND11_MODULE(_core, m) {
     d["bytes_written"] = c.bytes_written;
     d["calls"] = c.calls;
     d["mapped_bytes_read"] = c.mapped_bytes_read;
+    d["fast_blocks"] = c.fast_blocks;
+    d["fallback_blocks"] = c.fallback_blocks;
     return d;
   });
   m.def("reset_counters", &reset_counters);
@@ -364,14 +376,18 @@ PYBIND11_MODULE(_core, m) {
       py::arg("addr"), py::arg("device"));
   m.def(
       "weighted_sum_cuda",
-      [](const std::vector<uintptr_t>& inputs, const std::vector<int>& dtypes, const std::vector<float>& weights,
-         int64_t n, uintptr_t out, int out_dtype, bool accumulate, int device, uintptr_t stream) {
+      [](const std::vector<uintptr_t>& inputs, const std::vector<int>& dtypes, const std::vector<double>& weights,
+         int64_t n, uintptr_t out, int out_dtype, bool accumulate, int device, uintptr_t stream, double divisor,
+         double divisor_lo) {
         Inputs in = make_inputs("weighted_sum_cuda", inputs, dtypes);
-        WeightedSumParams p = weighted_sum_params("weighted_sum_cuda", in, weights, n, out, out_dtype, accumulate);
+        WeightedSumParams p =
+            weighted_sum_params("weighted_sum_cuda", in, weights, n, out, out_dtype, accumulate, divisor,
+                                divisor_lo);
         check(cuda::weighted_sum(p, device, stream));
       },
       py::arg("inputs"), py::arg("dtypes"), py::arg("weights"), py::arg("n"), py::arg("out"), py::arg("out_dtype"),
-      py::arg("accumulate"), py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+      py::arg("accumulate"), py::arg("device"), py::arg("stream"), py::arg("divisor") = 1.0,
+      py::arg("divisor_lo") = 0.0, py::call_guard<py::gil_scoped_release>(),
       "weighted_sum over device addresses, launched on `stream` (asynchronous).");
   m.def(
       "multi_dot_cuda",
@@ -398,15 +414,15 @@ PYBIND11_MODULE(_core, m) {
       py::call_guard<py::gil_scoped_release>(), "K x K Gram matrix over device addresses.");
   m.def(
       "merge_cuda",
-      [](const std::vector<float>& weights, const std::vector<int64_t>& seg_n, const std::vector<int>& seg_kind,
+      [](const std::vector<double>& weights, const std::vector<int64_t>& seg_n, const std::vector<int>& seg_kind,
          const std::vector<int>& seg_out_file, const std::vector<int64_t>& seg_out_offset,
          const std::vector<int>& seg_out_dtype, const std::vector<uintptr_t>& in_addr, const std::vector<int>& in_dtype,
          const std::vector<uint8_t>& in_loc, const std::vector<int>& fds, int device, uintptr_t stream,
          int64_t slot_bytes, int nslots, int fill_threads, const py::object& progress, bool accumulate,
-         const std::vector<std::string>& fd_names) {
+         const std::vector<std::string>& fd_names, double divisor, double divisor_lo) {
         check_threads("merge_cuda", fill_threads);
         MergePlan plan = make_plan(weights, seg_n, seg_kind, seg_out_file, seg_out_offset, seg_out_dtype, in_addr,
-                                   in_dtype, in_loc, fds, accumulate);
+                                   in_dtype, in_loc, fds, accumulate, divisor, divisor_lo);
         plan.fd_names = fd_names;
         cuda::CudaMergeOptions o;
         o.device = device;
@@ -422,7 +438,7 @@ PYBIND11_MODULE(_core, m) {
       py::arg("seg_out_dtype"), py::arg("in_addr"), py::arg("in_dtype"), py::arg("in_loc"), py::arg("fds"),
       py::arg("device"), py::arg("stream"), py::arg("slot_bytes") = int64_t(32) << 20, py::arg("nslots") = 3,
       py::arg("fill_threads") = 0, py::arg("progress") = py::none(), py::arg("accumulate") = false,
-      py::arg("fd_names") = std::vector<std::string>(),
+      py::arg("fd_names") = std::vector<std::string>(), py::arg("divisor") = 1.0, py::arg("divisor_lo") = 0.0,
       "Run a merge plan through the GPU (in_loc: 0 host, 1 mapped file, 2 device); see fastsoup/cuda.h.");
 #else
   m.attr("cuda_compiled") = false;

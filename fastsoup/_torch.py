@@ -239,19 +239,26 @@ def weighted_sum(
     dtype: str | torch.dtype | None = None,
     accumulate: bool = False,
     threads: int = 0,
+    divisor: float = 1.0,
+    divisor_lo: float = 0.0,
 ) -> torch.Tensor:
-    """``out = cast(sum_k weights[k] * float32(tensors[k]))`` in one fused pass (native kernel).
+    """``out = round(sum_k weights[k] * tensors[k] / divisor)`` in one fused pass (native kernel):
+    binary64 arithmetic, one rounding to ``out``'s dtype (csrc/include/fastsoup/kernels.h).
 
     Args:
         tensors: K contiguous tensors with the same number of elements (float16, bfloat16,
             float32 or float64, mixed freely), all on the CPU or all on one CUDA device (then the
             CUDA kernel runs on torch's current stream).
-        weights: K numbers (applied in float32).
+        weights: K numbers (applied in float64).
         out: where to write (same number of elements, contiguous); a new tensor shaped like
             ``tensors[0]`` when None.
         dtype: dtype of a new ``out`` (default: that of ``tensors[0]``).
-        accumulate: add into ``out`` (float32) instead of overwriting it.
+        accumulate: add into ``out`` (float32) instead of overwriting it (divisor must be 1).
         threads: CPU threads (0 = all).
+        divisor: the sum is divided by it once, before the rounding (``weights`` of 1 and
+            ``divisor=K`` give the mean of K tensors rounded once).
+        divisor_lo: a low part of the divisor (it is ``divisor + divisor_lo``), used when an
+            operand is float64 (e.g. the rounding error of a weight total, ``math.fsum``).
 
     Returns:
         ``out``.
@@ -277,9 +284,10 @@ def weighted_sum(
     if dev.type == "cuda":
         index = _cuda_index(op, dev)
         _core.weighted_sum_cuda(addrs, codes, ws, out.numel(), out.data_ptr(), out_code, accumulate, index,
-                                cuda_stream(index))
+                                cuda_stream(index), float(divisor), float(divisor_lo))
     else:
-        _core.weighted_sum(addrs, codes, ws, out.numel(), out.data_ptr(), out_code, accumulate, threads)
+        _core.weighted_sum(addrs, codes, ws, out.numel(), out.data_ptr(), out_code, accumulate, threads,
+                           float(divisor), float(divisor_lo))
     return out
 
 

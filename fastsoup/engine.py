@@ -105,7 +105,10 @@ def average(
     """Averages checkpoints: ``sum_k w_k * theta_k / sum_k w_k`` for every float tensor.
 
     A drop-in for the hand-written averaging loop, streaming from memory-mapped files with one
-    fused pass over the inputs (float32 accumulation) and memory that does not grow with K.
+    fused pass over the inputs and memory that does not grow with K. The sum is accumulated in
+    float64 with the weights as given, then divided once by their total and rounded once to the
+    output dtype (a uniform soup: the plain sum divided by K), so results are within one unit in
+    the last place of the exact mean (README, "Numerics").
 
     Args:
         ingredients: what :func:`~fastsoup.open_checkpoint` takes (paths of files, folders or index
@@ -166,23 +169,34 @@ def average(
         >>> soup = fastsoup.average([model_a.state_dict(), model_b.state_dict()])  # doctest: +SKIP
     """
     ingredients = with_key(ingredients, key)
-    k = len(ingredients)
-    if weights is None:
-        ws = [1.0 / k] * k if k else []
-    else:
-        ws = _check_weights(weights, k)
-        # Scaled by the largest first, so huge weights (1e308, 1e308) normalize instead of overflowing.
-        biggest = max((abs(w) for w in ws), default=0.0)
-        scaled = [w / biggest for w in ws] if biggest > 0.0 else ws
-        total = math.fsum(scaled)
-        if total == 0.0:
-            raise ValueError(f"weights sum to zero ({list(weights)}): cannot normalize; use fastsoup.weighted_sum")
-        ws = [w / total for w in scaled]
+    ws, divisor = _normalization(weights, len(ingredients))
     recipe = "uniform_soup" if weights is None else "weighted_soup"
     return _collective(out, overwrite, "fastsoup.average", lambda: _merge(
         ingredients, ws, out=out, dtype=dtype, device=device, threads=threads, shard_size=shard_size,
         progress=progress, overwrite=overwrite, fsync=fsync, desc="average", recipe=recipe, config_from=config_from,
-        key_map=key_map, strip_prefix=strip_prefix))
+        key_map=key_map, strip_prefix=strip_prefix, divisor=divisor))
+
+def _normalization(weights: Sequence[float] | None, k: int) -> tuple[list[float], tuple[float, float]]:
+    """The kernel weights and divisor of an average: the sum is divided once by the weight total.
+
+    Uniform: weights 1 and divisor K (the plain sum, exact in float64 for float16 inputs, divided
+    once). Otherwise the weights as given and their total as ``(hi, lo)``: ``math.fsum`` (the
+    correctly rounded total) and the rest, which the float64 kernels divide by too. All scaled by
+    one power of two so the largest weight lies in [1, 2): exact, the same quotient and rounding,
+    and no overflow or underflow from extreme weights.
+    """
+    if weights is None:
+        return [1.0] * k, (float(max(k, 1)), 0.0)
+    ws = _check_weights(weights, k)
+    if not any(ws):
+        raise ValueError(f"weights sum to zero ({list(weights)}): cannot normalize; use fastsoup.weighted_sum")
+    shift = math.frexp(max(abs(w) for w in ws))[1] - 1
+    ws = [math.ldexp(w, -shift) for w in ws]  # scaled first: the total of huge weights (1e308, 1e308) fits
+    total = math.fsum(ws)
+    if total == 0.0:
+        raise ValueError(f"weights sum to zero ({list(weights)}): cannot normalize; use fastsoup.weighted_sum")
+    rest = math.fsum([*ws, -total])
+    return ws, (total, rest)
 
 
 def weighted_sum(
@@ -237,7 +251,7 @@ def _check_weights(weights: Sequence[float], k: int) -> list[float]:
 
 
 def _merge(ingredients, weights, *, out, dtype, device, threads, shard_size, progress, overwrite, fsync, desc,
-           recipe, config_from=None, key_map=None, strip_prefix=None):
+           recipe, config_from=None, key_map=None, strip_prefix=None, divisor=(1.0, 0.0)):
     dev = resolve_device(device)
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads must be a positive integer, got {threads!r}")
@@ -251,9 +265,9 @@ def _merge(ingredients, weights, *, out, dtype, device, threads, shard_size, pro
         if note is not None:
             _sidefiles.note(note)
         donor = _sidefiles.donor_for(out, config_from, ingredients[0])  # read before any work
-        info = SoupInfo(recipe, _sidefiles.ingredient_names(ingredients), list(weights))
+        info = SoupInfo(recipe, _sidefiles.ingredient_names(ingredients), [w / divisor[0] for w in weights])
         return _run(mapped, weights, out, out_override, threads or 0, shard_size, progress, overwrite, fsync, desc,
-                    device=dev, aliases=names.aliases, info=info, donor=donor)
+                    device=dev, aliases=names.aliases, info=info, donor=donor, divisor=divisor)
     finally:
         for src, ck in zip(ingredients, opened):
             if ck is not src:
@@ -269,8 +283,10 @@ def _output_dtype(ref, override):
 
 def _run(ckpts: list[Checkpoint], weights, out, override, threads, shard_size, progress, overwrite, fsync, desc,
          layout: Checkpoint | None = None, device: Device = CPU, extras: dict | None = None,
-         aliases: dict | None = None, info: SoupInfo | None = None, donor: Donor | None = None):
+         aliases: dict | None = None, info: SoupInfo | None = None, donor: Donor | None = None,
+         divisor: tuple[float, float] = (1.0, 0.0)):
     # `layout` (default: the first input) gives the tensor order, default dtypes, shards and metadata.
+    # Float tensors: round(sum_k weights[k] * theta_k / divisor), divisor = (high part, low part).
     # `extras`: files written into a folder output with it (name -> bytes: a sidecar).
     # `info`: what the soup is made of (its metadata and model card); `donor`: the side files of a
     # folder output (read by the caller before any work).
@@ -319,8 +335,9 @@ def _run(ckpts: list[Checkpoint], weights, out, override, threads, shard_size, p
         # One process: AtomicOutput and every tensor; in a collective merge (torch.distributed) this
         # rank's writer and the tensors of its shards only.
         protect = [f for ck in [*ckpts, first] for f in ck.files]  # an overwrite never removes an input
-        writer, names, dests = _distributed.output(plan, names, dests, weights, overwrite=overwrite, fsync=fsync,
-                                                   protect=protect, extras=extras)
+        # (The ranks compare the effective weights, weights / divisor.)
+        writer, names, dests = _distributed.output(plan, names, dests, [w / divisor[0] for w in weights],
+                                                   overwrite=overwrite, fsync=fsync, protect=protect, extras=extras)
 
     # Segments, fused where contiguous in every input and in the output.
     segs = _Segments(K)
@@ -352,7 +369,7 @@ def _run(ckpts: list[Checkpoint], weights, out, override, threads, shard_size, p
         try:
             files = writer is not None and not torch_out
             segs.run(weights, fds=writer.fds if files else [], threads=threads, progress=callback,
-                     device=device, fd_names=writer.names if files else ())
+                     device=device, fd_names=writer.names if files else (), divisor=divisor)
             verify_inputs(ckpts)  # truncated or rewritten meanwhile: nothing is installed or returned
             if result is not None:
                 for alias, canon in (aliases or {}).items():  # tied weights: both names, one tensor
@@ -434,7 +451,7 @@ class _Segments:
         self._last = None  # (kind, out_file, out_end, out_code, input ends, input codes, mapped)
 
     def weighted(self, n: int, out_file: int, out_offset: int, out_code: int, inputs, weights=None) -> None:
-        """out[:n] = cast(sum_k w_k * in_k[:n]); inputs: K ``(address, dtype code, location)`` with
+        """out[:n] = round(sum_k w_k * in_k[:n] / divisor); inputs: K ``(address, dtype code, location)`` with
         location 0 host memory, 1 a file mapping (True/False work), 2 device memory.
 
         ``weights``: this segment's own K weights (then every segment of the plan must have them);
@@ -481,27 +498,30 @@ class _Segments:
         self._last = (kind, dfile, doff + out_len, out_code, ends, codes, mapped, ws)
 
     def run(self, weights=None, *, fds=(), threads: int = 0, progress=None, accumulate: bool = False,
-            device: Device = CPU, fd_names=()) -> None:
+            device: Device = CPU, fd_names=(), divisor: float | tuple[float, float] = 1.0) -> None:
         """Runs the plan in the native executor (GIL released; Ctrl-C is seen between steps).
         ``weights``: K weights for every segment; None when the segments carry their own.
+        ``divisor``: every weighted sum is divided by it once, before its rounding (a number, or
+        ``(high, low)`` parts: see kernels.h, ``divisor_lo``).
         ``device``: CUDA runs the pipeline of pinned slots and the fused kernel on torch's current
         stream of that device (outputs with out_file -1 are then device addresses)."""
         if (weights is None) != bool(self.weights) and self.n:
             raise ValueError("pass weights to run() exactly when the segments have none of their own")
         ws = [float(w) for w in weights] if weights is not None else self.weights
+        hi, lo = (float(divisor), 0.0) if not isinstance(divisor, tuple) else (float(divisor[0]), float(divisor[1]))
         try:
-            self._run_native(ws, fds, threads, progress, accumulate, device, fd_names)
+            self._run_native(ws, fds, threads, progress, accumulate, device, fd_names, hi, lo)
         except _core.InputFaultError as e:  # an input truncated (or unreadable) under the read: stopped
             raise InputChangedError(f"{e.filename} {e.strerror}") from None
 
-    def _run_native(self, ws, fds, threads, progress, accumulate, device, fd_names) -> None:
+    def _run_native(self, ws, fds, threads, progress, accumulate, device, fd_names, hi, lo) -> None:
         if device.is_cuda:
             from . import _torch
 
             _core.merge_cuda(
                 ws, self.n, self.kind, self.out_file, self.out_offset, self.out_dtype, self.in_addr, self.in_dtype,
                 self.in_mapped, list(fds), device.index, _torch.cuda_stream(device.index), SLOT_BYTES, NSLOTS,
-                threads, progress, accumulate, list(fd_names),
+                threads, progress, accumulate, list(fd_names), hi, lo,
             )
             return
         if 2 in self.in_mapped:
@@ -509,7 +529,7 @@ class _Segments:
         _core.merge(
             ws, self.n, self.kind, self.out_file, self.out_offset, self.out_dtype,
             self.in_addr, self.in_dtype, self.in_mapped, list(fds), threads, WINDOW_BYTES, BUFFER_BYTES, NBUFFERS,
-            progress, accumulate=accumulate, fd_names=list(fd_names),
+            progress, accumulate=accumulate, fd_names=list(fd_names), divisor=hi, divisor_lo=lo,
         )
 
 

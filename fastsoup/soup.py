@@ -1,13 +1,16 @@
 """``Soup``: a running float32 sum of weighted ingredients that can be loaded into a model.
 
 The soup keeps ``S = sum_k w_k * theta_k`` in one flat float32 buffer and the weight total
-``W = sum_k w_k``; its value is ``cast(S * (1 / W))``. Every operation is one call of the engine's
+``W = sum_k w_k``; its value is ``round(S / W)`` (the division in float64, one rounding to the
+template's dtypes). Every operation is one call of the engine's
 streaming executor (prefetch from the mapped files, fused kernel, release what was read):
 
 - ``add``/``remove``: ``S += w * theta`` (one read of the ingredient);
 - ``candidate``: ``T = S + w * theta`` into a scratch buffer (one read), then the model's parameters
-  ``= cast(T / (W + w))`` in place; ``accept`` keeps it by swapping ``S`` and ``T`` (no read);
-- ``value``/``load_into``/``save``: ``cast(S / W)`` into new tensors, a model's parameters, or files.
+  ``= round(T / (W + w))`` in place; ``accept`` keeps it by swapping ``S`` and ``T`` (no read);
+- ``value``/``load_into``/``save``: ``round(S / W)`` into new tensors, a model's parameters, or files,
+  all through the same kernel call, so a candidate and the soup saved after ``accept`` have the
+  same bits.
 
 So a greedy search over N checkpoints reads each of them once. The sum is kept on the CPU; a model on
 a GPU receives its parameters through a host staging copy.
@@ -164,7 +167,7 @@ class Soup:
         segs.run([1.0, w], threads=self._threads, device=self._device)
         del keep
         ck.verify("the candidate's read")  # before the model sees it: a changed input is never scored
-        self._write(model, self._scratch, 1.0 / total, extras=True)
+        self._write(model, self._scratch, total, extras=True)
         self._pending = (w, ck)
 
     def accept(self) -> Soup:
@@ -183,7 +186,7 @@ class Soup:
     # Reading the value
 
     def value(self, dtype: Any = None) -> dict:
-        """The soup ``cast(S / W)`` as a new state dict (dtypes of the template, or ``dtype``)."""
+        """The soup ``round(S / W)`` as a new state dict (dtypes of the template, or ``dtype``)."""
         self._need_ingredients("take its value")
         from . import _torch
 
@@ -199,7 +202,7 @@ class Soup:
             else:
                 t = self._extras[name].clone()
             out[name] = t
-        segs.run([1.0 / self.total_weight], threads=self._threads, device=self._device)
+        segs.run([1.0], threads=self._threads, device=self._device, divisor=self.total_weight)
         for alias, canon in self._layout.aliases.items():  # tied weights: both names, one tensor
             if canon in out and alias not in out:
                 out[alias] = out[canon]
@@ -212,7 +215,7 @@ class Soup:
         """
         self._need_ingredients("load it")
         model = self._target(model)
-        self._write(model, self._sum, 1.0 / self.total_weight, extras=True)
+        self._write(model, self._sum, self.total_weight, extras=True)
         return model
 
     def save(
@@ -257,8 +260,9 @@ class Soup:
         aliases = {disk.get(a, a): disk.get(c, c) for a, c in self._layout.aliases.items()}
         # Collective under torch.distributed (a torch file: rank 0 alone).
         return _collective(out, overwrite, "Soup.save", lambda: _run(
-            [src], [1.0 / self.total_weight], out, override, self._threads, shard_size, progress, overwrite, fsync,
-            "save", layout=layout, device=self._device, extras=_extras, info=_info, donor=donor, aliases=aliases))
+            [src], [1.0], out, override, self._threads, shard_size, progress, overwrite, fsync, "save",
+            layout=layout, device=self._device, extras=_extras, info=_info, donor=donor, aliases=aliases,
+            divisor=(self.total_weight, 0.0)))
 
     def __len__(self) -> int:
         return len(self.ingredients)
@@ -316,16 +320,17 @@ class Soup:
             raise ValueError("no model: pass one (the soup was made from a checkpoint, not a module)")
         return model
 
-    def _write(self, model: Any, flat, scale: float, *, extras: bool) -> None:
+    def _write(self, model: Any, flat, total: float, *, extras: bool) -> None:
+        """model's float tensors = round(flat / total), as value() and save() compute them."""
         base = flat.data_ptr()
         sources = {name: [(base + 4 * off, _F32, self._loc)] for name, (off, _) in self._floats.items()}
-        _write_model(model, self._layout, sources, [scale], self._staging, self._extras if extras else None,
-                     self._threads, self._device)
+        _write_model(model, self._layout, sources, [1.0], self._staging, self._extras if extras else None,
+                     self._threads, self._device, divisor=total)
 
 
 def _write_model(model: Any, layout: Checkpoint, sources: dict, weights, staging: dict, extras: dict | None,
-                 threads: int, device: Device = CPU) -> None:
-    """model's float tensors ``name`` = cast(sum_k w_k * sources[name][k]), one executor call.
+                 threads: int, device: Device = CPU, divisor: float = 1.0) -> None:
+    """model's float tensors ``name`` = round(sum_k w_k * sources[name][k] / divisor), one executor call.
 
     ``sources``: name -> K ``(address, dtype code, location)``; ``weights``: K numbers for every
     tensor, or a dict name -> K numbers. On ``device`` "cpu", tensors on a GPU or not contiguous go
@@ -367,7 +372,7 @@ def _write_model(model: Any, layout: Checkpoint, sources: dict, weights, staging
             segs.weighted(t.numel(), -1, dst.data_ptr(), dtype_info(dt).code, src,
                           weights[name] if per_tensor else None)
     if segs.n:
-        segs.run(None if per_tensor else weights, threads=threads, device=device)
+        segs.run(None if per_tensor else weights, threads=threads, device=device, divisor=divisor)
     for t, dst in staged:
         t.copy_(dst, non_blocking=True)
     if extras is not None:

@@ -295,33 +295,16 @@ def open_clip_zoo(root: str, runs: int = 3) -> list[dict]:
 
 
 def mean_state_dict(sds: list[dict]) -> dict:
-    """The uniform soup computed as fastsoup does (float32 sum of w_k * x_k in order, w = 1/K in
-    float32; integer tensors from the first), cast back to each tensor's dtype."""
-    k = len(sds)
-    w = torch.tensor(1.0 / k, dtype=torch.float32)
-    out = {}
-    for name, t0 in sds[0].items():
-        if not t0.is_floating_point():
-            out[name] = t0.clone()
-            continue
-        acc = torch.full(t0.shape, -0.0, dtype=torch.float32)
-        for sd in sds:
-            acc = acc + w * sd[name].float()
-        out[name] = acc.to(t0.dtype)
-    return out
+    """The uniform soup computed as fastsoup does (the plain-torch reference of the kernels' order:
+    the sum divided once by K, rounded once; integer tensors from the first)."""
+    from fastsoup import _reference
+
+    return _reference.average_state_dicts(sds)
 
 
 def soup_state_dict(sds: list[dict]) -> dict:
-    """A :class:`fastsoup.Soup` of weight-1 ingredients: ``cast(float32(1/W) * S)``, S the float32
-    sum in the order added (integer tensors from the first)."""
-    scale = torch.tensor(1.0 / len(sds), dtype=torch.float32)
-    out = {}
-    for name, t0 in sds[0].items():
-        if not t0.is_floating_point():
-            out[name] = t0.clone()
-            continue
-        acc = torch.zeros(t0.shape, dtype=torch.float32)
-        for sd in sds:
-            acc = acc + sd[name].float()
-        out[name] = (scale * acc).to(t0.dtype)
-    return out
+    """A :class:`fastsoup.Soup` of weight-1 ingredients, as the reference computes it (the float32
+    running sum in the order added, divided once by W and rounded once)."""
+    from fastsoup import _reference
+
+    return _reference.soup_state_dict(sds, sds[0])

@@ -1,4 +1,6 @@
-"""The native kernels against the plain-torch reference, on every instruction set of this CPU."""
+"""The native kernels against the plain-torch reference (the binary64 order of kernels.h, bit for
+bit), on every instruction set of this CPU. tests/test_precision.py checks the results against the
+exact mean."""
 
 import math
 
@@ -34,6 +36,53 @@ def test_weighted_sum_matches_reference_bitwise(isa, in_dtype, out_dtype, n):
     ws = [0.2, -0.7, 1.3, 0.25, 1 / 3]
     got = _torch.weighted_sum(ts, ws, dtype=out_dtype)
     assert bits_equal(got, _reference.weighted_sum(ts, ws, out_dtype))
+
+
+def _fine_tunes(k, n, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, generator=g) * 0.02
+    return [(base + 0.002 * torch.randn(n, generator=g)).to(dtype) for _ in range(k)]
+
+
+@pytest.mark.parametrize("out_dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("in_dtype", [torch.float16, torch.bfloat16], ids=lambda d: "in_" + str(d)[6:])
+@pytest.mark.parametrize("divisor", [4.0, 5.0, -3.0], ids=lambda d: f"div{d:g}")
+@pytest.mark.parametrize("data", ["fine_tunes", "independent"])
+def test_weighted_sum_with_a_divisor_matches_reference_bitwise(isa, in_dtype, out_dtype, divisor, data):
+    # weights 1 or short, and a divisor: the CPU's binary32 fast path where it is exact
+    # (fine-tune-like data), the binary64 order where it is not (independent data); the same bits
+    n = 3 * 2048 + 77
+    ts = _fine_tunes(5, n, in_dtype, seed=1) if data == "fine_tunes" else _inputs(5, n, [in_dtype], seed=2)
+    for ws in ([1.0] * 5, [0.5, 1.0, 1.5, 0.25, 2.0]):
+        _core.reset_counters()
+        got = _torch.weighted_sum(ts, ws, dtype=out_dtype, divisor=divisor)
+        c = _core.counters()
+        assert bits_equal(got, _reference.weighted_sum(ts, ws, out_dtype, divisor=divisor)), ws
+        if isa != "scalar" and out_dtype != torch.float64 and data == "fine_tunes":
+            assert c["fast_blocks"] > 0 and c["fallback_blocks"] == 0, c
+        if isa == "scalar" or out_dtype == torch.float64:
+            assert c["fast_blocks"] == 0 and c["fallback_blocks"] == 0, c
+
+
+def test_float64_operands_use_the_compensated_sum(isa):
+    # K identical float64 inputs with weights 1 and divisor K: the input itself (a plain float64
+    # sum rounds K * x); mixed with float16 inputs the float64 result is the exact sum rounded once
+    x = torch.randn(10007, dtype=torch.float64) * 1e3
+    for k in (3, 7, 10, 17):
+        assert bits_equal(_torch.weighted_sum([x] * k, [1.0] * k, divisor=float(k)), x)
+    h = torch.randn(10007).half()
+    got = _torch.weighted_sum([x, h, h], [1.0, 1.0, -1.0], dtype=torch.float64)
+    assert bits_equal(got, x)
+    assert bits_equal(got, _reference.weighted_sum([x, h, h], [1.0, 1.0, -1.0], torch.float64))
+    # random weights, divided by their total given as a float64 pair (math.fsum and the rest)
+    ts = _inputs(6, 10007, [torch.float64, torch.float32, torch.float16], seed=4)
+    ws = [0.1 + 0.9 * float(u) for u in torch.rand(6, dtype=torch.float64)]
+    hi = math.fsum(ws)
+    lo = math.fsum([*ws, -hi])
+    assert lo != 0.0
+    for out_dtype in DTYPES:
+        got = _torch.weighted_sum(ts, ws, dtype=out_dtype, divisor=hi, divisor_lo=lo)
+        assert bits_equal(got, _reference.weighted_sum(ts, ws, out_dtype, divisor=hi, divisor_lo=lo)), out_dtype
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 7, 8, 9, 16, 17, 33])
@@ -136,6 +185,11 @@ def test_boundary_errors_name_the_op_and_argument():
         _torch.weighted_sum([torch.randn(4, 4).T], [1.0])
     with pytest.raises(ValueError, match="accumulate=True needs a float32 out"):
         _torch.weighted_sum([a], [1.0], out=torch.empty(10, dtype=torch.float16), accumulate=True)
+    with pytest.raises(ValueError, match="accumulate=True needs divisor 1"):
+        _torch.weighted_sum([a], [1.0], out=torch.empty(10), accumulate=True, divisor=2.0)
+    for bad in (0.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="divisor must be finite and nonzero"):
+            _torch.weighted_sum([a], [1.0], divisor=bad)
     with pytest.raises(TypeError, match=r"inputs\[0\] is a list"):
         _torch.weighted_sum([[1.0]], [1.0], out=torch.empty(1))
     with pytest.raises(ValueError, match=r"multi_dot: inputs\[0\] has 11 elements, expected 10"):

@@ -517,7 +517,9 @@ def test_huge_weights_are_normalized_not_an_overflow(tmp_path):
     r = cli("average", *paths, "--weights", "1e308", "1e308", "-o", out, "--no-progress")
     assert r.returncode == 0, r.stderr  # an OverflowError traceback before
     got, want = fastsoup.open_checkpoint(str(out)), fastsoup.average(paths)
-    assert all(torch.equal(got.tensor(n), want[n]) for n in want)
+    from fastsoup._reference import ulp_distance
+
+    assert all(int(ulp_distance(got.tensor(n), want[n]).max()) <= 1 for n in want)  # the uniform soup, to 1 ulp
     msg = one_line_error(cli("average", *paths, "--weights", "1e308", "-1e308", "-o", out, "--no-progress"))
     assert "sum to zero" in msg
 

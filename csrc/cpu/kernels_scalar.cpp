@@ -1,24 +1,12 @@
 // Portable scalar building blocks: the reference every vector path is tested against, and the
-// path for CPUs without AVX2/F16C (and for float64, which the vector paths hand here).
+// path for CPUs without AVX2/F16C.
 #include "kernel_table.h"
 
 namespace fastsoup {
 namespace cpu {
 namespace {
 
-template <DType D>
-void accumulate(float* acc, bool init, const void* const* x, const float* w, int g, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) {
-    float a = init ? -0.0f : acc[j];
-    for (int i = 0; i < g; ++i) a = a + w[i] * load_float(x[i], j, D);
-    acc[j] = a;
-  }
-}
-
-template <DType D>
-void store(const float* acc, void* out, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) store_float(out, j, D, acc[j]);
-}
+#include "kernel_generic.h"
 
 template <DType D>
 void load(const void* x, float* acc, int64_t n) {
@@ -36,9 +24,11 @@ double dot(const float* a, const float* b, int64_t n) {
 }
 
 const KernelTable kTable = {
-    {accumulate<DType::kFloat16>, accumulate<DType::kBFloat16>, accumulate<DType::kFloat32>,
-     accumulate<DType::kFloat64>},
-    {store<DType::kFloat16>, store<DType::kBFloat16>, store<DType::kFloat32>, store<DType::kFloat64>},
+    FASTSOUP_GENERIC_TABLE(sum_generic),
+    FASTSOUP_GENERIC_TABLE(sum2_generic),
+    {},  // no binary32 fast path: the scalar code is the reference
+    {},
+    {},
     {load<DType::kFloat16>, load<DType::kBFloat16>, load<DType::kFloat32>, load<DType::kFloat64>},
     dot,
 };

@@ -309,6 +309,8 @@ void run_merge(const MergePlan& p, const MergeProgress& progress) {
       wp.n = st.count;
       wp.threads = p.threads;
       wp.accumulate = p.accumulate;
+      wp.divisor = p.divisor;
+      wp.divisor_lo = p.divisor_lo;
       Status s = weighted_sum_cpu(wp);
       if (!s.ok) throw std::invalid_argument("merge: " + s.message);
     }

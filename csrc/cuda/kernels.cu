@@ -1,9 +1,11 @@
 // CUDA kernels: fused K-input weighted sum, multi_dot and gram.
 //
-// The per-element math (conversions, rounding) is dtype.h's, shared with the CPU kernels; products
-// and sums use __fmul_rn / __fadd_rn so nvcc cannot contract them into FMAs, which is what makes
-// weighted_sum bit-identical to the CPU path and to the plain-torch reference.
+// The per-element math (conversions, the binary64 steps of kernels.h, the final rounding) is
+// dtype.h's, shared with the CPU kernels; it uses the _rn intrinsics, so nvcc cannot contract or
+// reorder anything, which is what makes weighted_sum bit-identical to the CPU path and to the
+// plain-torch reference. multi_dot uses __fmul_rn / __fadd_rn likewise.
 #include <algorithm>
+#include <cmath>
 #include <mutex>
 #include <vector>
 
@@ -21,12 +23,17 @@ constexpr int kVec = 8;  // elements per thread per iteration: one 16-byte load 
 struct WeightedSumArgs {
   const void* in[kMaxInputs];
   int32_t dt[kMaxInputs];
-  float w[kMaxInputs];
+  double w[kMaxInputs];
   int k;
-  void* out;
+  void* out;          // the result (out_dt), written by the last group only
   int32_t out_dt;
   int64_t n;
-  bool accumulate;  // out (float32) is the starting value
+  double divisor, divisor_lo;
+  bool accumulate;    // the first group starts from out (float32) instead of -0.0
+  bool first, last;   // this launch's group is the first / the last of the sum
+  bool compensated;   // kernels.h's compensated mode (a float64 operand)
+  double* part_s;     // K > kMaxInputs: the running sum between groups (n doubles), else nullptr
+  double* part_c;     // and its compensation (compensated mode)
 };
 
 __device__ __forceinline__ void load8(const void* base, int64_t i, DType d, float* x) {
@@ -52,65 +59,98 @@ __device__ __forceinline__ void load8(const void* base, int64_t i, DType d, floa
   }
 }
 
-__device__ __forceinline__ void store8(void* base, int64_t i, DType d, const float* x) {
+__device__ __forceinline__ void store8(void* base, int64_t i, DType d, const double* x) {
   if (d == DType::kFloat32) {
     float4* p = reinterpret_cast<float4*>(static_cast<float*>(base) + i);
-    p[0] = make_float4(x[0], x[1], x[2], x[3]);
-    p[1] = make_float4(x[4], x[5], x[6], x[7]);
+    p[0] = make_float4(static_cast<float>(x[0]), static_cast<float>(x[1]), static_cast<float>(x[2]), static_cast<float>(x[3]));
+    p[1] = make_float4(static_cast<float>(x[4]), static_cast<float>(x[5]), static_cast<float>(x[6]), static_cast<float>(x[7]));
     return;
   }
   uint32_t words[4];
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
-    const uint16_t lo = d == DType::kFloat16 ? float_to_half(x[2 * j]) : float_to_bf16(x[2 * j]);
-    const uint16_t hi = d == DType::kFloat16 ? float_to_half(x[2 * j + 1]) : float_to_bf16(x[2 * j + 1]);
+    const float a = double_to_float_odd(x[2 * j]), b = double_to_float_odd(x[2 * j + 1]);
+    const uint16_t lo = d == DType::kFloat16 ? float_to_half(a) : float_to_bf16(a);
+    const uint16_t hi = d == DType::kFloat16 ? float_to_half(b) : float_to_bf16(b);
     words[j] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
   }
   *reinterpret_cast<uint4*>(static_cast<uint16_t*>(base) + i) = make_uint4(words[0], words[1], words[2], words[3]);
 }
 
-// kVectorized: every pointer 16-byte aligned and no float64 operand; the n % 8 tail is scalar.
+// One element of the compensated mode (any alignment, any dtype): start, this group, then finish
+// into out or keep the running sum for the next group.
+__device__ __forceinline__ void sum2_element(const WeightedSumArgs& a, int64_t i) {
+  double s, c;
+  if (!a.first) {
+    s = a.part_s[i];
+    c = a.part_c[i];
+  } else {
+    s = a.accumulate ? static_cast<double>(static_cast<const float*>(a.out)[i]) : -0.0;
+    c = 0.0;
+  }
+  for (int k = 0; k < a.k; ++k) sum2_step(s, c, a.w[k], load_double(a.in[k], i, static_cast<DType>(a.dt[k])));
+  if (a.last) {
+    store_double(a.out, i, static_cast<DType>(a.out_dt), sum2_finish(s, c, a.divisor, a.divisor_lo));
+  } else {
+    a.part_s[i] = s;
+    a.part_c[i] = c;
+  }
+}
+
+__device__ __forceinline__ double sum_start(const WeightedSumArgs& a, int64_t i) {
+  if (!a.first) return a.part_s[i];
+  return a.accumulate ? static_cast<double>(static_cast<const float*>(a.out)[i]) : -0.0;
+}
+
+// kVectorized: every pointer 16-byte aligned, plain mode; the n % 8 tail is scalar.
 template <bool kVectorized>
 __global__ void __launch_bounds__(kThreads) weighted_sum_kernel(const WeightedSumArgs a) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const DType out_dt = static_cast<DType>(a.out_dt);
+  if (a.compensated) {
+    for (int64_t i = t; i < a.n; i += stride) sum2_element(a, i);
+    return;
+  }
   int64_t done = 0;
   if (kVectorized) {
     const int64_t nvec = a.n / kVec;
     for (int64_t v = t; v < nvec; v += stride) {
       const int64_t i = v * kVec;
-      float acc[kVec];
-      if (a.accumulate) {
-        load8(a.out, i, DType::kFloat32, acc);
-      } else {
+      double acc[kVec];
 #pragma unroll
-        for (int j = 0; j < kVec; ++j) acc[j] = -0.0f;
-      }
+      for (int j = 0; j < kVec; ++j) acc[j] = sum_start(a, i + j);
       for (int k = 0; k < a.k; ++k) {
         float x[kVec];
         load8(a.in[k], i, static_cast<DType>(a.dt[k]), x);
-        const float w = a.w[k];
+        const double w = a.w[k];
 #pragma unroll
-        for (int j = 0; j < kVec; ++j) acc[j] = __fadd_rn(acc[j], __fmul_rn(w, x[j]));
+        for (int j = 0; j < kVec; ++j) acc[j] = sum_step(acc[j], w, static_cast<double>(x[j]));
       }
-      store8(a.out, i, out_dt, acc);
+      if (a.last) {
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) acc[j] = sum_finish(acc[j], a.divisor);
+        store8(a.out, i, out_dt, acc);
+      } else {
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) a.part_s[i + j] = acc[j];
+      }
     }
     done = nvec * kVec;
   }
   for (int64_t i = done + t; i < a.n; i += stride) {
-    float acc = a.accumulate ? static_cast<const float*>(a.out)[i] : -0.0f;
-    for (int k = 0; k < a.k; ++k)
-      acc = __fadd_rn(acc, __fmul_rn(a.w[k], load_float(a.in[k], i, static_cast<DType>(a.dt[k]))));
-    store_float(a.out, i, out_dt, acc);
+    double acc = sum_start(a, i);
+    for (int k = 0; k < a.k; ++k) acc = sum_step(acc, a.w[k], load_double(a.in[k], i, static_cast<DType>(a.dt[k])));
+    if (a.last) store_double(a.out, i, out_dt, sum_finish(acc, a.divisor));
+    else a.part_s[i] = acc;
   }
 }
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
 void launch_group(WeightedSumArgs& a, int device, cudaStream_t stream) {
-  bool vec = aligned16(a.out) && a.out_dt != static_cast<int32_t>(DType::kFloat64);
-  for (int k = 0; k < a.k && vec; ++k) vec = aligned16(a.in[k]) && a.dt[k] != static_cast<int32_t>(DType::kFloat64);
+  bool vec = !a.compensated && aligned16(a.out);
+  for (int k = 0; k < a.k && vec; ++k) vec = aligned16(a.in[k]);
   const int64_t work = vec ? std::max<int64_t>(a.n / kVec, 1) : a.n;
   const int blocks = grid_size(device, work, kThreads);
   if (vec) weighted_sum_kernel<true><<<blocks, kThreads, 0, stream>>>(a);
@@ -236,6 +276,10 @@ Status weighted_sum(const WeightedSumParams& p, int device, uintptr_t stream_han
   if (!valid_dtype_code(static_cast<int>(p.out_dtype))) return Status::Error("weighted_sum: invalid output dtype code");
   if (p.accumulate && p.out_dtype != DType::kFloat32)
     return Status::Error("weighted_sum: accumulate=True needs a float32 output");
+  if (p.accumulate && (p.divisor != 1.0 || p.divisor_lo != 0.0))
+    return Status::Error("weighted_sum: accumulate=True needs divisor 1");
+  if (!std::isfinite(p.divisor) || p.divisor == 0.0 || !std::isfinite(p.divisor_lo))
+    return Status::Error("weighted_sum: divisor must be finite and nonzero");
   if (p.n == 0) return Status::Ok();
   if (p.out == nullptr) return Status::Error("weighted_sum: out is a null address");
   DeviceGuard guard(device);
@@ -246,12 +290,13 @@ Status weighted_sum(const WeightedSumParams& p, int device, uintptr_t stream_han
     if (!p.accumulate) FS_CUDA_CHECK(cudaMemsetAsync(p.out, 0, out_bytes, stream));
     return Status::Ok();
   }
-  // Groups of kMaxInputs: the first starts from -0.0 (or out), later ones accumulate in float32.
-  void* acc = p.out;
-  float* temp = nullptr;
-  if (K > kMaxInputs && p.out_dtype != DType::kFloat32) {
-    FS_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&temp), static_cast<size_t>(p.n) * sizeof(float), stream));
-    acc = temp;
+  // Groups of kMaxInputs: the first starts from -0.0 (or out); between groups the running sum
+  // (and its compensation) stays in binary64 in a temporary; the last group rounds into out.
+  const bool compensated = needs_compensated(p.input_dtypes, K, p.out_dtype);
+  double* part = nullptr;
+  if (K > kMaxInputs) {
+    const size_t bytes = static_cast<size_t>(p.n) * sizeof(double) * (compensated ? 2 : 1);
+    FS_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&part), bytes, stream));
   }
   for (int64_t g0 = 0; g0 < K; g0 += kMaxInputs) {
     WeightedSumArgs a{};
@@ -261,26 +306,20 @@ Status weighted_sum(const WeightedSumParams& p, int device, uintptr_t stream_han
       a.dt[j] = static_cast<int32_t>(p.input_dtypes[g0 + j]);
       a.w[j] = p.weights[g0 + j];
     }
-    const bool last = g0 + kMaxInputs >= K;
-    a.out = (last && temp == nullptr) ? p.out : acc;
-    a.out_dt = static_cast<int32_t>(a.out == p.out ? p.out_dtype : DType::kFloat32);
-    a.n = p.n;
-    a.accumulate = g0 > 0 || p.accumulate;
-    launch_group(a, device, stream);
-  }
-  if (temp != nullptr) {  // the final cast: -0.0 + 1 * acc == acc exactly, then rounded once
-    WeightedSumArgs a{};
-    a.k = 1;
-    a.in[0] = temp;
-    a.dt[0] = static_cast<int32_t>(DType::kFloat32);
-    a.w[0] = 1.0f;
     a.out = p.out;
     a.out_dt = static_cast<int32_t>(p.out_dtype);
     a.n = p.n;
-    a.accumulate = false;
+    a.divisor = p.divisor;
+    a.divisor_lo = p.divisor_lo;
+    a.accumulate = p.accumulate;
+    a.first = g0 == 0;
+    a.last = g0 + kMaxInputs >= K;
+    a.compensated = compensated;
+    a.part_s = part;
+    a.part_c = part != nullptr && compensated ? part + p.n : nullptr;
     launch_group(a, device, stream);
-    FS_CUDA_CHECK(cudaFreeAsync(temp, stream));
   }
+  if (part != nullptr) FS_CUDA_CHECK(cudaFreeAsync(part, stream));
   return Status::Ok();
 }
 

@@ -284,6 +284,8 @@ void run_merge(const MergePlan& p, const CudaMergeOptions& o, const MergeProgres
       wp.out_dtype = g.out_dtype;
       wp.n = st.count;
       wp.accumulate = p.accumulate;
+      wp.divisor = p.divisor;
+      wp.divisor_lo = p.divisor_lo;
       Status ks = weighted_sum(wp, o.device, o.stream);
       if (!ks.ok) throw std::invalid_argument("merge (cuda): " + ks.message);
       if (g.out_file >= 0) {

@@ -1,8 +1,8 @@
 // The CUDA backend's host API. Plain C++ (no CUDA types, streams are passed as integers), so the
 // bindings compile with the host compiler; the implementations are in csrc/cuda/*.cu.
 //
-// Numerics are the CPU kernels' (kernels.h): weighted_sum gives the same bits (-0.0 start,
-// acc = acc + w_k * x_k with each * and + rounded to binary32, no FMA, round-to-nearest-even cast);
+// Numerics are the CPU kernels' (kernels.h): weighted_sum gives the same bits (the same binary64
+// steps from dtype.h, the plain or the compensated mode, one rounding to the output type);
 // multi_dot sums binary32 products in a fixed tree per block and block partials in binary64 in a
 // fixed order, so results are bit-identical run to run (and within rounding of the CPU's).
 #pragma once
@@ -27,10 +27,10 @@ std::string device_name(int device);
 // Where a pointer lives, for the boundary checks: 0 host/unknown, 1 device memory of `device`.
 bool is_device_pointer(const void* p, int device);
 
-// out = cast(sum_k w_k * in_k) on `device`, launched on `stream` (a cudaStream_t as an integer;
-// 0 is the legacy default stream). Inputs and out are device pointers. Any K (groups of
-// kMaxInputs accumulate in float32). Returns after the launch (asynchronous), except K > kMaxInputs
-// with a non-float32 output, which needs a float32 temporary (allocated and freed on the stream).
+// out = round(sum_k w_k * in_k / divisor) on `device`, launched on `stream` (a cudaStream_t as an integer;
+// 0 is the legacy default stream). Inputs and out are device pointers. Any K: for K > kMaxInputs
+// the running sum stays in binary64 between groups of kMaxInputs, in a temporary allocated and
+// freed on the stream. Returns after the launch (asynchronous).
 Status weighted_sum(const WeightedSumParams& p, int device, uintptr_t stream);
 
 // K dot products with g, on the device; waits for the result (synchronizes `stream`).

@@ -144,7 +144,9 @@ struct MergeSegment {
 
 struct MergePlan {
   int64_t num_inputs = 0;                 // K
-  std::vector<float> weights;             // K (all segments), or segments.size() * K (segment-major)
+  std::vector<double> weights;            // K (all segments), or segments.size() * K (segment-major)
+  double divisor = 1.0;                   // weighted sums: out = round(sum_k w_k in_k / divisor)
+  double divisor_lo = 0.0;                // its low part (kernels.h, WeightedSumParams)
   std::vector<MergeSegment> segments;     // in output order
   std::vector<uintptr_t> in_addr;         // segments.size() * K, segment-major
   std::vector<int32_t> in_dtype;          // segments.size() * K (ignored for kCopy)

@@ -1,10 +1,37 @@
 // The native primitives. Plain C++ over raw pointers: no torch, no Python.
 //
-// Summation order (what "bit-identical to the reference" means): for every element i,
-//   acc = -0.0f                     (or out[i] in accumulate mode)
-//   for k in 0 .. K-1:  acc = acc + (w_k * float(in_k[i]))     each * and + rounded to binary32, no FMA
-//   out[i] = round_to_nearest_even(acc)  in the output dtype
-// -0.0 is the additive identity, so a single input with weight 1 is copied exactly. K == 0 writes +0.
+// weighted_sum computes, for every element i, out[i] = round(sum_k w_k * x_k[i] / divisor), in
+// this order (what "bit-identical to the reference" means; dtype.h has the per-element code):
+//
+//   Plain mode (no float64 operand):
+//     acc = -0.0                   (or double(out[i]) in accumulate mode, float32 out, divisor 1)
+//     for k in 0 .. K-1:  acc = acc + w_k * double(x_k[i])      each * and + rounded to binary64
+//     acc = acc / divisor          (rounded to binary64; skipped when divisor == 1)
+//   Compensated mode (an input or the output is float64): the sum is kept as s + c,
+//     s = -0.0 (or out), c = 0; for k: p = w_k*x, e = fma(w_k, x, -p), TwoSum(s, p) -> (s, err),
+//     c = c + (err + e); then q = s / d, and unless c == 0 and d_lo == 0 (or q is not finite)
+//     the result is q + fma(-q, d_lo, fma(-q, d, s) + c) / d (q itself when that correction is 0):
+//     the division by d + d_lo, the divisor's low part (divisor_lo) included.
+//   out[i] = acc rounded once to nearest even in the output dtype: binary64 -> binary32 directly,
+//     -> binary16 / bfloat16 through binary32 rounded to odd (which is the same as rounding the
+//     binary64 value directly).
+//
+// Weights and the divisor are binary64. Inputs widen to binary64 exactly, and a product by 1 is
+// exact, so weights of 1 and divisor K (what fastsoup.average passes for a uniform soup) give the
+// mean rounded once whenever the sum itself is exact in binary64: always for K <= 2^13 float16
+// inputs, and for float32 (bfloat16) inputs whose exponents lie within 53 - 24 - log2(K)
+// (53 - 8 - log2(K)) binades of each other. Otherwise the error before the final rounding is at
+// most about (K + 1) * 2^-53 * sum_k |w_k x_k| / |divisor| in plain mode (about K^2 * 2^-106
+// times the same sum in compensated mode, plus half an ulp of binary64): less than half an ulp of
+// a p-bit output (p = 11, 8, 24) unless the sum cancels, sum_k |w_k x_k| / |sum_k w_k x_k| above
+// about 2^(52 - p) / (K + 1). In compensated mode, K identical float64 inputs average to
+// themselves exactly. Skipping a product
+// by 1 or a division by 1 does not change any bit; a NaN result is a NaN (its payload is not
+// specified). -0.0 is the additive identity, so a single input with weight 1 is copied exactly.
+// K == 0 writes +0.
+//
+// The CPU kernels compute blocks of 2-byte inputs in binary32 where that is exact (the inexact
+// flag tells): then binary32 computes the same values, so the results are these bits either way.
 #pragma once
 
 #include <cstdint>
@@ -25,12 +52,17 @@ struct Status {
 struct WeightedSumParams {
   const void* const* inputs = nullptr;  // K base pointers, each to n elements (any alignment >= itemsize)
   const DType* input_dtypes = nullptr;  // K element types
-  const float* weights = nullptr;       // K weights, applied in binary32
+  const double* weights = nullptr;      // K weights (binary64)
   int64_t num_inputs = 0;               // K, may be 0
+  double divisor = 1.0;                 // the sum is divided by it once, before the final rounding
+  double divisor_lo = 0.0;              // compensated mode: the divisor is divisor + divisor_lo
+                                        // (|divisor_lo| <= ulp(divisor) / 2; the plain mode, whose
+                                        // results have at most 24 bits, ignores it)
   void* out = nullptr;                  // n elements of out_dtype; may not overlap any input
   DType out_dtype = DType::kFloat32;
   int64_t n = 0;                        // elements per input and in out
-  bool accumulate = false;              // out (float32 only) += sum, instead of out = cast(sum)
+  bool accumulate = false;              // out (float32 only) = round(out + sum): the sum starts from
+                                        // out instead of -0.0 (divisor must be 1, divisor_lo 0)
   int threads = 0;                      // 0: every core this process may use
 };
 
@@ -54,9 +86,10 @@ struct GramParams {
   int threads = 0;
 };
 
-// Products are binary32, summed in binary32 within fixed blocks of elements and across blocks in
-// binary64, in an order that depends only on n: the same inputs give the same bits run to run,
-// whatever the thread count.
+// weighted_sum: the order above, element by element, so every thread count and ISA gives the same
+// bits. multi_dot/gram: products are binary32, summed in binary32 within fixed blocks of elements
+// and across blocks in binary64, in an order that depends only on n: the same inputs give the same
+// bits run to run, whatever the thread count.
 Status weighted_sum_cpu(const WeightedSumParams& p);
 Status multi_dot_cpu(const MultiDotParams& p);
 Status gram_cpu(const GramParams& p);
@@ -79,6 +112,8 @@ struct Counters {
   int64_t bytes_written = 0;
   int64_t calls = 0;
   int64_t mapped_bytes_read = 0;  // of bytes_read: input bytes the merge executor read from file mappings
+  int64_t fast_blocks = 0;        // weighted_sum pieces (of 1024 elements) done exactly in binary32
+  int64_t fallback_blocks = 0;    // pieces where binary32 was inexact, summed again in binary64
 };
 Counters counters();
 void reset_counters();
