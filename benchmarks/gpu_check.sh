@@ -13,6 +13,7 @@ PY=${PYTHON:-python3}
   echo "date: $(date -u +%FT%TZ)"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1
   $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+  $PY -c "import setuptools; print('setuptools', setuptools.__version__, '(pyproject needs >= 77)')"
   nvcc --version | tail -2
   lscpu | grep -E 'Model name|^CPU\(s\)'
 } > "$OUT/machine.txt" 2>&1
