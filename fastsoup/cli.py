@@ -190,14 +190,13 @@ def _greedy(args) -> int:
     from .search.report import greedy_report
 
     evals = _evals(args.eval)
-    with _notes():
-        report = greedy_report(
-            with_key(args.inputs, args.key), model=args.model, heldout=args.heldout, evals=evals, out=args.out,
-            cache_dir=args.cache, strict=args.strict, device=args.device, results=args.results,
-            progress=False if args.no_progress else None, overwrite=args.overwrite,
-            verify="full" if args.verify_cache else "sample", config_from=args.config_from, key_map=_key_map(args),
-            strip_prefix=args.strip_prefix,
-        )
+    report = greedy_report(
+        with_key(args.inputs, args.key), model=args.model, heldout=args.heldout, evals=evals, out=args.out,
+        cache_dir=args.cache, strict=args.strict, device=args.device, results=args.results,
+        progress=False if args.no_progress else None, overwrite=args.overwrite,
+        verify="full" if args.verify_cache else "sample", config_from=args.config_from, key_map=_key_map(args),
+        strip_prefix=args.strip_prefix,
+    )
     print(report.table())
     _note(f"wrote {report.out} and {report.results_path} in {report.seconds:.2f} s")
     return 0
@@ -231,8 +230,7 @@ def _learned(args) -> int:
         for name, spec in evals.items():
             data = prepare(load_callable(spec)(), next(model.parameters()).device, name=name)
             print(f"{name} accuracy {100 * evaluate(model, data).score:.2f}")
-    with _notes():
-        path = r.save(args.out, overwrite=args.overwrite, config_from=args.config_from)
+    path = r.save(args.out, overwrite=args.overwrite, config_from=args.config_from)
     _note(f"wrote {path} in {time.perf_counter() - start:.2f} s")
     return 0
 
@@ -308,44 +306,23 @@ def _average(args) -> int:
     from .engine import average
 
     start = time.perf_counter()
-    with _notes():
-        path = average(
-            args.inputs,
-            args.weights,
-            out=args.out,
-            dtype=args.dtype,
-            threads=args.threads,
-            shard_size=args.shard_size,
-            progress=False if args.no_progress else None,
-            overwrite=args.overwrite,
-            fsync=args.fsync,
-            config_from=args.config_from,
-            key_map=_key_map(args),
-            strip_prefix=args.strip_prefix,
-            key=args.key,
-        )
+    path = average(
+        args.inputs,
+        args.weights,
+        out=args.out,
+        dtype=args.dtype,
+        threads=args.threads,
+        shard_size=args.shard_size,
+        progress=False if args.no_progress else None,
+        overwrite=args.overwrite,
+        fsync=args.fsync,
+        config_from=args.config_from,
+        key_map=_key_map(args),
+        strip_prefix=args.strip_prefix,
+        key=args.key,
+    )
     _note(f"wrote {path} from {len(args.inputs)} checkpoints in {time.perf_counter() - start:.2f} s")
     return 0
-
-
-@contextlib.contextmanager
-def _notes():
-    """fastsoup's notes about a soup (``SoupNote`` warnings) as one line each on stderr, once each;
-    other warnings as Python shows them."""
-    from .io._sidefiles import SoupNote
-
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", SoupNote)
-            yield
-    finally:
-        seen = set()
-        for w in caught:  # shown outside the block, where showwarning is Python's again
-            if not issubclass(w.category, SoupNote):
-                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
-            elif str(w.message) not in seen:
-                seen.add(str(w.message))
-                _note(f"fastsoup: note: {w.message}")
 
 
 def _note(msg: str) -> None:
@@ -356,31 +333,38 @@ def _note(msg: str) -> None:
         print(msg, file=sys.stderr)
 
 
-def _key_notes():
-    """Shows each :class:`~fastsoup.StateDictChoiceWarning` as one note line, once per kind of choice
-    (K inputs of the same training script give one line, not K warnings)."""
+@contextlib.contextmanager
+def _notes():
+    """fastsoup's notes as one line each on stderr, once each: :class:`~fastsoup.io._sidefiles.SoupNote`
+    (mixed dtypes, LoRA factors) and :class:`~fastsoup.StateDictChoiceWarning` (once per kind of
+    choice: K inputs of one training script give one line, not K); other warnings as Python shows them."""
     from ._errors import StateDictChoiceWarning
+    from .io._sidefiles import SoupNote
 
     seen = set()
-    show = warnings.showwarning
+    with warnings.catch_warnings():  # restores showwarning and the filters on leaving
+        warnings.simplefilter("always", SoupNote)
+        warnings.simplefilter("always", StateDictChoiceWarning)
+        show = warnings.showwarning
 
-    def showwarning(message, category, filename, lineno, file=None, line=None):
-        if not isinstance(message, StateDictChoiceWarning):
-            return show(message, category, filename, lineno, file, line)
-        if (message.taken, message.others) in seen:
+        def showwarning(message, category, filename, lineno, file=None, line=None):
+            if isinstance(message, StateDictChoiceWarning):
+                key = (message.taken, message.others)
+                others = ", ".join(map(repr, message.others))
+                text = (f"{message.source} holds several state dicts: took {message.taken!r} (here and from every "
+                        f"input like it), not {others}; --key {message.others[0]} takes "
+                        f"{'that one' if len(message.others) == 1 else 'another'}")
+            elif isinstance(message, SoupNote):
+                key = text = str(message)
+            else:
+                return show(message, category, filename, lineno, file, line)
+            if key not in seen:
+                seen.add(key)
+                _note(f"fastsoup: note: {text}")
             return None
-        seen.add((message.taken, message.others))
-        others = ", ".join(map(repr, message.others))
-        _note(f"fastsoup: note: {message.source} holds several state dicts: took {message.taken!r} (here and from "
-              f"every input like it), not {others}; --key {message.others[0]} takes "
-              f"{'that one' if len(message.others) == 1 else 'another'}")
-        return None
 
-    ctx = warnings.catch_warnings()
-    ctx.__enter__()
-    warnings.simplefilter("always", StateDictChoiceWarning)
-    warnings.showwarning = showwarning
-    return ctx
+        warnings.showwarning = showwarning
+        yield
 
 
 def _check_device(device) -> None:
@@ -456,46 +440,43 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args) -> int:
-    notes = None
-    try:
-        from . import FastsoupError, native_info
-        from .distributed import cli_begin
+    with _notes():  # fastsoup's notes: one line each
+        try:
+            from . import FastsoupError, native_info
+            from .distributed import cli_begin
 
-        notes = _key_notes()
-        if args.command in ("greedy", "learned"):
-            _check_device(args.device)
-        cli_begin(args)  # launched by torchrun: join the process group (average, greedy, learned)
-        if args.command == "info":
-            print(json.dumps(native_info(), indent=2))
-            return 0
-        if args.command == "greedy":
-            return _greedy(args)
-        if args.command == "plot":
-            return _plot(args)
-        if args.command == "learned":
-            return _learned(args)
-        if args.command == "inspect":
-            return _inspect(args)
-        if args.command == "similarity":
-            return _similarity(args)
-        if args.command == "demo":
-            from .demo import main as demo_main
+            if args.command in ("greedy", "learned"):
+                _check_device(args.device)
+            cli_begin(args)  # launched by torchrun: join the process group (average, greedy, learned)
+            if args.command == "info":
+                print(json.dumps(native_info(), indent=2))
+                return 0
+            if args.command == "greedy":
+                return _greedy(args)
+            if args.command == "plot":
+                return _plot(args)
+            if args.command == "learned":
+                return _learned(args)
+            if args.command == "inspect":
+                return _inspect(args)
+            if args.command == "similarity":
+                return _similarity(args)
+            if args.command == "demo":
+                from .demo import main as demo_main
 
-            return demo_main(args.out, args.models, args.seed, False if args.no_progress else None)
-        return _average(args)
-    except KeyboardInterrupt as e:
-        return _interrupted(e)
-    except (FastsoupError, OSError, ValueError, TypeError) as e:
-        # One line: multi-line messages (lists of problems) are joined.
-        msg = "; ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
-        print(f"fastsoup: error: {msg}", file=sys.stderr)
-        return 1
-    finally:
-        from .distributed import cli_end
+                return demo_main(args.out, args.models, args.seed, False if args.no_progress else None)
+            return _average(args)
+        except KeyboardInterrupt as e:
+            return _interrupted(e)
+        except (FastsoupError, OSError, ValueError, TypeError) as e:
+            # One line: multi-line messages (lists of problems) are joined.
+            msg = "; ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+            print(f"fastsoup: error: {msg}", file=sys.stderr)
+            return 1
+        finally:
+            from .distributed import cli_end
 
-        cli_end()
-        if notes is not None:
-            notes.__exit__(None, None, None)
+            cli_end()
 
 
 if __name__ == "__main__":
