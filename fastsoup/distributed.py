@@ -46,7 +46,7 @@ from typing import Any
 
 from ._errors import FastsoupError, OutputExistsError
 from .io import _tempfiles
-from .io.writer import AtomicOutput, _remove, replaceable
+from .io.writer import AtomicOutput, replaceable
 
 BACKEND_ENV = "FASTSOUP_DIST_BACKEND"
 TIMEOUT_ENV = "FASTSOUP_DIST_TIMEOUT"
@@ -482,7 +482,7 @@ class _MergeJob:
         if self.writer is not None:
             self.writer.abort()
         if self.comm.rank == 0 and self.tmp:
-            _remove(self.tmp)
+            _tempfiles.remove(self.tmp)
         _tempfiles.release(self._lock)
         self._lock = -1
 
@@ -546,7 +546,7 @@ class _RankOutput(AtomicOutput):
             return
         self._close_files()
         for p in self._paths:
-            _remove(p)
+            _tempfiles.remove(p)
         self._paths = []
 
     def install(self) -> str:

@@ -298,6 +298,7 @@ def _run(ckpts: list[Checkpoint], weights, out, override, threads, shard_size, p
     if (donor is not None and donor.adapter) or _sidefiles.has_lora_keys(names):
         _sidefiles.note(_sidefiles.ADAPTER_NOTE)
     torch_out = out is not None and is_torch_output(out)
+    protect = [f for ck in [*ckpts, first] for f in ck.files]  # an overwrite never removes an input
 
     # Destinations.
     result = None
@@ -315,7 +316,7 @@ def _run(ckpts: list[Checkpoint], weights, out, override, threads, shard_size, p
             result[name] = t
             dests.append((-1, t.data_ptr()))
         if torch_out:  # the state dict, then torch.save into a temporary file installed as a file output is
-            writer = TorchOutput(out, overwrite=overwrite, fsync=fsync, protect=[f for ck in [*ckpts, first] for f in ck.files])
+            writer = TorchOutput(out, overwrite=overwrite, fsync=fsync, protect=protect)
     else:
         specs = []
         for name in names:
@@ -334,7 +335,6 @@ def _run(ckpts: list[Checkpoint], weights, out, override, threads, shard_size, p
         dests = [locations[name] for name in names]
         # One process: AtomicOutput and every tensor; in a collective merge (torch.distributed) this
         # rank's writer and the tensors of its shards only.
-        protect = [f for ck in [*ckpts, first] for f in ck.files]  # an overwrite never removes an input
         # (The ranks compare the effective weights, weights / divisor.)
         writer, names, dests = _distributed.output(plan, names, dests, [w / divisor[0] for w in weights],
                                                    overwrite=overwrite, fsync=fsync, protect=protect, extras=extras)

@@ -81,6 +81,18 @@ def bits_equal(a, b) -> bool:
     return torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
 
 
+def tree_bytes(path) -> dict[str, bytes]:
+    """Every file under path (or path itself) -> its bytes: to check that a tree was left as it was."""
+    if os.path.isfile(path):
+        return {"": open(path, "rb").read()}
+    out = {}
+    for root, _, files in os.walk(path):
+        for f in files:
+            p = os.path.join(root, f)
+            out[os.path.relpath(p, path)] = open(p, "rb").read()
+    return out
+
+
 @pytest.fixture(params=fastsoup._core.supported_isas())
 def isa(request):
     """Runs a test once per CPU instruction set this machine supports (scalar, avx2, avx512)."""

@@ -21,6 +21,8 @@ import fastsoup.io.writer as writer_mod
 from fastsoup import CheckpointError, FastsoupError, OutputExistsError
 from fastsoup.io import parse_size
 
+from conftest import tree_bytes
+
 DTYPES = [
     torch.float16,
     torch.bfloat16,
@@ -146,18 +148,6 @@ def no_temp_files(folder) -> bool:
 def read_st(path) -> tuple[dict[str, torch.Tensor], dict | None]:
     with safe_open(str(path), framework="pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
-
-
-def tree_bytes(path) -> dict[str, bytes]:
-    """Every file under path (or path itself) -> its bytes."""
-    if os.path.isfile(path):
-        return {"": open(path, "rb").read()}
-    out = {}
-    for root, _, files in os.walk(path):
-        for f in files:
-            p = os.path.join(root, f)
-            out[os.path.relpath(p, path)] = open(p, "rb").read()
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------

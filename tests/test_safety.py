@@ -26,6 +26,8 @@ from safetensors.torch import save_file
 import fastsoup
 from fastsoup import CheckpointError
 
+from conftest import tree_bytes
+
 TIMEOUT = 60  # seconds for one subprocess: a hang fails the test instead of hanging CI
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -50,18 +52,6 @@ def make_inputs(folder, k=3, numel=1 << 16, dtype=torch.float32, seed=0) -> list
 
 def temp_leftovers(folder) -> list[str]:
     return sorted(n for n in os.listdir(folder) if ".tmp-" in n or ".old-" in n)
-
-
-def tree(path) -> dict:
-    """Every file under path -> its bytes (path itself when it is a file)."""
-    if os.path.isfile(path):
-        return {"": open(path, "rb").read()}
-    out = {}
-    for root, _, files in os.walk(path):
-        for f in files:
-            p = os.path.join(root, f)
-            out[os.path.relpath(p, path)] = open(p, "rb").read()
-    return out
 
 
 def env():
@@ -142,11 +132,11 @@ def open_fails(path) -> str:
 def test_overwrite_never_deletes_the_folder_of_the_inputs(tmp_path):
     runs = tmp_path / "runs"
     paths = make_inputs(runs, 2)
-    before = tree(runs)
+    before = tree_bytes(runs)
     r = cli("average", *paths, "-o", runs, "--overwrite", "--no-progress")
     msg = one_line_error(r)
     assert "holds the input" in msg and str(runs) in msg
-    assert tree(runs) == before and temp_leftovers(tmp_path) == []
+    assert tree_bytes(runs) == before and temp_leftovers(tmp_path) == []
 
 
 def test_overwrite_never_deletes_the_current_folder_or_an_ancestor(tmp_path):
@@ -167,10 +157,10 @@ def test_overwrite_never_deletes_a_folder_with_files_fastsoup_did_not_write(tmp_
     out = tmp_path / "soup"
     assert cli("average", *paths, "-o", out, "--no-progress").returncode == 0
     (out / "config.json").write_text('{"model_type": "mine"}')  # the user adds a file of their own
-    before = tree(out)
+    before = tree_bytes(out)
     msg = one_line_error(cli("average", *paths, "-o", out, "--overwrite", "--no-progress"))
     assert "'config.json', which fastsoup did not write" in msg
-    assert tree(out) == before
+    assert tree_bytes(out) == before
     (out / "config.json").unlink()
     (out / "sub").mkdir()  # a folder inside
     msg = one_line_error(cli("average", *paths, "-o", out, "--overwrite", "--no-progress"))

@@ -12,19 +12,10 @@
 #include <vector>
 
 #include "fastsoup/io.h"
+#include "expect.h"
 
 using namespace fastsoup;
 
-static int g_failures = 0;
-#define EXPECT(cond, ...)                                   \
-  do {                                                      \
-    if (!(cond)) {                                          \
-      ++g_failures;                                         \
-      std::fprintf(stderr, "%s:%d: ", __FILE__, __LINE__); \
-      std::fprintf(stderr, __VA_ARGS__);                    \
-      std::fprintf(stderr, "\n");                           \
-    }                                                       \
-  } while (0)
 
 static std::string g_dir;
 

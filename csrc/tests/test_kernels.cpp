@@ -10,19 +10,10 @@
 
 #include "fastsoup/dtype.h"
 #include "fastsoup/kernels.h"
+#include "expect.h"
 
 using namespace fastsoup;
 
-static int g_failures = 0;
-#define EXPECT(cond, ...)                                   \
-  do {                                                      \
-    if (!(cond)) {                                          \
-      ++g_failures;                                         \
-      std::fprintf(stderr, "%s:%d: ", __FILE__, __LINE__); \
-      std::fprintf(stderr, __VA_ARGS__);                    \
-      std::fprintf(stderr, "\n");                           \
-    }                                                       \
-  } while (0)
 
 // Reference binary32 -> binary16 by exact arithmetic in double: the nearest half, ties to even.
 static uint16_t half_ref(float f) {

@@ -55,12 +55,20 @@ def hold(path: str) -> int:
     use" to :func:`reap` for as long as the returned descriptor is open. Returns -1 where the
     filesystem has no locks (reaping then relies on the PID alone)."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    if not lock(fd):
         os.close(fd)
         return -1
     return fd
+
+
+def lock(fd: int) -> bool:
+    """Takes the exclusive ``flock`` of :func:`hold` on an open descriptor (e.g. the one a temporary
+    file is being written through); False where the filesystem has no locks."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
 
 
 def release(fd: int) -> None:
@@ -214,5 +222,5 @@ def reap_legacy_store(folder: str, base: str) -> list[str]:
     return removed
 
 
-__all__ = ["hold", "parse", "pid_alive", "reap", "reap_legacy_store", "release", "remove", "replacing", "stale",
+__all__ = ["hold", "lock", "parse", "pid_alive", "reap", "reap_legacy_store", "release", "remove", "replacing", "stale",
            "temp_path"]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import decimal
 import errno
-import fcntl
 import json
 import os
 import re
@@ -368,7 +367,7 @@ class AtomicOutput:
                 fd = os.open(p, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
                 self.fds.append(fd)
                 if self.plan.single:
-                    _lock_fd(fd)
+                    _tempfiles.lock(fd)  # "being written", for the reaper
                 _named(name, os.pwrite, fd, shard.header, 0)
                 _named(name, os.ftruncate, fd, shard.size)
         except BaseException:
@@ -511,14 +510,6 @@ def _named(path: str, fn, *args):
         raise
 
 
-def _lock_fd(fd: int) -> None:
-    """The lock of a temporary file that says "being written" (see ``_tempfiles.hold``)."""
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        pass
-
-
 def _rename_exclusive(tmp: str, target: str, shown: str, overwrite: bool) -> None:
     """rename(tmp, target) that never replaces an existing target."""
     try:
@@ -595,10 +586,6 @@ def _remove_replaced(old: str, shown: str) -> None:
         ) from e
     except OSError as e:
         warnings.warn(f"could not remove the replaced {shown} (now {old}): {e}", stacklevel=3)
-
-
-def _remove(path: str) -> None:
-    _tempfiles.remove(path)
 
 
 # ---------------------------------------------------------------------------------------------------
