@@ -167,3 +167,20 @@ def test_greedy_cli_errors(zoo, tmp_path, capsys, case):
     assert err.startswith("fastsoup: error:") and expect in err, err
     if case != "exists":
         assert not out.exists()
+
+
+def test_greedy_results_never_replace_a_users_file(zoo, tmp_path, capsys):
+    # results.jsonl beside OUT (no --cache) or at --results: a file the user had there is kept, and
+    # nothing is computed or written (the soup and the rows replaced it before).
+    root, mod, paths = zoo
+    mine = tmp_path / "results.jsonl"
+    mine.write_text("my own notes\n")
+    out = tmp_path / "greedy.safetensors"
+    argv = ["greedy", *paths, "--model", f"{mod}:net", "--heldout", f"{mod}:heldout", "-o", str(out), "--no-progress"]
+    rc, _, err = _run(argv, capsys)
+    assert rc == 1 and "did not write it" in err and "--results" in err, err
+    assert mine.read_text() == "my own notes\n" and not out.exists()
+    rc, _, err = _run(argv + ["--results", str(tmp_path / "rows.jsonl")], capsys)
+    assert rc == 0, err
+    rc, _, err = _run(argv + ["--results", str(tmp_path / "rows.jsonl"), "--overwrite"], capsys)  # its own rows
+    assert rc == 0, err

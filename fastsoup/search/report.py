@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .. import distributed as _distributed
-from .._errors import FastsoupError
+from .._errors import FastsoupError, UnsafeOutputError
 from ..io import _tempfiles
 
 
@@ -131,6 +131,9 @@ def run_report(
     start = time.perf_counter()
     if os.path.exists(out) and not overwrite:
         raise FastsoupError(f"{out} exists: pass --overwrite to replace it")
+    if results is None:
+        results = os.path.join(cache_dir if cache_dir else os.path.dirname(os.path.abspath(out)), "results.jsonl")
+    _check_results(results)  # before any work: the rows never replace a file of the user's
     s = Search(inputs, model, heldout, cache_dir=cache_dir, device=device, progress=progress, evals=evals,
                verify=verify, key_map=key_map, strip_prefix=strip_prefix)
     g = run_greedy(s, strict=strict)
@@ -153,10 +156,24 @@ def run_report(
     rows.append({"name": "greedy ensemble", "kind": "greedy_ensemble", "members": e.members,
                  **scores({d: ensemble_logits([s.individual_logits(d)[i] for i in e.members]) for d in sets})})
     path = g.save(out, overwrite=overwrite, progress=progress, config_from=config_from)
-    if results is None:
-        results = os.path.join(cache_dir if cache_dir else os.path.dirname(os.path.abspath(out)), "results.jsonl")
     _distributed.rank0(_write_rows, results, rows, share=False)  # rank 0 under torch.distributed
     return Report(rows, sets, path, results, time.perf_counter() - start, greedy=g, ensemble=e)
+
+
+def _check_results(results: str) -> None:
+    """An existing ``results`` may be replaced only when it holds rows fastsoup wrote (JSON objects
+    with a "name" and a "kind", one per line); anything else is the user's file and is kept."""
+    if not os.path.lexists(results):
+        return
+    try:
+        with open(results, encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        ours = os.path.isfile(results) and all(isinstance(r, dict) and "name" in r and "kind" in r for r in rows)
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        ours = False
+    if not ours:
+        raise UnsafeOutputError(f"{results} exists and fastsoup did not write it: the results would replace it; move "
+                                "it away or give another path (--results PATH)")
 
 
 def _write_rows(results: str, rows: list[dict]) -> None:
