@@ -5,21 +5,40 @@ from memory-mapped files through fused native kernels. ``import fastsoup`` and m
 files never import torch; torch is imported where tensors are.
 """
 
+from . import engine as _engine
+from ._errors import (
+    CheckpointError,
+    FastsoupError,
+    InputChangedError,
+    InterruptedAfterInstall,
+    OutputExistsError,
+    StateDictChoiceWarning,
+    UnsafeOutputError,
+)
 from ._native import _core
 from ._version import __version__
-from ._errors import (CheckpointError, FastsoupError, InputChangedError, InterruptedAfterInstall, OutputExistsError,
-                      StateDictChoiceWarning, UnsafeOutputError)
-from .engine import average, weighted_sum
-from .io import Checkpoint, KeyedPath, TensorRef, check_compatible, open_checkpoint, save
 from .diagnostics import inspect_checkpoint, similarity
+from .distributed import output as _distributed_output
+from .engine import average, weighted_sum
+from .io import (
+    Checkpoint,
+    KeyedPath,
+    TensorRef,
+    check_compatible,
+    open_checkpoint,
+    save,
+)
 from .recipes import RECIPES, uniform_soup, weighted_soup
 from .recipes.interpolate import interpolate, wise_ft_sweep
 from .soup import Soup
 
+_engine.use_collective(_distributed_output.Collective())  # torch.distributed as a plug-in: collective merges
+
 _LAZY = {  # these import torch: resolved on first use
-    "greedy_soup": "fastsoup.search.greedy",
-    "greedy_ensemble": "fastsoup.search.greedy",
-    "GreedyResult": "fastsoup.search.greedy",
+    "greedy_soup": "fastsoup.recipes.greedy",
+    "greedy_ensemble": "fastsoup.recipes.ensemble",
+    "GreedyResult": "fastsoup.recipes.greedy",
+    "EnsembleResult": "fastsoup.recipes.ensemble",
     "learned_soup": "fastsoup.recipes.learned",
     "LearnedResult": "fastsoup.recipes.learned",
 }
@@ -53,17 +72,18 @@ def native_info() -> dict:
 
 
 __all__ = [
+    "RECIPES",
     "Checkpoint",
     "CheckpointError",
+    "EnsembleResult",
     "FastsoupError",
     "GreedyResult",
     "InputChangedError",
     "InterruptedAfterInstall",
     "KeyedPath",
     "LearnedResult",
-    "RECIPES",
-    "Soup",
     "OutputExistsError",
+    "Soup",
     "StateDictChoiceWarning",
     "TensorRef",
     "UnsafeOutputError",

@@ -187,7 +187,7 @@ def _key_map(args):
 
 def _greedy(args) -> int:
     from .io.checkpoint import with_key
-    from .search.report import greedy_report
+    from .report import greedy_report
 
     evals = _evals(args.eval)
     report = greedy_report(
@@ -206,7 +206,7 @@ def _learned(args) -> int:
     import os
 
     from .recipes.learned import learned_soup
-    from .search.report import load_callable
+    from .report import load_callable
 
     evals = _evals(args.eval)
     if os.path.exists(args.out) and not args.overwrite:
@@ -224,7 +224,7 @@ def _learned(args) -> int:
         print(f"{name:<40}  {c:>16.4f}")
     print(f"held-out accuracy {100 * r.score:.2f}, loss {r.loss:.4f} (uniform soup: {r.uniform_loss:.4f}), beta {r.beta:.3f}")
     if evals:
-        from .search.heldout import evaluate, prepare
+        from .search import evaluate, prepare
 
         r.load_into(model)
         for name, spec in evals.items():
@@ -295,7 +295,7 @@ def _evals(specs) -> dict:
 
 
 def _plot(args) -> int:
-    from .search.report import plot_results
+    from .report import plot_results
 
     path = plot_results(args.results, args.out, x=args.x, y=args.y)
     print(f"wrote {path}", file=sys.stderr)
@@ -443,7 +443,7 @@ def _main(args) -> int:
     with _notes():  # fastsoup's notes: one line each
         try:
             from . import FastsoupError, native_info
-            from .distributed import cli_begin
+            from .distributed.launch import cli_begin
 
             if args.command in ("greedy", "learned"):
                 _check_device(args.device)
@@ -474,7 +474,7 @@ def _main(args) -> int:
             print(f"fastsoup: error: {msg}", file=sys.stderr)
             return 1
         finally:
-            from .distributed import cli_end
+            from .distributed.launch import cli_end
 
             cli_end()
 

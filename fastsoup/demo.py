@@ -149,7 +149,7 @@ def run_demo(out: str = "demo_out", models: int = 12, seed: int = 0, progress: b
         raise ValueError(f"--models must be at least 3, got {models}")
     torch = _torch()
     torch.set_num_threads(1)  # tiny matrices: one thread is fastest, and immune to a busy neighbour
-    from .search.report import plot_results, run_report
+    from .report import plot_results, run_report
 
     start = time.perf_counter()
     os.makedirs(out, exist_ok=True)
@@ -166,7 +166,7 @@ def run_demo(out: str = "demo_out", models: int = 12, seed: int = 0, progress: b
                         cache_dir=cache, results=os.path.join(out, "results.jsonl"), progress=progress, overwrite=True)
     # The learned soups (the paper's appendix), per model and layer-wise, scored on every set.
     from .recipes.learned import learned_soup
-    from .search.heldout import evaluate, prepare
+    from .search import evaluate, prepare
 
     model = make_model()
     sets = {name: prepare(b, "cpu", name=name) for name, b in [("heldout", batches(*data["heldout"])), *evals.items()]}
@@ -178,8 +178,7 @@ def run_demo(out: str = "demo_out", models: int = 12, seed: int = 0, progress: b
             "name": "learned soup" + (" (layer-wise)" if layerwise else ""), "kind": kind,
             **{name: evaluate(model, d).score for name, d in sets.items()}})
     with open(report.results_path, "w") as f:
-        for row in report.rows:
-            f.write(json.dumps(row) + "\n")
+        f.writelines(json.dumps(row) + "\n" for row in report.rows)
     figure = plot_results(report.results_path, os.path.join(out, "soups.png"), x="test", y="shift")
     rows = {r["kind"] if r["kind"] != "individual" else r["name"]: r for r in report.rows}
     best = max((r for r in report.rows if r["kind"] == "individual"), key=lambda r: r["heldout"])

@@ -24,11 +24,11 @@ from typing import Any
 from ._dtypes import BY_NAME, parse_float_dtype
 from ._dtypes import info as dtype_info
 from ._errors import FastsoupError, InputChangedError
-from ._native import _core
-from .engine import CPU, Device, _collective, _Segments, _run, _source, resolve_device
+from .engine import Device, MergeSpec, Segments, collective, resolve_device, run, source
 from .io import _sidefiles
 from .io.checkpoint import Checkpoint, check_compatible, open_checkpoint
 from .io.names import NameMap
+from .mixing import write_model
 
 _F32 = BY_NAME["float32"].code
 
@@ -159,11 +159,11 @@ class Soup:
 
             self._scratch = _torch.empty((self._numel,), "float32", device=str(self._device))
         base, scratch = self._sum.data_ptr(), self._scratch.data_ptr()
-        segs = _Segments(2)
+        segs = Segments(2)
         keep = []
         for name, (off, numel) in self._floats.items():
             segs.weighted(numel, -1, scratch + 4 * off, _F32,
-                          [(base + 4 * off, _F32, self._loc), _source(ck, name, self._device, keep)])
+                          [(base + 4 * off, _F32, self._loc), source(ck, name, self._device, keep)])
         segs.run([1.0, w], threads=self._threads, device=self._device)
         del keep
         ck.verify("the candidate's read")  # before the model sees it: a changed input is never scored
@@ -191,7 +191,7 @@ class Soup:
         from . import _torch
 
         override = parse_float_dtype(dtype) if dtype is not None else None
-        out, segs = {}, _Segments(1)
+        out, segs = {}, Segments(1)
         base = self._sum.data_ptr()
         for name, ref in self._layout.items():
             if name in self._floats:
@@ -259,10 +259,10 @@ class Soup:
         donor = _sidefiles.donor_for(out, config_from, default)  # read before any work
         aliases = {disk.get(a, a): disk.get(c, c) for a, c in self._layout.aliases.items()}
         # Collective under torch.distributed (a torch file: rank 0 alone).
-        return _collective(out, overwrite, "Soup.save", lambda: _run(
-            [src], [1.0], out, override, self._threads, shard_size, progress, overwrite, fsync, "save",
-            layout=layout, device=self._device, extras=_extras, info=_info, donor=donor, aliases=aliases,
-            divisor=(self.total_weight, 0.0)))
+        return collective(out, overwrite, "Soup.save", lambda: run(MergeSpec(
+            [src], [1.0], out, dtype=override, divisor=(self.total_weight, 0.0), layout=layout, device=self._device,
+            threads=self._threads, shard_size=shard_size, progress=progress, overwrite=overwrite, fsync=fsync,
+            desc="save", extras=_extras, info=_info, donor=donor, aliases=aliases)))
 
     def __len__(self) -> int:
         return len(self.ingredients)
@@ -293,9 +293,9 @@ class Soup:
 
     def _accumulate(self, ck: Checkpoint, w: float, during: str) -> None:
         base = self._sum.data_ptr()
-        segs, keep = _Segments(1), []
+        segs, keep = Segments(1), []
         for name, (off, numel) in self._floats.items():
-            segs.weighted(numel, -1, base + 4 * off, _F32, [_source(ck, name, self._device, keep)])
+            segs.weighted(numel, -1, base + 4 * off, _F32, [source(ck, name, self._device, keep)])
         try:
             segs.run([w], threads=self._threads, accumulate=True, device=self._device)
             ck.verify(during)
@@ -324,121 +324,8 @@ class Soup:
         """model's float tensors = round(flat / total), as value() and save() compute them."""
         base = flat.data_ptr()
         sources = {name: [(base + 4 * off, _F32, self._loc)] for name, (off, _) in self._floats.items()}
-        _write_model(model, self._layout, sources, [1.0], self._staging, self._extras if extras else None,
+        write_model(model, self._layout, sources, [1.0], self._staging, self._extras if extras else None,
                      self._threads, self._device, divisor=total)
-
-
-def _write_model(model: Any, layout: Checkpoint, sources: dict, weights, staging: dict, extras: dict | None,
-                 threads: int, device: Device = CPU, divisor: float = 1.0) -> None:
-    """model's float tensors ``name`` = round(sum_k w_k * sources[name][k] / divisor), one executor call.
-
-    ``sources``: name -> K ``(address, dtype code, location)``; ``weights``: K numbers for every
-    tensor, or a dict name -> K numbers. On ``device`` "cpu", tensors on a GPU or not contiguous go
-    through pinned host buffers kept in ``staging``; on a CUDA device, tensors on it are written in
-    place and others through buffers on it. Non-float tensors are copied from ``extras`` (when given).
-    """
-    from . import _torch
-
-    state = model.state_dict(keep_vars=False)
-    missing = [n for n in layout if n not in state]
-    extra = [n for n in state if n not in layout and n not in layout.aliases]
-    what = type(model).__name__
-    if missing or extra:
-        from .io.names import prefix_hint
-
-        hint = prefix_hint(missing, extra) or ("pass key_map= if the soup's names are the module's under other "
-                                               "names" if missing and extra else None)
-        raise FastsoupError(f"{what}'s state dict does not match the soup: missing {missing[:10]}, extra {extra[:10]}"
-                            + (f" ({hint})" if hint else ""))
-    per_tensor = isinstance(weights, dict)
-    K = len(next(iter(sources.values()))) if sources else 1
-    segs, staged = _Segments(K), []
-    for name, src in sources.items():
-        t = state[name]
-        shape = tuple(layout[name].shape)
-        if tuple(t.shape) != shape:
-            raise FastsoupError(f"{what}: tensor {name!r} has shape {list(t.shape)}, the soup {list(shape)}")
-        dt = _torch.dtype_name(t.dtype)
-        if dtype_info(dt).kind != "float":
-            raise FastsoupError(f"{what}: tensor {name!r} is {dt}, the soup's is a float")
-        dst = t
-        direct = _torch.on_device(t, device) if device.is_cuda else (t.device.type == "cpu" and t.is_contiguous())
-        if not direct:
-            dst = staging.get(name)
-            if dst is None or dst.dtype != t.dtype or str(dst.device) != (str(device) if device.is_cuda else "cpu"):
-                dst = staging[name] = _torch.staging_like(t, str(device) if device.is_cuda else "cpu")
-            staged.append((t, dst))
-        if t.numel():
-            segs.weighted(t.numel(), -1, dst.data_ptr(), dtype_info(dt).code, src,
-                          weights[name] if per_tensor else None)
-    if segs.n:
-        segs.run(None if per_tensor else weights, threads=threads, device=device, divisor=divisor)
-    for t, dst in staged:
-        t.copy_(dst, non_blocking=True)
-    if extras is not None:
-        for name, value in extras.items():
-            state[name].copy_(value)
-    for alias, canon in layout.aliases.items():  # tied weights: one tensor, unless this model unties them
-        if alias in state and canon in state and state[alias].data_ptr() != state[canon].data_ptr():
-            state[alias].copy_(state[canon], non_blocking=True)
-    if staged:
-        _torch.synchronize(staged[0][0].device)
-
-
-def _load_checkpoint(ck: Checkpoint, model: Any, threads: int = 0, staging: dict | None = None,
-                     device: Device = CPU) -> None:
-    """Loads one checkpoint into ``model`` in place (cast to the model's dtypes): one read of it.
-    ``staging`` keeps host buffers between calls for models on a GPU."""
-    sources, extras, keep = {}, {}, []
-    for name, ref in ck.items():
-        if dtype_info(ref.dtype).kind == "float":
-            sources[name] = [_source(ck, name, device, keep)]
-        else:
-            extras[name] = ck.tensor(name)
-    _write_model(model, ck, sources, [1.0], staging if staging is not None else {}, extras, threads, device)
-    ck.verify("its load into the model")  # a changed file is never evaluated as if it were the checkpoint
-
-
-def _mix_into_model(ckpts: list[Checkpoint], model: Any, weights, staging: dict, threads: int = 0,
-                    device: Device = CPU) -> None:
-    """model's float tensors = cast(sum_k w_k theta_k), reading the K checkpoints once (one executor
-    call). ``weights``: K numbers, or a dict tensor name -> K numbers (layer-wise)."""
-    first = ckpts[0]
-    sources, keep = {}, []
-    for name, ref in first.items():
-        if dtype_info(ref.dtype).kind == "float":
-            sources[name] = [_source(ck, name, device, keep) for ck in ckpts]
-    _write_model(model, first, sources, weights, staging, None, threads, device)
-    for ck in ckpts:
-        ck.verify("the mix into the model")
-
-
-def _dots(ckpts: list[Checkpoint], grads: dict, threads: int = 0) -> dict:
-    """name -> [<grads[name], theta_k[name]> for k]: one fused multi_dot pass over the K checkpoints
-    per tensor (float64 results). ``grads``: name -> contiguous float CPU tensor. The pages of the
-    files read are released after each tensor (as the merge executor does), so resident memory does
-    not grow with K."""
-    from . import _torch
-
-    out = {}
-    for name, g in grads.items():
-        addrs, codes, release, keep = [], [], [], []
-        for ck in ckpts:
-            r = ck[name]
-            addr, mapped, obj = ck.buffer(r)
-            keep.append(obj)
-            if mapped:
-                release.append((obj, addr - obj.address, r.nbytes))
-            addrs.append(addr)
-            codes.append(dtype_info(r.dtype).code)
-        g_code = dtype_info(_torch.dtype_name(g.dtype)).code
-        out[name] = _core.multi_dot(addrs, codes, g.data_ptr(), g_code, g.numel(), threads)
-        for m, offset, length in release:
-            if length:
-                m.advise(offset, length, "dontneed")
-    for ck in ckpts:
-        ck.verify("the gradient pass")
-    return out
 
 
 def _is_module(x: Any) -> bool:

@@ -80,17 +80,17 @@ def scenario(name, cfg, rank):
         return {}
     if name == "fail_work":  # rank 1 fails while writing its shards
         if rank == 1:
-            original = engine._Segments.run
+            original = engine.Segments.run
 
             def boom(self, *args, **kwargs):
                 raise RuntimeError("injected failure on rank 1")
 
-            engine._Segments.run = boom
+            engine.Segments.run = boom
         try:
             fastsoup.average(paths, out=out, shard_size="1KB")
         finally:
             if rank == 1:
-                engine._Segments.run = original
+                engine.Segments.run = original
         return {}
     if name == "exists":
         got = {}

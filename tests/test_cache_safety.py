@@ -428,7 +428,7 @@ def test_an_interrupt_while_preparing_the_heldout_set_leaves_no_temporary_file(z
 
 
 def _report(zoo, tmp_path, cache):
-    from fastsoup.search.report import run_report
+    from fastsoup.report import run_report
 
     return run_report(zoo.paths, zoo.model(), zoo.heldout, {}, out=str(tmp_path / "out.safetensors"), cache_dir=str(cache),
                       overwrite=True, progress=False)
@@ -569,5 +569,5 @@ def test_cli_verify_cache(zoo, tmp_path, cli_module, capsys, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("trained again")
 
-    monkeypatch.setattr(L, "_dots", boom)
+    monkeypatch.setattr(L, "dots", boom)
     assert cli.main(largv + ["--overwrite"]) == 0, capsys.readouterr().err

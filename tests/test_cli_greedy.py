@@ -100,7 +100,7 @@ def test_greedy_cli_table_results_and_rerun(zoo, tmp_path, capsys):
 
     # The greedy soup on disk scores what the table says.
     import fastsoup
-    from fastsoup.search.heldout import prepare, score_logits
+    from fastsoup.search import prepare, score_logits
     ns: dict = {}
     exec(compile(MODULE, mod, "exec"), ns)
     model = ns["net"]()

@@ -56,7 +56,7 @@ def test_cuda_entry_points_exist_in_a_cuda_build():
 
 
 def test_cpu_merge_refuses_device_inputs():
-    segs = engine_mod._Segments(1)
+    segs = engine_mod.Segments(1)
     out = torch.empty(8)
     src = torch.ones(8)
     segs.weighted(8, -1, out.data_ptr(), 2, [(src.data_ptr(), 2, 2)])
@@ -145,8 +145,8 @@ def _zoo(tmp_path, k, dtype, shards=False):
 @pytest.mark.parametrize("ring", ["default", "tiny"])
 def test_average_on_cuda_equals_cpu(tmp_path, dtype, ring, monkeypatch):
     if ring == "tiny":  # many steps through a ring of 2 small slots
-        monkeypatch.setattr(engine_mod, "SLOT_BYTES", 8192)
-        monkeypatch.setattr(engine_mod, "NSLOTS", 2)
+        monkeypatch.setattr(engine_mod.plan, "SLOT_BYTES", 8192)
+        monkeypatch.setattr(engine_mod.plan, "NSLOTS", 2)
     paths, _ = _zoo(tmp_path, 5, dtype, shards=True)
     cpu = fastsoup.average(paths)
     gpu = fastsoup.average(paths, device="cuda")
@@ -250,11 +250,11 @@ def test_an_input_truncated_under_the_cuda_pipeline_is_an_error(tmp_path, out_na
     out = str(tmp_path / out_name) if out_name else None
     code = textwrap.dedent(f"""
         import os, sys, fastsoup, fastsoup.engine as engine
-        real = engine._Segments.run
+        real = engine.Segments.run
         def run(self, *a, **k):
             os.truncate({paths[1]!r}, 4096)
             return real(self, *a, **k)
-        engine._Segments.run = run
+        engine.Segments.run = run
         try:
             fastsoup.average({paths!r}, out={out!r}, device="cuda")
         except fastsoup.InputChangedError as e:

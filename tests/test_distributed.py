@@ -23,7 +23,8 @@ if not torch.distributed.is_available() or not torch.distributed.is_gloo_availab
 
 import fastsoup  # noqa: E402
 from fastsoup import cli  # noqa: E402
-from fastsoup.distributed import assign, launched  # noqa: E402
+from fastsoup.distributed import launched  # noqa: E402
+from fastsoup.distributed.output import assign  # noqa: E402
 
 import _tiny  # noqa: E402
 
@@ -270,7 +271,8 @@ def one_process(setup, tmp_path_factory):
     cache = tmp_path_factory.mktemp("one_process_cache")
     # The ranks run their batches in the set's order (hardest-first ordering is single-process only),
     # so the reference, whose batch counts are compared, runs them in that order too.
-    from fastsoup.search.greedy import Search, run_greedy
+    from fastsoup.recipes.greedy import run_greedy
+    from fastsoup.search import Search
 
     r = run_greedy(Search(zoo.paths, zoo.model(), heldout(), cache_dir=cache), reorder="none")
     return r, cache

@@ -190,9 +190,9 @@ def test_shard_size_and_dtype_on_output(files, tmp_path):
 
 def test_many_small_steps_and_staging_buffers(files, monkeypatch):
     # Force tiny windows and buffers: tensors split into many steps, buffers flushed often.
-    monkeypatch.setattr(engine, "WINDOW_BYTES", 4096)
-    monkeypatch.setattr(engine, "BUFFER_BYTES", 8192)
-    monkeypatch.setattr(engine, "NBUFFERS", 2)
+    monkeypatch.setattr(engine.plan, "WINDOW_BYTES", 4096)
+    monkeypatch.setattr(engine.plan, "BUFFER_BYTES", 8192)
+    monkeypatch.setattr(engine.plan, "NBUFFERS", 2)
     sds = make_state_dicts(3, (torch.float16, torch.float32))
     paths = files(sds)
     expected = _reference.average_state_dicts([file_order(paths[0], sd) for sd in sds])
@@ -224,7 +224,7 @@ def test_existing_output_is_refused_and_untouched(files):
 
 
 def test_failure_mid_merge_leaves_nothing(files, tmp_path, monkeypatch):
-    monkeypatch.setattr(engine, "WINDOW_BYTES", 4096)
+    monkeypatch.setattr(engine.plan, "WINDOW_BYTES", 4096)
     paths = files(make_state_dicts(3))
     out = tmp_path / "out" / "soup"
     calls = []
@@ -246,7 +246,7 @@ def test_failure_mid_merge_leaves_nothing(files, tmp_path, monkeypatch):
 
         return Bar()
 
-    monkeypatch.setattr(engine, "_progress_bar", bar)
+    monkeypatch.setattr(engine.driver, "_progress_bar", bar)
     with pytest.raises(Boom):
         fastsoup.average(paths, out=out, progress=True)
     assert not out.exists()
@@ -372,7 +372,7 @@ def test_import_fails_loudly_without_the_native_core():
 
 
 def test_progress_bar_reports_bytes(files, capsys, monkeypatch):
-    monkeypatch.setattr(engine, "WINDOW_BYTES", 4096)
+    monkeypatch.setattr(engine.plan, "WINDOW_BYTES", 4096)
     paths = files(make_state_dicts(3))
     fastsoup.average(paths, progress=True)
     err = capsys.readouterr().err

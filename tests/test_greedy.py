@@ -15,7 +15,7 @@ from torch import nn
 import fastsoup
 from fastsoup import _reference
 from fastsoup.search import CacheMismatchError
-from fastsoup.search.heldout import evaluate, load_heldout, prepare
+from fastsoup.search import evaluate, load_heldout, prepare
 from conftest import bits_equal
 
 import _tiny
@@ -622,8 +622,8 @@ def test_import_fastsoup_does_not_import_torch():
         "fastsoup.RECIPES\n"
         "print('torch' in sys.modules)\n"
         "f = fastsoup.greedy_soup\n"
-        "import fastsoup.search.greedy as g\n"
-        "print(f is g.greedy_soup, fastsoup.greedy_ensemble is g.greedy_ensemble, fastsoup.GreedyResult is g.GreedyResult)\n"
+        "import fastsoup.recipes.greedy as g, fastsoup.recipes.ensemble as e\n"
+        "print(f is g.greedy_soup, fastsoup.greedy_ensemble is e.greedy_ensemble, fastsoup.GreedyResult is g.GreedyResult)\n"
         "print(fastsoup.RECIPES['greedy'].run is g.greedy_soup)\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -637,7 +637,8 @@ def test_import_fastsoup_does_not_import_torch():
 def test_every_reorder_gives_the_same_decisions(zoo, reference, strict):
     """Hardest examples first (regrouped), hardest batches first, or the set's order: they change only
     when a rejected candidate stops, never a decision or a score."""
-    from fastsoup.search.greedy import Search, run_greedy
+    from fastsoup.recipes.greedy import run_greedy
+    from fastsoup.search import Search
 
     runs = {}
     for reorder in ("examples", "batches", "none"):
@@ -656,7 +657,7 @@ def test_every_reorder_gives_the_same_decisions(zoo, reference, strict):
 
 
 def test_regrouped_evaluation_equals_the_sets_batches(zoo):
-    from fastsoup.search.heldout import check_regrouping, regroup, regroupable
+    from fastsoup.search.regroup import check_regrouping, regroup, regroupable
 
     held = prepare(zoo.heldout, "cpu")
     assert regroupable(held) is None
@@ -672,7 +673,7 @@ def test_regrouped_evaluation_equals_the_sets_batches(zoo):
     assert bits_equal(got.logits, natural.logits) and got.correct == natural.correct
     # hardest first by its own margins: all of its errors come first, and one more correct example
     # than it has is out of reach after the first batch
-    from fastsoup.search.greedy import _hardest_examples
+    from fastsoup.recipes.greedy import _hardest_examples
 
     own = regroup(held, _hardest_examples(held, natural.logits))
     assert int((natural.logits.argmax(-1) != held.labels).sum()) <= len(own.ids[0])
@@ -770,7 +771,7 @@ def test_a_rerun_from_the_stored_heldout_runs_no_pipeline(zoo, tmp_path):
     ens = fastsoup.greedy_ensemble(zoo.paths, zoo.model(), None, cache_dir=cache)
     assert ens.individual_scores == first.individual_scores
     # the stored batches are the pipeline's, bit for bit, with their sizes and dtypes
-    from fastsoup.search.heldout import load_heldout
+    from fastsoup.search import load_heldout
 
     batches, fp = load_heldout(str(cache / "data" / "heldout"))
     assert fp == prepare(zoo.heldout, "cpu").fingerprint
@@ -849,7 +850,7 @@ def test_a_stored_set_on_the_cpu_is_memory_mapped_not_copied(tmp_path):
         import os, sys, torch
         sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
         from test_greedy import _rss_anon
-        from fastsoup.search.heldout import load_heldout, prepare
+        from fastsoup.search import load_heldout, prepare
         torch.set_num_threads(1)
         n, rows, width = 50, 1024, 1024  # 50 batches of 4 MiB
         tmp = {str(tmp_path)!r}

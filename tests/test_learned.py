@@ -185,7 +185,7 @@ def test_gradient_with_tied_weights(recorder):
 def test_dots_are_inner_products_with_each_checkpoint(tmp_path):
     """The building block: _dots gives <g, theta_k> per tensor, for fp32 and fp16 files."""
     from fastsoup._reference import multi_dot
-    from fastsoup.soup import _dots
+    from fastsoup.mixing import dots as _dots
 
     for dtype in ("float32", "float16"):
         paths, sds = _ingredients(tmp_path, dtype)
@@ -430,7 +430,7 @@ def test_cache_returns_the_result_without_training(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("trained again")
 
-    monkeypatch.setattr(L, "_dots", boom)
+    monkeypatch.setattr(L, "dots", boom)
     r2 = learned_soup(paths, _net(5), held, layerwise=True, steps=4, cache_dir=cache, progress=False)
     assert torch.equal(r2.coefficients, r1.coefficients)
     assert r2.tensor_names == r1.tensor_names

@@ -5,7 +5,7 @@ killed runs.
 
 Merges that must be disturbed midway run in a subprocess (a truncated input used to kill the
 process with SIGBUS; a FIFO used to hang it), with a hook in the engine that acts once the output's
-temporary files exist and the inputs are mapped: ``engine._Segments.run`` is wrapped.
+temporary files exist and the inputs are mapped: ``engine.Segments.run`` is wrapped.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ import os, sys, time
 import fastsoup.engine as engine
 from fastsoup import cli
 
-_run = engine._Segments.run
+_run = engine.Segments.run
 _done = []
 
 def run(self, *args, **kwargs):
@@ -81,7 +81,7 @@ def run(self, *args, **kwargs):
 {hook}
     return _run(self, *args, **kwargs)
 
-engine._Segments.run = run
+engine.Segments.run = run
 sys.exit(cli.main({argv!r}))
 """
 
@@ -271,7 +271,7 @@ def test_api_in_memory_result_is_not_returned_from_a_changed_input(tmp_path, mon
     import fastsoup.engine as engine
 
     paths = make_inputs(tmp_path / "in", 2)
-    real = engine._Segments.run
+    real = engine.Segments.run
 
     def run(self, *a, **k):
         time.sleep(0.05)
@@ -280,7 +280,7 @@ def test_api_in_memory_result_is_not_returned_from_a_changed_input(tmp_path, mon
             f.write(b"\x00" * 8)
         return real(self, *a, **k)
 
-    monkeypatch.setattr(engine._Segments, "run", run)
+    monkeypatch.setattr(engine.Segments, "run", run)
     with pytest.raises(fastsoup.InputChangedError, match="changed during the merge"):
         fastsoup.average(paths)
 
@@ -344,7 +344,7 @@ def test_a_truncated_stored_heldout_set_is_an_error_not_a_crash(tmp_path):
     # evaluation; truncated meanwhile, it must stop with an error, not score zeros (or die).
     code = textwrap.dedent(f"""
         import os, sys, torch, fastsoup
-        from fastsoup.search.heldout import Store, evaluate, load_heldout, prepare
+        from fastsoup.search import Store, evaluate, load_heldout, prepare
         prefix = {str(tmp_path / "data" / "heldout")!r}
         s = Store(prefix)
         for i in range(4):

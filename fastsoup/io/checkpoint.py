@@ -153,7 +153,7 @@ class Checkpoint(Mapping):
 
             if _torch.on_device(ref.tensor, device):
                 return ref.tensor.data_ptr(), 2, ref.tensor
-        addr, keep = _host_buffer(ref.tensor)
+        addr, keep = host_buffer(ref.tensor)
         return addr, 0, keep
 
     def tensor(self, name: str):
@@ -204,7 +204,7 @@ class KeyedPath(os.PathLike):
         >>> soup = fastsoup.Soup.like(fastsoup.KeyedPath("run1/last.pth.tar", "state_dict_ema"))  # doctest: +SKIP
     """
 
-    __slots__ = ("path", "key")
+    __slots__ = ("key", "path")
 
     def __init__(self, path: str | os.PathLike, key: str):
         _check_key(key)
@@ -534,13 +534,13 @@ def _open_folder(path: str, key: str | None = None) -> Checkpoint:
     )
 
 
-def _map(path: str, writable: bool = False):
+def map_file(path: str, writable: bool = False):
     """The native mapping of a regular file (no FIFO, device or folder), guarded against truncation."""
     return _retrying(lambda: _core.MappedFile(path, writable), path)
 
 
 def _read_safetensors(path: str):
-    mapped = _map(path)
+    mapped = map_file(path)
     faults = mapped.faults
     entries, metadata = parse_header(path, memoryview(mapped))
     if mapped.faults != faults:  # truncated under the header's read: what was parsed is not the file
@@ -811,12 +811,12 @@ def _memory_refs(sd: Mapping, source: str) -> dict[str, TensorRef]:
             raise CheckpointError(f"{source}: key {name!r} is not a string")
         if not _is_array(t):
             raise CheckpointError(f"{source}: entry {name!r} is a {type(t).__name__}, not a tensor")
-        dtype, shape, nbytes = _array_meta(t, source, name)
+        dtype, shape, nbytes = array_meta(t, source, name)
         refs[name] = TensorRef(name, dtype, shape, nbytes, tensor=t)
     return refs
 
 
-def _array_meta(t: Any, source: str = "<state dict>", name: str = "?") -> tuple[str, tuple, int]:
+def array_meta(t: Any, source: str = "<state dict>", name: str = "?") -> tuple[str, tuple, int]:
     if type(t).__module__ == "numpy":
         return t.dtype.name, tuple(t.shape), int(t.nbytes)
     layout = str(getattr(t, "layout", "torch.strided"))
@@ -828,11 +828,11 @@ def _array_meta(t: Any, source: str = "<state dict>", name: str = "?") -> tuple[
     if getattr(t, "is_meta", False):
         raise CheckpointError(f"{source}: tensor {name!r} is on the meta device: it holds no data")
     dtype = str(t.dtype)
-    dtype = dtype[len("torch."):] if dtype.startswith("torch.") else dtype
+    dtype = dtype.removeprefix("torch.")
     return dtype, tuple(t.shape), t.numel() * t.element_size()
 
 
-def _host_buffer(t: Any) -> tuple[int, Any]:
+def host_buffer(t: Any) -> tuple[int, Any]:
     """(address, keep-alive) of a contiguous CPU copy or view of an in-memory tensor."""
     if type(t).__module__ == "numpy":
         import numpy as np

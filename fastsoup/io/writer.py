@@ -20,9 +20,14 @@ import threading
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
-from .._errors import FastsoupError, InterruptedAfterInstall, OutputExistsError, UnsafeOutputError
+from .._errors import (
+    FastsoupError,
+    InterruptedAfterInstall,
+    OutputExistsError,
+    UnsafeOutputError,
+)
 from .._native import _core
 from . import _tempfiles
 from ._safetensors import build_header
@@ -285,6 +290,14 @@ class _Deferred:
         return False
 
 
+class SharedTemp(NamedTuple):
+    """The temporary location of an output that several writers fill (see :class:`AtomicOutput`):
+    its path (a folder, or the file of a single-file output) and the token in its name."""
+
+    path: str
+    token: str
+
+
 class AtomicOutput:
     """Creates the files of an :class:`OutputPlan` under a temporary name, and installs them at the
     target on :meth:`commit` (or on leaving a ``with`` block without an exception). On an exception,
@@ -306,11 +319,23 @@ class AtomicOutput:
 
     ``fds[i]`` is the open file of ``plan.shards[i]``, its header written and its size set;
     ``names[i]`` its final path (for messages).
+
+    A part of an output that several writers make together (the ranks of a collective merge):
+    ``shared`` names the temporary folder that its owner created (and checked the target for), and
+    ``shards`` the shards this writer creates there (``fds`` is -1 for the others). Then
+    :meth:`commit` finishes this part only (flush, close), :meth:`abort` removes this part only, and
+    the owner's writer, once every part is committed, calls :meth:`install` (index, extras, manifest,
+    and the rename of a plain :meth:`commit`).
     """
 
     def __init__(self, plan: OutputPlan, *, overwrite: bool = False, fsync: bool = False,
-                 protect: Sequence[str] = (), extras: Mapping[str, bytes] | None = None):
+                 protect: Sequence[str] = (), extras: Mapping[str, bytes] | None = None,
+                 shared: SharedTemp | None = None, shards: Sequence[int] | None = None):
         self.plan = plan
+        self.shared = shared
+        self.shards = list(range(len(plan.shards))) if shards is None else [int(i) for i in shards]
+        if shared is None and shards is not None:
+            raise ValueError("shards= is for a part of a shared output (shared=)")
         self.overwrite = overwrite
         self.fsync = fsync
         self.protect = list(protect)
@@ -328,6 +353,7 @@ class AtomicOutput:
         self._lock = -1
         self._token = ""
         self._done = False
+        self._paths: list[str] = []  # a part's files (shared): what abort() removes
 
     def __enter__(self) -> AtomicOutput:
         self.open()
@@ -349,6 +375,9 @@ class AtomicOutput:
             replaceable(self.target, single=self.plan.single, protect=self.protect)
 
     def open(self) -> None:
+        if self.shared is not None:
+            self._open_part()
+            return
         target = self.target
         parent = os.path.dirname(target)
         self.check()
@@ -374,10 +403,46 @@ class AtomicOutput:
             self.abort()
             raise
 
+    def _open_part(self) -> None:
+        self._tmp, self._token = self.shared.path, self.shared.token
+        self.fds = [-1] * len(self.plan.shards)
+        try:
+            for i in self.shards:
+                p = self._tmp if self.plan.single else os.path.join(self._tmp, self.plan.shards[i].filename)
+                fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+                self.fds[i] = fd
+                self._paths.append(p)
+                _named(self.names[i], os.pwrite, fd, self.plan.shards[i].header, 0)
+                _named(self.names[i], os.ftruncate, fd, self.plan.shards[i].size)
+        except BaseException:
+            self.abort()
+            raise
+
+    def install(self) -> str:
+        """A part of a shared output (the owner's, once every part is committed): adopts the shared
+        temporary folder and installs it as :meth:`commit` installs its own."""
+        if self.shared is None:
+            raise ValueError("install() is for the owner of a shared output; use commit()")
+        self.shared = None  # from here on, a failure removes the whole temporary folder
+        self._paths = []
+        self._done = False
+        return self.commit()
+
     def commit(self) -> str:
         """Flushes (with fsync when asked), writes the index, extras and manifest, and installs the
-        output at the target. Returns the path."""
+        output at the target. Returns the path. (A part of a shared output: flushes and closes it.)"""
         if self._done:
+            return self.plan.path
+        if self.shared is not None:
+            try:
+                for fd, name in zip(self.fds, self.names):
+                    if fd >= 0 and self.fsync:
+                        _named(name, os.fsync, fd)
+                self._close_files()
+            except BaseException:
+                self.abort()
+                raise
+            self._done = True
             return self.plan.path
         try:
             for fd, name in zip(self.fds, self.names):
@@ -455,6 +520,12 @@ class AtomicOutput:
     def abort(self) -> None:
         """Closes and removes everything written so far; the target is untouched."""
         self._close_files()
+        if self.shared is not None:  # this part only: the owner removes the shared folder
+            for p in self._paths:
+                _tempfiles.remove(p)
+            self._paths = []
+            self._done = True
+            return
         if self._tmp is not None:
             _tempfiles.remove(self._tmp)
             self._tmp = None
@@ -685,7 +756,7 @@ def save(
     Example:
         >>> fastsoup.save({"w": torch.zeros(3)}, "soup.safetensors")  # doctest: +SKIP
     """
-    from .checkpoint import Checkpoint, _array_meta, _host_buffer
+    from .checkpoint import Checkpoint, array_meta, host_buffer
 
     if isinstance(tensors, Checkpoint):
         ckpt = tensors
@@ -713,9 +784,9 @@ def save(
         for item in items:
             if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)):
                 raise TypeError("save: tensors must be a mapping of name -> tensor or (name, tensor) pairs")
-            dtype, shape, nbytes = _array_meta(item[1], "save", item[0])
+            dtype, shape, nbytes = array_meta(item[1], "save", item[0])
             specs.append(TensorSpec(item[0], dtype, shape, nbytes))
-        buffer = _host_buffer
+        buffer = host_buffer
     if is_torch_output(path):
         if _extras:
             raise ValueError("extra files need a folder output")

@@ -3,7 +3,7 @@
 
     uniform_soup(ingredients, **average_kwargs)      average() with equal weights
     weighted_soup(ingredients, weights, **kwargs)    average() with weights
-    greedy_soup(ingredients, model, heldout, ...)    the paper's Recipe 1 (fastsoup.search)
+    greedy_soup(ingredients, model, heldout, ...)    the paper's Recipe 1, a cached-logit search (recipes.greedy)
     greedy_ensemble(ingredients, model, heldout, ...) the paper's greedy ensemble baseline
     learned_soup(ingredients, model, heldout, ...)   learned coefficients (also layer-wise), O(P) memory
 
@@ -65,7 +65,7 @@ RECIPES: dict[str, Recipe] = {
         Recipe("greedy", PAPER + ", Recipe 1",
                "rank by held-out score; add each ingredient if the held-out score does not drop",
                ("ingredients", "model", "heldout", "metric", "strict", "cache_dir", "device", "order"),
-               "fastsoup.search.greedy:greedy_soup"),
+               "fastsoup.recipes.greedy:greedy_soup"),
         Recipe("learned", PAPER + ", appendix (learned_soup.py)",
                "mixing coefficients learned on held-out data by gradient descent, in O(P) memory",
                ("ingredients", "model", "heldout", "layerwise", "epochs", "steps", "lr", "init", "parametrization"),
@@ -76,7 +76,7 @@ RECIPES: dict[str, Recipe] = {
         Recipe("greedy_ensemble", PAPER + ", appendix baseline",
                "greedy soup's procedure over logit ensembles, from cached logits",
                ("ingredients", "model", "heldout", "metric", "strict", "cache_dir", "device"),
-               "fastsoup.search.greedy:greedy_ensemble"),
+               "fastsoup.recipes.ensemble:greedy_ensemble"),
     )
 }
 

@@ -70,8 +70,8 @@ def wise_ft_sweep(
     Returns:
         A :class:`SweepResult`.
     """
-    from ..search.greedy import Search
-    from ..search.heldout import score_logits
+    from ..search.evaluation import score_logits
+    from ..search.search import Search
 
     alphas = [float(a) for a in alphas]
     if not alphas:

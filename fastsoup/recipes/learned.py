@@ -32,14 +32,16 @@ from typing import Any
 
 import torch
 
-from .. import distributed as _distributed
 from .._errors import FastsoupError
+from ..distributed import comm as _comm
 from ..io import _tempfiles
 from ..io.checkpoint import Checkpoint, check_compatible, open_checkpoint, with_key
 from ..io.names import NameMap
+from ..mixing import dots, mix_into_model
 from ..search import cache as _cache
-from ..search.heldout import HeldOut, evaluate, model_device, model_logits, prepare, progress_bar
-from ..soup import _dots, _mix_into_model
+from ..search.batches import model_device, model_logits
+from ..search.evaluation import evaluate, progress_bar
+from ..search.heldout import HeldOut, prepare
 
 PARAMETRIZATIONS = ("softmax", "free")
 
@@ -85,7 +87,7 @@ class LearnedResult:
 
     def load_into(self, model: torch.nn.Module) -> torch.nn.Module:
         """Writes the learned soup into ``model``'s parameters in place (reads the K checkpoints once)."""
-        _mix_into_model(self._ingredients(), model, self.weights(), {})
+        mix_into_model(self._ingredients(), model, self.weights(), {})
         return model
 
     def state_dict(self) -> dict:
@@ -95,7 +97,7 @@ class LearnedResult:
         first = ckpts[0]
         out = {name: first.tensor(name) for name in first}  # shapes/dtypes; float ones are overwritten
         holder = _StateDictModule(out)
-        _mix_into_model(ckpts, holder, self.weights(), {})
+        mix_into_model(ckpts, holder, self.weights(), {})
         for alias, canon in first.aliases.items():  # tied weights: both names, one tensor
             if canon in out and alias not in out:
                 out[alias] = out[canon]
@@ -108,7 +110,7 @@ class LearnedResult:
         scores and loss curve (``NAME.json``, or ``soup.json`` in a folder). A folder output also gets
         the side files of the first ingredient's folder (or of ``config_from``; False: none) and a
         model card; the safetensors metadata records the ingredients and coefficients."""
-        from ..engine import _run
+        from ..engine import MergeSpec, run
         from ..io._sidefiles import SoupInfo, donor_for, ingredient_names
         from ..io.writer import with_sidecar
 
@@ -125,13 +127,13 @@ class LearnedResult:
             if disk:
                 mapping = {n: disk.get(n, n) for n in layout}
                 layout, soup = layout.with_names(mapping), soup.with_names(mapping)
-            return _run([soup], [1.0], out, None, 0, shard_size, progress, overwrite, fsync, "save", layout=layout,
-                        extras=extras, info=info, donor=donor)
+            return run(MergeSpec([soup], [1.0], out, layout=layout, shard_size=shard_size, progress=progress,
+                                 overwrite=overwrite, fsync=fsync, desc="save", extras=extras, info=info, donor=donor))
 
         def write() -> str:
             return with_sidecar(out, self.to_json(), write_soup, overwrite=overwrite)
 
-        return _distributed.rank0(write)  # collective under torch.distributed: rank 0 writes
+        return _comm.rank0(write)  # collective under torch.distributed: rank 0 writes
 
     def to_json(self) -> dict:
         return {
@@ -259,7 +261,7 @@ def learned_soup(
         k = _cache.key("learned", _cache.fingerprint_model(model), held.fingerprint, fps, config)
         cache_path = os.path.join(os.fspath(cache_dir), f"learned-{k}.json")
         # under torch.distributed only rank 0 reads it
-        d = _distributed.rank0(_read_cached, cache_path, (len(names), K) if layerwise else (K,))
+        d = _comm.rank0(_read_cached, cache_path, (len(names), K) if layerwise else (K,))
         if d is not None:
             return LearnedResult(torch.tensor(d["coefficients"], dtype=torch.float32), d["tensor_names"] or names,
                                  d["beta"], d["score"], d["loss"], d["uniform_loss"], d["losses"], sources, layerwise,
@@ -281,7 +283,7 @@ def learned_soup(
     def write(alpha: torch.Tensor) -> None:
         a = alpha.detach()
         weights = {n: a[i].tolist() for i, n in enumerate(names)} if layerwise else a[0].tolist()
-        _mix_into_model(ckpts, model, weights, staging)
+        mix_into_model(ckpts, model, weights, staging)
 
     staging: dict = {}
     uniform_loss = _heldout_loss(model, held, ckpts, [1.0 / K] * K, staging, 1.0)
@@ -314,11 +316,11 @@ def learned_soup(
                                                          reduction="sum") / held.split.sizes[b]
             loss.backward()
             grads = {n: _grad(state[n]) for n in names}
-            dots = _dots(ckpts, {n: g for n, g in grads.items() if g is not None})
+            found = dots(ckpts, {n: g for n, g in grads.items() if g is not None})
             G = torch.zeros(len(names), K, dtype=torch.float64)
             for i, n in enumerate(names):
-                if n in dots:
-                    G[i] = torch.tensor(dots[n], dtype=torch.float64)
+                if n in found:
+                    G[i] = torch.tensor(found[n], dtype=torch.float64)
             if not layerwise:
                 G = G[[i for i, n in enumerate(names) if n not in aliases]].sum(0, keepdim=True)
             if held.split is not None:  # torch.distributed: sum the shares (rank order, float64) on every rank
@@ -347,7 +349,7 @@ def learned_soup(
     result = LearnedResult(coeff.clone(), names, b, ev.score, final_loss, uniform_loss, losses, sources, layerwise,
                            parametrization, config, time.perf_counter() - start, _mapped=ckpts, _names=name_map)
     if cache_path is not None:
-        _distributed.rank0(_write_cached, cache_path, result.to_json(), share=False)
+        _comm.rank0(_write_cached, cache_path, result.to_json(), share=False)
     return result
 
 
@@ -422,7 +424,7 @@ def _initial_weights(init: Any, K: int) -> list[float]:
 
 
 def _heldout_loss(model, held: HeldOut, ckpts, weights, staging, beta: float) -> float:
-    _mix_into_model(ckpts, model, weights, staging)
+    mix_into_model(ckpts, model, weights, staging)
     ev = evaluate(model, held, "accuracy")
     return float(torch.nn.functional.cross_entropy(ev.logits * beta, held.labels))
 

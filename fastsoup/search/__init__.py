@@ -1,11 +1,14 @@
-"""The cached-logit greedy search: held-out data prepared once, a logit cache and decision journal,
-and the greedy soup / greedy ensemble loops. Imports torch (model evaluation needs it)."""
+"""The search machinery of the recipes: held-out data prepared once (:mod:`~fastsoup.search.heldout`,
+stored by :mod:`~fastsoup.search.store`), evaluation with exact early rejection
+(:mod:`~fastsoup.search.evaluation`, hardest-first :mod:`~fastsoup.search.regroup`), the logit cache
+(:mod:`~fastsoup.search.cache`) and the shared state of a search (:mod:`~fastsoup.search.search`).
+The searches themselves (greedy soup, greedy ensemble, learned soup) are recipes: :mod:`fastsoup.recipes`."""
 
-from .cache import CacheMismatchError, LogitCache, fingerprint_checkpoint
-from .greedy import EnsembleResult, GreedyResult, Search, SearchStats, ensemble_logits, greedy_ensemble, greedy_soup
-from .heldout import HeldOut, evaluate, prepare
+from .cache import Cache, CacheMismatchError, LogitCache, fingerprint_checkpoint
+from .evaluation import Evaluation, evaluate, score_logits
+from .heldout import HeldOut, prepare
+from .search import Search, SearchStats
+from .store import Store, load_heldout
 
-__all__ = [
-    "CacheMismatchError", "EnsembleResult", "GreedyResult", "HeldOut", "LogitCache", "Search", "SearchStats",
-    "ensemble_logits", "evaluate", "fingerprint_checkpoint", "greedy_ensemble", "greedy_soup", "prepare",
-]
+__all__ = ["Cache", "CacheMismatchError", "Evaluation", "HeldOut", "LogitCache", "Search", "SearchStats", "Store",
+           "evaluate", "fingerprint_checkpoint", "load_heldout", "prepare", "score_logits"]

@@ -38,7 +38,7 @@ import os
 import time
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from .._errors import CheckpointError, FastsoupError
 from ..io import _tempfiles
@@ -232,7 +232,29 @@ def _logits_checksum(k: str, t) -> str:
     return h.hexdigest()
 
 
-class LogitCache:
+class Cache(Protocol):
+    """What a search asks of its cache (:class:`LogitCache`; under torch.distributed
+    :class:`~fastsoup.distributed.cache.Rank0Cache`, which asks rank 0's).
+
+    ``root`` is the cache folder; ``journal`` the decision log (``records()``, ``append(record)``)."""
+
+    root: str
+    journal: Any
+
+    def get(self, k: str) -> Any:
+        """The logits stored under key ``k``, or None (a miss: absent, or damaged)."""
+
+    def put(self, k: str, logits: Any) -> None:
+        """Stores ``logits`` under ``k``."""
+
+    def check(self, what: str, fingerprint: str, *, describe: str) -> None:
+        """Records ``what``'s fingerprint on first use; raises :class:`CacheMismatchError` when it differs."""
+
+    def data_prefix(self, name: str) -> str:
+        """Where the prepared data set ``name`` is stored."""
+
+
+class LogitCache(Cache):
     """Logits on disk, one checksummed safetensors file per (model, data set, soup).
 
     Opening it reaps the temporary files that killed processes left in it. A damaged or unchecked
@@ -254,7 +276,7 @@ class LogitCache:
 
     def data_prefix(self, name: str) -> str:
         """Where the prepared data set ``name`` is stored (``PREFIX.bin`` and ``PREFIX.json``, see
-        :class:`~fastsoup.search.heldout.Store`)."""
+        :class:`~fastsoup.search.store.Store`)."""
         return os.path.join(self.root, "data", name)
 
     def _ignore(self, path: str, why: str, kind: str = "damaged", drop: bool = False) -> None:
@@ -503,5 +525,16 @@ def _line_start(f, end: int) -> int:
     return 0
 
 
-__all__ = ["CacheMismatchError", "Journal", "LogitCache", "VERIFY", "check_verify", "file_identity",
-           "fingerprint_checkpoint", "fingerprint_model", "key", "record_checksum", "soup_key"]
+__all__ = [
+    "VERIFY",
+    "CacheMismatchError",
+    "Journal",
+    "LogitCache",
+    "check_verify",
+    "file_identity",
+    "fingerprint_checkpoint",
+    "fingerprint_model",
+    "key",
+    "record_checksum",
+    "soup_key",
+]

@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .. import distributed as _distributed
-from .._errors import FastsoupError, UnsafeOutputError
-from ..io import _tempfiles
+from ._errors import FastsoupError, UnsafeOutputError
+from .distributed import comm as _comm
+from .io import _tempfiles
 
 
 def load_callable(spec: str) -> Callable[[], Any]:
@@ -125,8 +125,10 @@ def run_report(
     ``out`` and the rows to ``results`` (JSONL). ``verify``: how the cache fingerprints the
     ingredients (``"sample"`` or ``"full"``, see :func:`~fastsoup.greedy_soup`); ``config_from``: the
     side files of a folder ``out`` (see :func:`~fastsoup.average`)."""
-    from .greedy import Search, ensemble_logits, run_greedy, run_greedy_ensemble
-    from .heldout import score_logits
+    from .recipes.ensemble import ensemble_logits, run_greedy_ensemble
+    from .recipes.greedy import run_greedy
+    from .search.evaluation import score_logits
+    from .search.search import Search
 
     start = time.perf_counter()
     if os.path.exists(out) and not overwrite:
@@ -156,7 +158,7 @@ def run_report(
     rows.append({"name": "greedy ensemble", "kind": "greedy_ensemble", "members": e.members,
                  **scores({d: ensemble_logits([s.individual_logits(d)[i] for i in e.members]) for d in sets})})
     path = g.save(out, overwrite=overwrite, progress=progress, config_from=config_from)
-    _distributed.rank0(_write_rows, results, rows, share=False)  # rank 0 under torch.distributed
+    _comm.rank0(_write_rows, results, rows, share=False)  # rank 0 under torch.distributed
     return Report(rows, sets, path, results, time.perf_counter() - start, greedy=g, ensemble=e)
 
 
