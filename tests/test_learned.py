@@ -306,6 +306,23 @@ def test_save_and_load_into(learned, zoo, tmp_path):
     assert _accuracy(model, held) == learned.score
 
 
+def test_save_streams_without_a_state_dict_in_memory(learned, zoo, tmp_path, monkeypatch):
+    """save() writes the soup straight from the K ingredients (one pass, as average does), never the
+    whole state dict in memory; the bits are those of state_dict()."""
+    expected = learned.state_dict()
+
+    def no_state_dict(self):
+        raise AssertionError("LearnedResult.save built the state dict in memory")
+
+    monkeypatch.setattr(type(learned), "state_dict", no_state_dict)
+    for out in (tmp_path / "streamed.safetensors", tmp_path / "folder"):
+        learned.save(out)
+        saved = _load(out)
+        assert list(saved) == list(expected)
+        for n in expected:
+            assert torch.equal(saved[n], expected[n]), n
+
+
 # ---------------------------------------------------------------------------------------------------
 # O(P): reads and memory
 

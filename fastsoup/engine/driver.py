@@ -97,6 +97,8 @@ def collective(out: Any, overwrite: bool, what: str, merge):
 class MergeSpec:
     """One merge for :func:`run`: float tensors ``round(sum_k weights[k] * inputs[k] / divisor)``.
 
+    ``weights``: K numbers, or a dict tensor name -> K numbers for every float tensor (layer-wise).
+
     ``layout`` (default: the first input) gives the tensor order, default dtypes, shards and
     metadata; ``dtype`` overrides the float dtype; ``divisor`` is ``(high part, low part)``;
     ``extras`` are files written into a folder output with it (name -> bytes: a sidecar); ``aliases``
@@ -175,21 +177,23 @@ def run(spec: MergeSpec):
         # (The ranks compare the effective weights, weights / divisor.)
         made = None
         if _COLLECTIVE:
-            made = _COLLECTIVE[0].output(plan, names, dests, [w / divisor[0] for w in weights],
+            made = _COLLECTIVE[0].output(plan, names, dests, _effective(weights, names, divisor[0]),
                                          overwrite=overwrite, fsync=fsync, protect=protect, extras=extras)
         if made is None:
             made = AtomicOutput(plan, overwrite=overwrite, fsync=fsync, protect=protect, extras=extras), names, dests
         writer, names, dests = made
 
     # Segments, fused where contiguous in every input and in the output.
-    segs = Segments(K)
+    per_tensor = isinstance(weights, dict)
+    segs = Segments(K, per_segment=per_tensor)
     for name, (dfile, doff) in zip(names, dests):
         ref0 = first[name]
         od, is_float = out_dtypes[name]
         if ref0.nbytes == 0:
             continue
         if is_float:
-            segs.weighted(ref0.numel, dfile, doff, dtype_info(od).code, [source(ck, name, device, keep) for ck in ckpts])
+            segs.weighted(ref0.numel, dfile, doff, dtype_info(od).code, [source(ck, name, device, keep) for ck in ckpts],
+                          weights[name] if per_tensor else None)
         else:
             addr, loc, obj = ckpts[0].buffer(ckpts[0][name], device)
             if loc != 1:
@@ -210,7 +214,7 @@ def run(spec: MergeSpec):
             writer.open()
         try:
             files = writer is not None and not torch_out
-            segs.run(weights, fds=writer.fds if files else [], threads=threads, progress=callback,
+            segs.run(None if per_tensor else weights, fds=writer.fds if files else [], threads=threads, progress=callback,
                      device=device, fd_names=writer.names if files else (), divisor=divisor)
             verify_inputs(ckpts)  # truncated or rewritten meanwhile: nothing is installed or returned
             if result is not None:
@@ -235,6 +239,14 @@ def run(spec: MergeSpec):
     if out is None:
         return result
     return os.fspath(out)
+
+
+def _effective(weights, names: list, divisor: float) -> list:
+    """The weights the ranks of a collective merge compare: weights / divisor (per tensor: every
+    tensor's, in order)."""
+    if isinstance(weights, dict):
+        return [w / divisor for name in names if name in weights for w in weights[name]]
+    return [w / divisor for w in weights]
 
 
 def progress_summary(desc: str, nbytes: int, seconds: float) -> str:

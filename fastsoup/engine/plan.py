@@ -35,8 +35,11 @@ class Segments:
     stream as one flat range per shard.
     """
 
-    def __init__(self, num_inputs: int):
+    def __init__(self, num_inputs: int, *, per_segment: bool = False):
+        # per_segment: every weighted segment brings its own K weights (a copy segment then carries
+        # zeros, which the copy ignores), as a layer-wise soup's tensors do.
         self.K = num_inputs
+        self.per_segment = per_segment
         self.n: list[int] = []
         self.kind: list[int] = []
         self.out_file: list[int] = []
@@ -74,7 +77,7 @@ class Segments:
         pad = [0] * (self.K - 1)
         self.total_in += nbytes
         self._add(1, nbytes, out_file, out_offset, 0, nbytes, [addr] + pad, [0] * self.K,
-                  [int(loc)] + pad, [addr + nbytes] + pad, None)
+                  [int(loc)] + pad, [addr + nbytes] + pad, [0.0] * self.K if self.per_segment else None)
 
     def _add(self, kind, n, dfile, doff, out_code, out_len, addrs, codes, mapped, ends, ws):
         last = self._last

@@ -119,16 +119,19 @@ class LearnedResult:
 
         def write_soup(extras) -> str:
             donor = donor_for(out, config_from, self.sources[0])  # read before any work
-            # The layout of the first ingredient (named as the model's, a tied tensor once), written under
-            # the names of its files; the soup is already in its dtypes: weight 1 copies it.
-            layout = self._ingredients()[0]
-            soup = open_checkpoint(self.state_dict())
+            # Streamed, as state_dict() computes it (the same kernel, weights and rounding): one pass over
+            # the K ingredients (named as the model's, a tied tensor once) straight into the files, under
+            # the names of the first one's files; no state dict in memory.
+            ckpts = self._ingredients()
+            weights = self.weights()
             disk = self._names.disk_names if self._names is not None else {}
             if disk:
-                mapping = {n: disk.get(n, n) for n in layout}
-                layout, soup = layout.with_names(mapping), soup.with_names(mapping)
-            return run(MergeSpec([soup], [1.0], out, layout=layout, shard_size=shard_size, progress=progress,
-                                 overwrite=overwrite, fsync=fsync, desc="save", extras=extras, info=info, donor=donor))
+                mapping = {n: disk.get(n, n) for n in ckpts[0]}
+                ckpts = [ck.with_names(mapping) for ck in ckpts]
+                if isinstance(weights, dict):
+                    weights = {mapping.get(n, n): w for n, w in weights.items()}
+            return run(MergeSpec(ckpts, weights, out, shard_size=shard_size, progress=progress, overwrite=overwrite,
+                                 fsync=fsync, desc="save", extras=extras, info=info, donor=donor))
 
         def write() -> str:
             return with_sidecar(out, self.to_json(), write_soup, overwrite=overwrite)
