@@ -772,10 +772,10 @@ def save(
     else:
         items = list(tensors.items()) if isinstance(tensors, Mapping) else list(tensors)
         if isinstance(tensors, Mapping):  # tied weights (one tensor, two names): written once, first name
-            from .checkpoint import _memory_refs, _tied
+            from .checkpoint import memory_refs, tied
 
             try:
-                kept, _ = _tied(_memory_refs(tensors, "save"))
+                kept, _ = tied(memory_refs(tensors, "save"))
             except FastsoupError:
                 kept = None
             if kept is not None and len(kept) < len(items):

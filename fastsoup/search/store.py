@@ -11,7 +11,7 @@ import torch
 
 from .._errors import FastsoupError
 from ..io import _tempfiles
-from ..io.checkpoint import FileWatch, map_file
+from ..io.files import FileWatch, map_file
 from .batches import storable
 
 STORE_FORMAT = "fastsoup-heldout-1"
