@@ -268,9 +268,17 @@ def test_incompatible_ingredients_are_refused_before_any_work(files, tmp_path):
     assert not out.exists()
 
 
-def test_device_other_than_cpu_is_refused():
-    with pytest.raises(ValueError, match="device='cuda'"):
-        fastsoup.average(make_state_dicts(2), device="cuda")
+def test_device_cuda_works_on_a_gpu_and_is_a_clear_error_elsewhere():
+    sds = make_state_dicts(2)
+    if bool(fastsoup._core.cuda_compiled) and fastsoup._core.cuda_device_count() > 0:
+        got = fastsoup.average(sds, device="cuda")
+        want = fastsoup.average(sds)
+        assert list(got) == list(want)
+        for name, t in want.items():
+            assert bits_equal(got[name].cpu(), t), name
+    else:
+        with pytest.raises(ValueError, match="device='cuda'"):
+            fastsoup.average(sds, device="cuda")
 
 
 def test_non_contiguous_and_parameter_tensors():
