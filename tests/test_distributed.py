@@ -45,7 +45,7 @@ def torchrun(args, *, cwd=None):
         out, err = p.communicate(timeout=TIMEOUT)
     except subprocess.TimeoutExpired:
         os.killpg(p.pid, signal.SIGKILL)
-        out, err = p.communicate()
+        out, err = p.communicate(timeout=TIMEOUT)
         pytest.fail(f"torchrun hung for {TIMEOUT} s: {cmd}\n{out}\n{err}")
     return p.returncode, out, err
 

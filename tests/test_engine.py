@@ -14,6 +14,8 @@ import fastsoup
 from fastsoup import _reference, engine
 from conftest import bits_equal
 
+TIMEOUT = 300  # seconds for one subprocess: a hang fails the test instead of blocking CI
+
 
 def make_state_dicts(k, dtypes=(torch.float16,), seed=0, int_buffer=True):
     g = torch.Generator().manual_seed(seed)
@@ -297,7 +299,7 @@ RUN = [sys.executable, "-m", "fastsoup"]
 
 
 def run_cli(*args, cwd=None):
-    return subprocess.run([*RUN, *map(str, args)], capture_output=True, text=True, cwd=cwd)
+    return subprocess.run([*RUN, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=TIMEOUT)
 
 
 def test_merge_of_safetensors_never_imports_torch(files, tmp_path):
@@ -309,7 +311,7 @@ def test_merge_of_safetensors_never_imports_torch(files, tmp_path):
         f"assert cli.main(['average', *{paths!r}, '-o', {str(tmp_path / 'soup2.safetensors')!r}, '--no-progress']) == 0\n"
         "print('torch' in sys.modules)\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "False"
 
@@ -375,7 +377,7 @@ def test_import_fails_loudly_without_the_native_core():
         "else:\n"
         "    print('imported')\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT)
     assert "not built" in r.stdout and "pip install -e" in r.stdout, r.stdout + r.stderr
 
 

@@ -21,6 +21,7 @@ from fastsoup.recipes.learned import LearnedResult, learned_soup  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.func import functional_call  # noqa: E402
 
+TIMEOUT = 300  # seconds for one subprocess: a hang fails the test instead of blocking CI
 K = 3
 INIT = [0.5, 0.3, 0.2]
 
@@ -396,7 +397,7 @@ RSS_SCRIPT = textwrap.dedent('''
 def rss(tmp_path_factory):
     folder = tmp_path_factory.mktemp("learned_rss")
     proc = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(folder)], capture_output=True, text=True,
-                          timeout=120)
+                          timeout=TIMEOUT)
     assert proc.returncode == 0, proc.stderr
     for f in os.listdir(folder):
         os.remove(os.path.join(folder, f))
