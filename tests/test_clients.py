@@ -302,6 +302,7 @@ def test_a_greedy_soup_of_folders_is_saved_under_the_files_names(vision, tmp_pat
     assert all(torch.equal(back.state_dict()[n], inner.state_dict()[n]) for n in inner.state_dict())
 
 
+@pytest.mark.slow
 def test_fastsoup_greedy_cli_on_save_pretrained_folders(vit, tmp_path):
     _, folders, _, batches = vit
     mod = tmp_path / "vitzoo.py"

@@ -133,6 +133,7 @@ def mutated_files(draw):
     return bytes(buf)
 
 
+@pytest.mark.slow
 @settings(FUZZ, max_examples=1200)
 @given(mutated_files())
 def test_what_fastsoup_accepts_the_safetensors_reader_accepts(buf):

@@ -838,6 +838,7 @@ def _rss_anon() -> int:
     raise RuntimeError("no RssAnon in /proc/self/status")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc (Linux) to read resident memory")
 def test_a_stored_set_on_the_cpu_is_memory_mapped_not_copied(tmp_path):
     """200 MB of held-out inputs prepared with a store: the batches are views of the store's file, so

@@ -397,6 +397,7 @@ def rss(tmp_path_factory):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_anonymous_memory_does_not_grow_with_k(rss):
     # K = 8 float32 checkpoints of 2.1M parameters (68 MB together): learned_soup keeps the model, its
     # gradients and the activations (about 17 MB), never the K checkpoints. The kernel keeps no peak of
@@ -407,6 +408,7 @@ def test_anonymous_memory_does_not_grow_with_k(rss):
     assert grown < 0.5 * rss["kp"], rss
 
 
+@pytest.mark.slow
 def test_peak_rss_stays_below_the_ingredients_size(rss):
     grown = rss["after"]["VmHWM"] - rss["before"]["VmHWM"]
     assert grown < 0.5 * rss["kp"], rss
