@@ -1,5 +1,6 @@
-"""The one module that knows torch: tensors <-> addresses and dtype codes, torch files, and the
-tensor-level entry points of the native kernels.
+"""The one module that knows torch: tensors <-> addresses and dtype codes, torch files, the
+tensor-level entry points of the native kernels, and the torch custom ops
+``torch.ops.fastsoup.weighted_sum`` / ``multi_dot`` (registered when this module is imported).
 
 Imported on first use only; ``import fastsoup`` and merges of safetensors files never import it.
 """
@@ -323,3 +324,153 @@ def gram(tensors: Sequence[torch.Tensor], *, threads: int = 0) -> torch.Tensor:
     else:
         vals = _core.gram(addrs, codes, numel, threads)
     return torch.tensor(vals, dtype=torch.float64).reshape(K, K)
+
+
+# ---------------------------------------------------------------------------------------------------
+# torch custom ops: torch.ops.fastsoup.weighted_sum and torch.ops.fastsoup.multi_dot, registered when
+# this module is imported (never by ``import fastsoup`` or a merge of files). Each op is defined once
+# with its schema, gets one kernel per device (CPU: the native CPU kernels; CUDA: the ``_cuda``
+# variants on torch's current stream of the data's device) and a fake kernel, which checks the
+# operands as the real ones do and gives the result's shape, dtype and device, so that
+# ``torch.compile`` traces through the ops and meta tensors work. Both are differentiable. Registering
+# the CUDA kernels needs neither a GPU nor a CUDA build of fastsoup: without one, they raise when called.
+
+
+def _op_operands(op: str, tensors: Sequence[torch.Tensor], like: str, numel, device: torch.device) -> list[int]:
+    """The dtype codes of the operands, checked: float, contiguous, on ``device`` and with ``numel``
+    elements, those of the operand named ``like``. Reads no data, so fake and meta tensors pass too."""
+    codes = []
+    for k, t in enumerate(tensors):
+        codes.append(_float_code(op, f"inputs[{k}]", t, device))
+        if t.numel() != numel:
+            raise ValueError(f"{op}: inputs[{k}] has {t.numel()} elements, {like} {numel}: pass tensors of one size")
+    return codes
+
+
+def _weighted_sum_check(inputs, weights, out_dtype) -> tuple[list[int], torch.dtype]:
+    op = "fastsoup::weighted_sum"
+    if len(inputs) == 0:
+        raise ValueError(f"{op}: no inputs: pass at least one tensor (the result takes the shape of inputs[0])")
+    if len(weights) != len(inputs):
+        raise ValueError(f"{op}: got {len(inputs)} inputs and {len(weights)} weights: pass one weight per input")
+    codes = _op_operands(op, inputs, "inputs[0]", inputs[0].numel(), inputs[0].device)
+    dtype = inputs[0].dtype if out_dtype is None else out_dtype
+    if dtype_name(dtype) not in FLOAT_NAMES:
+        raise ValueError(f"{op}: out_dtype is {dtype_name(dtype)}, expected float16, bfloat16, float32 or float64")
+    return codes, dtype
+
+
+torch.library.define(
+    "fastsoup::weighted_sum", "(Tensor[] inputs, float[] weights, ScalarType? out_dtype=None) -> Tensor")
+
+
+@torch.library.register_fake("fastsoup::weighted_sum")
+def _weighted_sum_fake(inputs, weights, out_dtype=None):
+    _, dtype = _weighted_sum_check(inputs, weights, out_dtype)
+    return inputs[0].new_empty(inputs[0].shape, dtype=dtype)
+
+
+@torch.library.register_kernel("fastsoup::weighted_sum", "cpu")
+def _weighted_sum_cpu(inputs, weights, out_dtype=None):
+    codes, dtype = _weighted_sum_check(inputs, weights, out_dtype)
+    out = torch.empty(inputs[0].shape, dtype=dtype)
+    _core.weighted_sum([t.data_ptr() for t in inputs], codes, [float(w) for w in weights], out.numel(),
+                       out.data_ptr(), info(dtype_name(dtype)).code)
+    return out
+
+
+@torch.library.register_kernel("fastsoup::weighted_sum", "cuda")
+def _weighted_sum_cuda(inputs, weights, out_dtype=None):
+    codes, dtype = _weighted_sum_check(inputs, weights, out_dtype)
+    dev = inputs[0].device
+    index = _cuda_index("fastsoup::weighted_sum", dev)
+    out = torch.empty(inputs[0].shape, dtype=dtype, device=dev)
+    _core.weighted_sum_cuda([t.data_ptr() for t in inputs], codes, [float(w) for w in weights], out.numel(),
+                            out.data_ptr(), info(dtype_name(dtype)).code, False, index, cuda_stream(index))
+    return out
+
+
+@torch.library.register_kernel("fastsoup::weighted_sum", None)
+def _weighted_sum_other(inputs, weights, out_dtype=None):
+    # No tensor to dispatch on (no inputs), or tensors on a device without a kernel of its own.
+    _weighted_sum_check(inputs, weights, out_dtype)
+    raise ValueError(f"fastsoup::weighted_sum: inputs on {inputs[0].device}: fastsoup's kernels run on the CPU "
+                     "and on CUDA devices; move the tensors to one of them")
+
+
+def _weighted_sum_setup(ctx, inputs, output):
+    tensors, weights = inputs[0], inputs[1]
+    ctx.weights = [float(w) for w in weights]
+    ctx.likes = [(t.dtype, t.shape) for t in tensors]
+
+
+def _weighted_sum_backward(ctx, grad):
+    # d out / d inputs[k] = weights[k]: each gradient is the op itself, one rounding to the input's dtype.
+    grad = grad.contiguous()
+    grads = [torch.ops.fastsoup.weighted_sum([grad], [w], dtype).reshape(shape)
+             for w, (dtype, shape) in zip(ctx.weights, ctx.likes)]
+    # One entry per argument the op was given: the dispatcher drops out_dtype where it is None, its
+    # default, and needs_input_grad has the length of what remains.
+    return (grads, *[None] * (len(ctx.needs_input_grad) - 1))
+
+
+torch.library.register_autograd("fastsoup::weighted_sum", _weighted_sum_backward, setup_context=_weighted_sum_setup)
+
+
+def _multi_dot_check(inputs, g) -> tuple[list[int], int]:
+    op = "fastsoup::multi_dot"
+    if not isinstance(g, torch.Tensor):
+        raise TypeError(f"{op}: g is a {type(g).__name__}, expected a torch.Tensor")
+    g_code = _float_code(op, "g", g, g.device)
+    return _op_operands(op, inputs, "g", g.numel(), g.device), g_code
+
+
+torch.library.define("fastsoup::multi_dot", "(Tensor[] inputs, Tensor g) -> Tensor")
+
+
+@torch.library.register_fake("fastsoup::multi_dot")
+def _multi_dot_fake(inputs, g):
+    _multi_dot_check(inputs, g)
+    return g.new_empty((len(inputs),), dtype=torch.float64)
+
+
+@torch.library.register_kernel("fastsoup::multi_dot", "cpu")
+def _multi_dot_cpu(inputs, g):
+    codes, g_code = _multi_dot_check(inputs, g)
+    vals = _core.multi_dot([t.data_ptr() for t in inputs], codes, g.data_ptr(), g_code, g.numel())
+    return torch.tensor(vals, dtype=torch.float64)
+
+
+@torch.library.register_kernel("fastsoup::multi_dot", "cuda")
+def _multi_dot_cuda(inputs, g):
+    codes, g_code = _multi_dot_check(inputs, g)
+    index = _cuda_index("fastsoup::multi_dot", g.device)
+    vals = _core.multi_dot_cuda([t.data_ptr() for t in inputs], codes, g.data_ptr(), g_code, g.numel(), index,
+                                cuda_stream(index))  # returns once the K values are on the host
+    return torch.tensor(vals, dtype=torch.float64, device=g.device)
+
+
+@torch.library.register_kernel("fastsoup::multi_dot", None)
+def _multi_dot_other(inputs, g):
+    _multi_dot_check(inputs, g)
+    raise ValueError(f"fastsoup::multi_dot: g on {g.device}: fastsoup's kernels run on the CPU and on CUDA devices; "
+                     "move the tensors to one of them")
+
+
+def _multi_dot_setup(ctx, inputs, output):
+    tensors, g = inputs
+    ctx.save_for_backward(g, *tensors)
+
+
+def _multi_dot_backward(ctx, grad):
+    # out[k] = <inputs[k], g>: d/d inputs[k] = grad[k] * g, d/d g = sum_k grad[k] * inputs[k] (in float64).
+    g, *tensors = ctx.saved_tensors
+    gd = g.to(torch.float64)
+    grads = [(grad[k] * gd).to(t.dtype).reshape(t.shape) for k, t in enumerate(tensors)]
+    dg = torch.zeros(g.shape, dtype=torch.float64, device=g.device)
+    for k, t in enumerate(tensors):
+        dg = dg + grad[k] * t.to(torch.float64).reshape(g.shape)
+    return grads, dg.to(g.dtype)
+
+
+torch.library.register_autograd("fastsoup::multi_dot", _multi_dot_backward, setup_context=_multi_dot_setup)

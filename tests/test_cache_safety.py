@@ -30,6 +30,7 @@ from conftest import bits_equal
 import _tiny
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
+TIMEOUT = 300  # seconds for one subprocess: a hang fails the test instead of blocking CI
 WIDE = 2048  # hidden units: fc1.weight is 128 KiB, larger than what the sampled fingerprint hashes whole
 
 
@@ -79,7 +80,7 @@ def temporaries(folder) -> list[str]:
 
 def dead_pid() -> int:
     p = subprocess.Popen([sys.executable, "-c", "pass"])
-    p.wait()
+    p.wait(timeout=TIMEOUT)
     return p.pid
 
 
@@ -149,6 +150,7 @@ def edit_in_memory(sd: dict, name: str = "fc1.weight") -> None:
         flat[lo // 4:hi // 4] = garbage((hi - lo) // 4, k)
 
 
+@pytest.mark.slow  # whichever case runs first pays ~3.5 s
 @pytest.mark.parametrize("mtime", ["changed", "set back"])
 def test_a_checkpoint_edited_in_place_is_evaluated_again(wide, tmp_path, mtime):
     init, _, paths, heldout = wide
@@ -403,7 +405,7 @@ def test_a_search_killed_while_preparing_the_heldout_set_is_reaped_by_the_next_r
     cache, init, script = tmp_path / "cache", tmp_path / "init.safetensors", tmp_path / "child.py"
     save_file(zoo.init, str(init))
     script.write_text(KILLED_CHILD.format(tests=TESTS))
-    child = subprocess.run([sys.executable, str(script), str(cache), str(init), *zoo.paths], timeout=300,
+    child = subprocess.run([sys.executable, str(script), str(cache), str(init), *zoo.paths], timeout=TIMEOUT,
                            capture_output=True, text=True)
     assert child.returncode == -signal.SIGKILL, child.stderr
     left = temporaries(cache / "data")

@@ -23,6 +23,8 @@ import fastsoup  # noqa: E402
 from fastsoup import CheckpointError  # noqa: E402
 from fastsoup.io.names import FusedLayoutError, compile_key_map, prefix_hint  # noqa: E402
 
+TIMEOUT = 300  # seconds for one subprocess: a hang fails the test instead of blocking CI
+
 transformers.logging.set_verbosity_error()
 torch.set_num_threads(1)
 
@@ -90,7 +92,7 @@ def test_ddp_prefix_is_named_in_the_error_and_stripped_with_the_option(tmp_path)
     out = tmp_path / "soup.safetensors"
     r = __import__("subprocess").run(
         [__import__("sys").executable, "-m", "fastsoup", "average", *paths, "-o", out, "--strip-prefix", "module.",
-         "--no-progress"], capture_output=True, text=True)
+         "--no-progress"], capture_output=True, text=True, timeout=TIMEOUT)
     assert r.returncode == 0, r.stderr
     assert set(load_file(out)) == set(plain)
 
@@ -300,6 +302,7 @@ def test_a_greedy_soup_of_folders_is_saved_under_the_files_names(vision, tmp_pat
     assert all(torch.equal(back.state_dict()[n], inner.state_dict()[n]) for n in inner.state_dict())
 
 
+@pytest.mark.slow
 def test_fastsoup_greedy_cli_on_save_pretrained_folders(vit, tmp_path):
     _, folders, _, batches = vit
     mod = tmp_path / "vitzoo.py"
@@ -316,7 +319,7 @@ def test_fastsoup_greedy_cli_on_save_pretrained_folders(vit, tmp_path):
     import sys
 
     r = subprocess.run([sys.executable, "-m", "fastsoup", "greedy", *folders, "--model", f"{mod}:model", "--heldout",
-                        f"{mod}:heldout", "-o", out, "--no-progress"], capture_output=True, text=True, timeout=300)
+                        f"{mod}:heldout", "-o", out, "--no-progress"], capture_output=True, text=True, timeout=TIMEOUT)
     assert r.returncode == 0, r.stderr[-3000:]  # "missing ..." (transformers renames on load) before
     back = transformers.ViTForImageClassification.from_pretrained(out)
     assert set(back.state_dict()) == set(tiny("vit").state_dict())

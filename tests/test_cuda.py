@@ -22,6 +22,8 @@ needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="no CUDA device visible (the 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 DT_IDS = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32", torch.float64: "f64"}
 
+TIMEOUT = 300  # seconds for one subprocess: a hang fails the test instead of blocking CI
+
 
 # --- everywhere -------------------------------------------------------------------------------------
 
@@ -262,7 +264,7 @@ def test_an_input_truncated_under_the_cuda_pipeline_is_an_error(tmp_path, out_na
             sys.exit(0)
         sys.exit(3)
     """)
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT)
     assert r.returncode == 0 and paths[1] in r.stdout, (r.returncode, r.stderr[-2000:])
     if out is not None:
         assert not os.path.exists(out)

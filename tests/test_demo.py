@@ -11,6 +11,7 @@ pytest.importorskip("sklearn", reason="the demo's data ships inside scikit-learn
 pytest.importorskip("matplotlib")
 
 
+@pytest.mark.slow
 def test_demo_small(tmp_path, capsys):
     from fastsoup import cli
 

@@ -17,6 +17,7 @@ import fastsoup  # noqa: E402
 from fastsoup import cli  # noqa: E402
 from fastsoup.diagnostics import CHUNK, Similarity, inspect_checkpoint, similarity  # noqa: E402
 
+TIMEOUT = 300  # seconds for one subprocess: a hang fails the test instead of blocking CI
 SHAPES = {"embed.weight": (64, 48), "block.weight": (96, 64), "block.bias": (96,), "head.weight": (10, 96)}
 
 
@@ -198,7 +199,7 @@ def test_similarity_of_files_does_not_import_torch(tmp_path):
         "info = fastsoup.inspect_checkpoint(t.names[0])\n"
         "print(json.dumps({'torch': 'torch' in sys.modules, 'gram': s.gram, 'k': len(t.cosine)}))\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["torch"] is False

@@ -46,7 +46,7 @@ def torchrun(args, *, cwd=None):
         out, err = p.communicate(timeout=TIMEOUT)
     except subprocess.TimeoutExpired:
         os.killpg(p.pid, signal.SIGKILL)
-        out, err = p.communicate()
+        out, err = p.communicate(timeout=TIMEOUT)
         pytest.fail(f"torchrun hung for {TIMEOUT} s: {cmd}\n{out}\n{err}")
     return p.returncode, out, err
 
@@ -116,6 +116,7 @@ def single(tmp_path, name):
 # --- sharded merges --------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # the module's torchrun launches (the setup fixture)
 @pytest.mark.parametrize("name", ["merge_files", "merge_bf16", "merge_memory", "merge_single"])
 def test_sharded_merge_is_bit_identical_to_one_process(setup, tmp_path, name):
     zoo, cfg, ranks, _ = setup
@@ -151,6 +152,7 @@ def test_sharded_merge_is_bit_identical_to_one_process(setup, tmp_path, name):
     assert leftovers(cfg["work"]) == []
 
 
+@pytest.mark.slow  # the module's torchrun launches (the setup fixture)
 def test_in_memory_output_is_computed_on_every_rank(setup):
     zoo, _, ranks, _ = setup
     got = ok(ranks, "merge_none")
@@ -159,6 +161,7 @@ def test_in_memory_output_is_computed_on_every_rank(setup):
     assert got[0]["digest"] == got[1]["digest"] == json.loads(json.dumps(digest(fastsoup.average(zoo.paths[:5]))))
 
 
+@pytest.mark.slow  # the module's torchrun launches (the setup fixture)
 @pytest.mark.parametrize("name", ["fail_ready", "fail_work"])
 def test_a_failing_rank_fails_every_rank_and_leaves_no_output(setup, name):
     _, cfg, ranks, _ = setup
@@ -174,6 +177,7 @@ def test_a_failing_rank_fails_every_rank_and_leaves_no_output(setup, name):
     assert leftovers(cfg["work"]) == []
 
 
+@pytest.mark.slow  # the module's torchrun launches (the setup fixture)
 def test_existing_output_is_refused_then_replaced(setup, tmp_path):
     zoo, cfg, ranks, _ = setup
     r0, r1 = ok(ranks, "exists")
@@ -183,6 +187,7 @@ def test_existing_output_is_refused_then_replaced(setup, tmp_path):
     assert files_of(cfg["existing"]) == files_of(ref)  # the earlier soup was replaced as a whole
 
 
+@pytest.mark.slow  # the module's torchrun launches (the setup fixture)
 def test_overwrite_never_deletes_a_users_folder(setup):
     _, cfg, ranks, _ = setup
     r0, r1 = ok(ranks, "foreign")
@@ -191,6 +196,7 @@ def test_overwrite_never_deletes_a_users_folder(setup):
     assert os.listdir(cfg["foreign"]) == ["old.txt"] and leftovers(cfg["work"]) == []
 
 
+@pytest.mark.slow  # the module's torchrun launches (the setup fixture)
 def test_local_runs_on_one_rank(setup):
     assert [r["exists"] for r in ok(setup[2], "local")] == [True, True]
 
@@ -278,6 +284,7 @@ def one_process(setup, tmp_path_factory):
     return r, cache
 
 
+@pytest.mark.slow  # the module's torchrun launches (the setup fixture)
 def test_greedy_two_ranks_equal_one_process(setup, one_process, tmp_path):
     zoo, cfg, ranks, _ = setup
     ref, _ = one_process
@@ -294,6 +301,7 @@ def test_greedy_two_ranks_equal_one_process(setup, one_process, tmp_path):
     assert have == want
 
 
+@pytest.mark.slow  # the module's torchrun launches (the setup fixture)
 def test_greedy_cache_and_journal_are_written_once(setup, one_process):
     zoo, cfg, ranks, _ = setup
     _, ref_cache = one_process
@@ -310,6 +318,7 @@ def test_greedy_cache_and_journal_are_written_once(setup, one_process):
                [(h["index"], h["accepted"], h["score"]) for h in first[0]["history"]]
 
 
+@pytest.mark.slow  # the module's torchrun launches (the setup fixture)
 def test_greedy_with_a_callable_metric(setup):
     zoo, _, ranks, _ = setup
     from _dist_worker import accuracy_metric
@@ -319,6 +328,7 @@ def test_greedy_with_a_callable_metric(setup):
         assert got["indices"] == ref.indices and got["score"] == ref.score and got["history"] == history(ref)
 
 
+@pytest.mark.slow  # the module's torchrun launches (the setup fixture)
 def test_learned_soup_two_ranks_match_one_process(setup):
     zoo, _, ranks, _ = setup
     ref = fastsoup.learned_soup(zoo.paths[:4], zoo.model(), heldout(), steps=6, seed=1)
@@ -335,6 +345,7 @@ def test_learned_soup_two_ranks_match_one_process(setup):
 # --- the CLI under torchrun --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # the module's torchrun launches (the setup fixture)
 def test_cli_average_under_torchrun(setup, tmp_path):
     zoo = setup[0]
     out = tmp_path / "cli_soup"
@@ -374,6 +385,7 @@ MODULE = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow  # the module's torchrun launches (the setup fixture)
 def test_cli_greedy_under_torchrun(setup, tmp_path):
     zoo, cfg, _, root = setup
     mod = tmp_path / "distzoo.py"

@@ -14,6 +14,8 @@ import fastsoup
 from fastsoup import _reference, engine
 from conftest import bits_equal
 
+TIMEOUT = 300  # seconds for one subprocess: a hang fails the test instead of blocking CI
+
 
 def make_state_dicts(k, dtypes=(torch.float16,), seed=0, int_buffer=True):
     g = torch.Generator().manual_seed(seed)
@@ -268,9 +270,17 @@ def test_incompatible_ingredients_are_refused_before_any_work(files, tmp_path):
     assert not out.exists()
 
 
-def test_device_other_than_cpu_is_refused():
-    with pytest.raises(ValueError, match="device='cuda'"):
-        fastsoup.average(make_state_dicts(2), device="cuda")
+def test_device_cuda_works_on_a_gpu_and_is_a_clear_error_elsewhere():
+    sds = make_state_dicts(2)
+    if bool(fastsoup._core.cuda_compiled) and fastsoup._core.cuda_device_count() > 0:
+        got = fastsoup.average(sds, device="cuda")
+        want = fastsoup.average(sds)
+        assert list(got) == list(want)
+        for name, t in want.items():
+            assert bits_equal(got[name].cpu(), t), name
+    else:
+        with pytest.raises(ValueError, match="device='cuda'"):
+            fastsoup.average(sds, device="cuda")
 
 
 def test_non_contiguous_and_parameter_tensors():
@@ -289,7 +299,7 @@ RUN = [sys.executable, "-m", "fastsoup"]
 
 
 def run_cli(*args, cwd=None):
-    return subprocess.run([*RUN, *map(str, args)], capture_output=True, text=True, cwd=cwd)
+    return subprocess.run([*RUN, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=TIMEOUT)
 
 
 def test_merge_of_safetensors_never_imports_torch(files, tmp_path):
@@ -301,7 +311,7 @@ def test_merge_of_safetensors_never_imports_torch(files, tmp_path):
         f"assert cli.main(['average', *{paths!r}, '-o', {str(tmp_path / 'soup2.safetensors')!r}, '--no-progress']) == 0\n"
         "print('torch' in sys.modules)\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "False"
 
@@ -367,7 +377,7 @@ def test_import_fails_loudly_without_the_native_core():
         "else:\n"
         "    print('imported')\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT)
     assert "not built" in r.stdout and "pip install -e" in r.stdout, r.stdout + r.stderr
 
 

@@ -28,6 +28,8 @@ from _frameworks import (DDP, TinyCLIP, TinyResNet, mean_state_dict, open_clip_z
 from conftest import bits_equal  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
+TIMEOUT = 300  # seconds for one subprocess: a hang fails the test instead of blocking CI
+
 
 @pytest.fixture(scope="module")
 def timm_runs(tmp_path_factory):
@@ -316,7 +318,7 @@ def test_open_clip_soups_load_into_the_plain_model_with_strip_prefix(clip_runs, 
     _load(TinyCLIP, soup)
     out = tmp_path / "soup.safetensors"
     r = subprocess.run([sys.executable, "-m", "fastsoup", "average", *paths, "-o", out, "--strip-prefix", "module.",
-                        "--no-progress"], capture_output=True, text=True, timeout=120)
+                        "--no-progress"], capture_output=True, text=True, timeout=TIMEOUT)
     assert r.returncode == 0, r.stderr
     _same(load_file(out), want)
 

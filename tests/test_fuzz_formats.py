@@ -102,6 +102,7 @@ def test_any_bytes_parse_or_fail_cleanly(buf):
     _check_tiling(entries, len(buf))
 
 
+@pytest.mark.slow
 @settings(FUZZ, max_examples=500)
 @given(valid_files())
 def test_valid_files_are_read_as_the_safetensors_reader_reads_them(buf):
@@ -133,6 +134,7 @@ def mutated_files(draw):
     return bytes(buf)
 
 
+@pytest.mark.slow
 @settings(FUZZ, max_examples=1200)
 @given(mutated_files())
 def test_what_fastsoup_accepts_the_safetensors_reader_accepts(buf):

@@ -20,6 +20,8 @@ from conftest import bits_equal
 
 import _tiny
 
+TIMEOUT = 300  # seconds for one subprocess: a hang fails the test instead of blocking CI
+
 
 @pytest.fixture(scope="module", autouse=True)
 def one_torch_thread():
@@ -626,7 +628,7 @@ def test_import_fastsoup_does_not_import_torch():
         "print(f is g.greedy_soup, fastsoup.greedy_ensemble is e.greedy_ensemble, fastsoup.GreedyResult is g.GreedyResult)\n"
         "print(fastsoup.RECIPES['greedy'].run is g.greedy_soup)\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["False", "True", "True", "True", "True"]
     with pytest.raises(AttributeError, match="no attribute 'greedy_soups'"):
@@ -837,6 +839,7 @@ def _rss_anon() -> int:
     raise RuntimeError("no RssAnon in /proc/self/status")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc (Linux) to read resident memory")
 def test_a_stored_set_on_the_cpu_is_memory_mapped_not_copied(tmp_path):
     """200 MB of held-out inputs prepared with a store: the batches are views of the store's file, so
@@ -880,7 +883,7 @@ def test_a_stored_set_on_the_cpu_is_memory_mapped_not_copied(tmp_path):
         assert grew > size // 2, (grew, size)  # the test measures what it claims: without a store, the set is in RAM
         print("ok", grew_mapped, grew)
     """)
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
 
 

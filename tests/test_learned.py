@@ -21,6 +21,7 @@ from fastsoup.recipes.learned import LearnedResult, learned_soup  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.func import functional_call  # noqa: E402
 
+TIMEOUT = 300  # seconds for one subprocess: a hang fails the test instead of blocking CI
 K = 3
 INIT = [0.5, 0.3, 0.2]
 
@@ -350,7 +351,7 @@ def test_checkpoints_are_streamed_each_step(tmp_path, monkeypatch):
 
 
 RSS_SCRIPT = textwrap.dedent('''
-    import json, os, sys, threading, time
+    import json, os, sys
     import torch
     import fastsoup
     from fastsoup.recipes.learned import learned_soup
@@ -390,22 +391,15 @@ RSS_SCRIPT = textwrap.dedent('''
     opt = torch.optim.AdamW([p], lr=0.1)
     p.sum().backward()
     opt.step()
-    peak_anon = [0]
-    stop = [False]
-
-    def sample():
-        while not stop[0]:
-            peak_anon[0] = max(peak_anon[0], status()["RssAnon"])
-            time.sleep(0.0005)
-
+    # The kernel's own peak of the resident set (VmHWM), reset to the current size just before the
+    # work ("5" to clear_refs, Linux >= 4.0; an older kernel refuses it): read after the work, it is
+    # the peak of the work itself, however short-lived, where sampling could miss one.
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
     before = status()
-    th = threading.Thread(target=sample, daemon=True)
-    th.start()
     learned_soup(paths, model, held, steps=3, progress=False)
-    stop[0] = True
-    th.join()
     after = status()
-    print(json.dumps({"kp": kp, "before": before, "after": after, "peak_anon": max(peak_anon[0], after["RssAnon"])}))
+    print(json.dumps({"kp": kp, "before": before, "after": after}))
 ''')
 
 
@@ -413,20 +407,25 @@ RSS_SCRIPT = textwrap.dedent('''
 def rss(tmp_path_factory):
     folder = tmp_path_factory.mktemp("learned_rss")
     proc = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(folder)], capture_output=True, text=True,
-                          timeout=120)
+                          timeout=TIMEOUT)
     assert proc.returncode == 0, proc.stderr
     for f in os.listdir(folder):
         os.remove(os.path.join(folder, f))
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_anonymous_memory_does_not_grow_with_k(rss):
     # K = 8 float32 checkpoints of 2.1M parameters (68 MB together): learned_soup keeps the model, its
-    # gradients and the activations (about 17 MB), never the K checkpoints.
-    grown = rss["peak_anon"] - rss["before"]["RssAnon"]
+    # gradients and the activations (about 17 MB), never the K checkpoints. The kernel keeps no peak of
+    # anonymous memory alone; the peak of the whole resident set during the work bounds its growth, as
+    # long as the file pages resident before it stay resident (the term below counts those gone by the end).
+    b, a = rss["before"], rss["after"]
+    grown = a["VmHWM"] - b["VmRSS"] + max(0, b["RssFile"] - a["RssFile"])
     assert grown < 0.5 * rss["kp"], rss
 
 
+@pytest.mark.slow
 def test_peak_rss_stays_below_the_ingredients_size(rss):
     grown = rss["after"]["VmHWM"] - rss["before"]["VmHWM"]
     assert grown < 0.5 * rss["kp"], rss

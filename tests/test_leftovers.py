@@ -10,6 +10,8 @@ import textwrap
 
 import conftest
 
+TIMEOUT = 300  # seconds for one subprocess: a hang fails the test instead of blocking CI
+
 
 def test_the_snapshot_sees_new_files_but_not_build_products(tmp_path):
     (tmp_path / "build").mkdir()
@@ -28,7 +30,7 @@ def test_a_test_that_leaves_a_file_in_the_current_folder_fails_the_run(tmp_path)
             open("soup.safetensors", "w").write("oops")
     """))
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_careless.py"],
-                       cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                       cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT,
                        env=dict(os.environ, PYTHONPATH=os.path.dirname(conftest.ROOT) + os.pathsep + conftest.ROOT))
     assert r.returncode != 0 and "left 1 file(s) outside their tmp paths" in r.stdout, r.stdout[-2000:]
     assert "soup.safetensors" in r.stdout

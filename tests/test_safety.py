@@ -97,7 +97,7 @@ def cli_with_hook(argv, hook: str, *, wait=True, timeout=TIMEOUT):
         out, err = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         p.kill()
-        p.communicate()
+        p.communicate(timeout=TIMEOUT)
         pytest.fail(f"the merge hung for {timeout} s")
     return subprocess.CompletedProcess(p.args, p.returncode, out, err)
 
@@ -567,7 +567,7 @@ def _wait_for(path, proc, timeout=TIMEOUT):
     t0 = time.time()
     while not os.path.exists(path):
         if proc.poll() is not None:
-            pytest.fail(f"the merge ended early: {proc.communicate()}")
+            pytest.fail(f"the merge ended early: {proc.communicate(timeout=TIMEOUT)}")
         if time.time() - t0 > timeout:
             proc.kill()
             pytest.fail("the merge did not start")
@@ -625,7 +625,7 @@ def test_a_running_merge_keeps_its_temporary_files(tmp_path):
         assert set(left) <= set(temp_leftovers(tmp_path))
     finally:
         p.kill()
-        p.communicate()
+        p.communicate(timeout=TIMEOUT)
 
 
 def test_an_interrupt_while_the_old_output_is_removed_reports_the_truth(tmp_path):

@@ -345,12 +345,17 @@ def test_empty_soup_is_refused(tmp_path):
 
 
 def test_constructor_arguments():
-    with pytest.raises(ValueError, match="device='cuda'"):
-        fastsoup.Soup(Net(), device="cuda")
+    sds = [random_state(i) for i in range(2)]
+    if bool(fastsoup._core.cuda_compiled) and fastsoup._core.cuda_device_count() > 0:
+        gpu = fastsoup.Soup(Net(), device="cuda").add(sds[0]).add(sds[1])
+        assert gpu.device.is_cuda
+        assert_state_equal({k: v.cpu() for k, v in gpu.value().items()}, _reference.soup_state_dict(sds, Net().state_dict()))
+    else:
+        with pytest.raises(ValueError, match="device='cuda'"):
+            fastsoup.Soup(Net(), device="cuda")
     for bad in (0, -1, 1.5):
         with pytest.raises(ValueError, match="threads"):
             fastsoup.Soup(Net(), threads=bad)
-    sds = [random_state(i) for i in range(2)]
     soup = fastsoup.Soup(Net(), threads=1).add(sds[0]).add(sds[1])
     assert_state_equal(soup.value(), _reference.soup_state_dict(sds, Net().state_dict()))
 
