@@ -440,6 +440,9 @@ PYBIND11_MODULE(_core, m) {
       py::arg("fill_threads") = 0, py::arg("progress") = py::none(), py::arg("accumulate") = false,
       py::arg("fd_names") = std::vector<std::string>(), py::arg("divisor") = 1.0, py::arg("divisor_lo") = 0.0,
       "Run a merge plan through the GPU (in_loc: 0 host, 1 mapped file, 2 device); see fastsoup/cuda.h.");
+  m.def("release_cuda_buffers", &cuda::release_buffers, py::call_guard<py::gil_scoped_release>(),
+        "Frees the pinned and device memory of the CUDA merge ring (kept between merges; the next one "
+        "allocates it again). Returns the bytes freed.");
 #else
   m.attr("cuda_compiled") = false;
   m.def("cuda_device_count", [] { return 0; }, "CUDA devices present (this build has no CUDA: always 0).");
@@ -447,5 +450,8 @@ PYBIND11_MODULE(_core, m) {
                            "cuda_is_device_pointer"}) {
     m.def(name, [name](py::args, py::kwargs) { no_cuda(name); });
   }
+  // Nothing to free without CUDA: callers may release unconditionally.
+  m.def("release_cuda_buffers", [] { return int64_t(0); },
+        "Frees the CUDA merge ring's memory (this build has no CUDA: nothing to free, returns 0).");
 #endif
 }

@@ -19,6 +19,7 @@
 #include "../cpu/threadpool.h"
 #include "common.cuh"
 #include "fastsoup/cuda.h"
+#include "fastsoup/ring.h"
 
 namespace fastsoup {
 namespace cuda {
@@ -36,61 +37,88 @@ struct Step {
   int64_t count;
 };
 
-// Pinned and device buffers of the ring, kept between merges on a device (allocation of pinned
-// memory is slow: a greedy search runs one merge per candidate).
-struct Ring {
-  int device = -1;
-  int nslots = 0;
-  int64_t in_bytes = 0, out_bytes = 0;
-  std::vector<char*> pinned_in, pinned_out, dev_in, dev_out;
-  std::vector<cudaEvent_t> copied, done;
-  cudaStream_t copy_stream = nullptr;
-
-  ~Ring() { release(); }
-  void release() {
-    if (device < 0) return;
-    DeviceGuard g(device);
-    for (auto* p : pinned_in) cudaFreeHost(p);
-    for (auto* p : pinned_out) cudaFreeHost(p);
-    for (auto* p : dev_in) cudaFree(p);
-    for (auto* p : dev_out) cudaFree(p);
-    for (auto e : copied) cudaEventDestroy(e);
-    for (auto e : done) cudaEventDestroy(e);
-    if (copy_stream) cudaStreamDestroy(copy_stream);
-    pinned_in.clear(); pinned_out.clear(); dev_in.clear(); dev_out.clear(); copied.clear(); done.clear();
-    copy_stream = nullptr;
-    device = -1;
+// Makes `device` current for a scope without ever throwing (for the frees, which run in
+// destructors and at exit, when the runtime may be gone); the errors are cleared so that a later
+// cudaGetLastError() does not report them as a kernel's.
+class QuietDeviceGuard {
+ public:
+  explicit QuietDeviceGuard(int device) noexcept {
+    if (cudaGetDevice(&prev_) != cudaSuccess) prev_ = -1;
+    if (prev_ != device) cudaSetDevice(device);
+    cudaGetLastError();
   }
-  void ensure(int dev, int slots, int64_t in_b, int64_t out_b) {
-    if (device == dev && nslots >= slots && in_bytes >= in_b && out_bytes >= out_b) return;
-    release();
-    device = dev;
-    nslots = slots;
-    in_bytes = std::max<int64_t>(in_b, kAlign);
-    out_bytes = std::max<int64_t>(out_b, kAlign);
+  ~QuietDeviceGuard() {
+    if (prev_ >= 0) cudaSetDevice(prev_);
+    cudaGetLastError();
+  }
+  QuietDeviceGuard(const QuietDeviceGuard&) = delete;
+  QuietDeviceGuard& operator=(const QuietDeviceGuard&) = delete;
+
+ private:
+  int prev_ = -1;
+};
+
+// The CUDA runtime as the ring's allocator (ring.h): allocations throw (FS_CUDA_CHECK), frees
+// ignore errors.
+struct CudaAllocator {
+  using Event = cudaEvent_t;
+  using Stream = cudaStream_t;
+  void* host(int dev, size_t bytes) {
     DeviceGuard g(dev);
-    FS_CUDA_CHECK(cudaStreamCreateWithFlags(&copy_stream, cudaStreamNonBlocking));
-    for (int s = 0; s < slots; ++s) {
-      char* p;
-      FS_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&p), static_cast<size_t>(in_bytes), cudaHostAllocDefault));
-      pinned_in.push_back(p);
-      FS_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&p), static_cast<size_t>(out_bytes), cudaHostAllocDefault));
-      pinned_out.push_back(p);
-      FS_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&p), static_cast<size_t>(in_bytes)));
-      dev_in.push_back(p);
-      FS_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&p), static_cast<size_t>(out_bytes)));
-      dev_out.push_back(p);
-      cudaEvent_t e1, e2;
-      FS_CUDA_CHECK(cudaEventCreateWithFlags(&e1, cudaEventDisableTiming));
-      FS_CUDA_CHECK(cudaEventCreateWithFlags(&e2, cudaEventDisableTiming));
-      copied.push_back(e1);
-      done.push_back(e2);
-    }
+    void* p = nullptr;
+    FS_CUDA_CHECK(cudaHostAlloc(&p, bytes, cudaHostAllocDefault));
+    return p;
+  }
+  void* device(int dev, size_t bytes) {
+    DeviceGuard g(dev);
+    void* p = nullptr;
+    FS_CUDA_CHECK(cudaMalloc(&p, bytes));
+    return p;
+  }
+  Event event(int dev) {
+    DeviceGuard g(dev);
+    cudaEvent_t e = nullptr;
+    FS_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+    return e;
+  }
+  Stream stream(int dev) {
+    DeviceGuard g(dev);
+    cudaStream_t s = nullptr;
+    FS_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+    return s;
+  }
+  void free_host(int dev, void* p) noexcept {
+    QuietDeviceGuard g(dev);
+    cudaFreeHost(p);
+  }
+  void free_device(int dev, void* p) noexcept {
+    QuietDeviceGuard g(dev);
+    cudaFree(p);
+  }
+  void free_event(int dev, Event e) noexcept {
+    QuietDeviceGuard g(dev);
+    cudaEventDestroy(e);
+  }
+  void free_stream(int dev, Stream s) noexcept {
+    QuietDeviceGuard g(dev);
+    cudaStreamDestroy(s);
   }
 };
 
-std::mutex g_ring_mu;
-Ring g_ring;  // one ring (merges are serialized by g_ring_mu)
+using CudaRing = Ring<CudaAllocator>;
+
+// One ring for the process, its merges serialized by ring_mutex(). Allocated once and never
+// destroyed: a static object owning CUDA memory would be freed at exit, after (or while) the CUDA
+// runtime shuts down; the process's exit returns the memory instead, and release_buffers() frees it
+// earlier on request.
+std::mutex& ring_mutex() {
+  static std::mutex* mu = new std::mutex;
+  return *mu;
+}
+CudaRing& ring() {
+  static CudaRing* r = new CudaRing;
+  return *r;
+}
 
 void check_plan(const MergePlan& p) {
   const int64_t K = p.num_inputs;
@@ -123,6 +151,11 @@ void check_plan(const MergePlan& p) {
 }
 
 }  // namespace
+
+int64_t release_buffers() {
+  std::lock_guard<std::mutex> lock(ring_mutex());
+  return ring().release();
+}
 
 void run_merge(const MergePlan& p, const CudaMergeOptions& o, const MergeProgress& progress) {
   check_plan(p);
@@ -158,11 +191,11 @@ void run_merge(const MergePlan& p, const CudaMergeOptions& o, const MergeProgres
     }
   }
 
-  std::lock_guard<std::mutex> lock(g_ring_mu);
+  std::lock_guard<std::mutex> lock(ring_mutex());
   DeviceGuard guard(o.device);
   cudaStream_t stream = as_stream(o.stream);
-  g_ring.ensure(o.device, o.nslots, o.slot_bytes, max_out);
-  Ring& r = g_ring;
+  CudaRing& r = ring();
+  r.ensure(o.device, o.nslots, o.slot_bytes, max_out);
   struct Pending {
     bool busy = false;
     int fd = -1;
@@ -181,8 +214,8 @@ void run_merge(const MergePlan& p, const CudaMergeOptions& o, const MergeProgres
   auto finish = [&](int s) {
     Pending& q = pending[static_cast<size_t>(s)];
     if (!q.busy) return;
-    FS_CUDA_CHECK(cudaEventSynchronize(r.done[static_cast<size_t>(s)]));
-    if (q.fd >= 0) pwrite_all(q.fd, r.pinned_out[static_cast<size_t>(s)], static_cast<size_t>(q.len), q.offset, q.name);
+    FS_CUDA_CHECK(cudaEventSynchronize(r.slot(s).done));
+    if (q.fd >= 0) pwrite_all(q.fd, r.slot(s).pinned_out, static_cast<size_t>(q.len), q.offset, q.name);
     q = Pending{};
   };
 
@@ -195,9 +228,9 @@ void run_merge(const MergePlan& p, const CudaMergeOptions& o, const MergeProgres
       const Step& st = steps[j];
       const MergeSegment& g = p.segments[st.segment];
       const size_t base = st.segment * static_cast<size_t>(K);
-      char* pin = r.pinned_in[static_cast<size_t>(s)];
-      char* dev = r.dev_in[static_cast<size_t>(s)];
-      cudaEvent_t copied = r.copied[static_cast<size_t>(s)], done = r.done[static_cast<size_t>(s)];
+      char* pin = r.slot(s).pinned_in;
+      char* dev = r.slot(s).dev_in;
+      cudaEvent_t copied = r.slot(s).copied, done = r.slot(s).done;
       const int64_t out_unit = g.kind == SegmentKind::kCopy ? 1 : static_cast<int64_t>(itemsize(g.out_dtype));
       const int64_t out_len = st.count * out_unit;
 
@@ -206,7 +239,7 @@ void run_merge(const MergePlan& p, const CudaMergeOptions& o, const MergeProgres
         const uint8_t loc = p.in_mapped[base];
         if (g.out_file >= 0) {  // host bytes to a file: no GPU involved
           if (loc == kDevice) {
-            FS_CUDA_CHECK(cudaMemcpyAsync(r.pinned_out[static_cast<size_t>(s)], src, static_cast<size_t>(st.count), cudaMemcpyDeviceToHost, stream));
+            FS_CUDA_CHECK(cudaMemcpyAsync(r.slot(s).pinned_out, src, static_cast<size_t>(st.count), cudaMemcpyDeviceToHost, stream));
             FS_CUDA_CHECK(cudaEventRecord(done, stream));
             pending[static_cast<size_t>(s)] = {true, p.fds[static_cast<size_t>(g.out_file)], g.out_offset + st.begin, st.count,
                                                fd_name(g.out_file)};
@@ -267,11 +300,11 @@ void run_merge(const MergePlan& p, const CudaMergeOptions& o, const MergeProgres
         });
         // A fill thread read an input truncated under it (zeros were read): stop before using it.
         if (watch.faulted()) throw InputFault(watch.path());
-        FS_CUDA_CHECK(cudaMemcpyAsync(dev, pin, static_cast<size_t>(off), cudaMemcpyHostToDevice, r.copy_stream));
-        FS_CUDA_CHECK(cudaEventRecord(copied, r.copy_stream));
+        FS_CUDA_CHECK(cudaMemcpyAsync(dev, pin, static_cast<size_t>(off), cudaMemcpyHostToDevice, r.copy_stream()));
+        FS_CUDA_CHECK(cudaEventRecord(copied, r.copy_stream()));
         FS_CUDA_CHECK(cudaStreamWaitEvent(stream, copied, 0));
       }
-      void* out = g.out_file >= 0 ? static_cast<void*>(r.dev_out[static_cast<size_t>(s)])
+      void* out = g.out_file >= 0 ? static_cast<void*>(r.slot(s).dev_out)
                                   : static_cast<void*>(reinterpret_cast<char*>(g.out_offset) + st.begin * out_unit);
       std::vector<DType> dts(static_cast<size_t>(K));
       for (int64_t k = 0; k < K; ++k) dts[static_cast<size_t>(k)] = static_cast<DType>(p.in_dtype[base + static_cast<size_t>(k)]);
@@ -289,7 +322,7 @@ void run_merge(const MergePlan& p, const CudaMergeOptions& o, const MergeProgres
       Status ks = weighted_sum(wp, o.device, o.stream);
       if (!ks.ok) throw std::invalid_argument("merge (cuda): " + ks.message);
       if (g.out_file >= 0) {
-        FS_CUDA_CHECK(cudaMemcpyAsync(r.pinned_out[static_cast<size_t>(s)], out, static_cast<size_t>(out_len), cudaMemcpyDeviceToHost, stream));
+        FS_CUDA_CHECK(cudaMemcpyAsync(r.slot(s).pinned_out, out, static_cast<size_t>(out_len), cudaMemcpyDeviceToHost, stream));
         pending[static_cast<size_t>(s)] = {true, p.fds[static_cast<size_t>(g.out_file)], g.out_offset + st.begin * out_unit, out_len,
                                            fd_name(g.out_file)};
       } else {
@@ -305,7 +338,8 @@ void run_merge(const MergePlan& p, const CudaMergeOptions& o, const MergeProgres
   } catch (...) {
     // Leave no work in flight that reads the ring or writes the output.
     cudaStreamSynchronize(stream);
-    cudaStreamSynchronize(r.copy_stream);
+    cudaStreamSynchronize(r.copy_stream());
+    cudaGetLastError();  // the error travels in the exception; a later check must not see it again
     for (auto& q : pending) q = Pending{};
     throw;
   }

@@ -54,5 +54,10 @@ struct CudaMergeOptions {
 };
 void run_merge(const MergePlan& plan, const CudaMergeOptions& options, const MergeProgress& progress);
 
+// Frees the ring's pinned and device memory now (it is kept between merges, and otherwise until
+// the process exits; the next merge allocates it again). Waits for a merge in progress. Returns
+// the bytes freed (0 when there was no ring).
+int64_t release_buffers();
+
 }  // namespace cuda
 }  // namespace fastsoup
