@@ -13,6 +13,7 @@
 
 #include "fastsoup/io.h"
 #include "fastsoup/kernels.h"
+#include "fastsoup/plan.h"
 #ifdef FASTSOUP_WITH_CUDA
 #include "fastsoup/cuda.h"
 #endif
@@ -112,37 +113,40 @@ void check_threads(const char* op, int threads) {
   if (threads < 0) throw std::invalid_argument(std::string(op) + ": threads must be >= 0 (0 = all cores)");
 }
 
-// The segment lists of fastsoup.engine._Segments -> a MergePlan (checked again by the executor).
-MergePlan make_plan(const std::vector<double>& weights, const std::vector<int64_t>& seg_n, const std::vector<int>& seg_kind,
-                    const std::vector<int>& seg_out_file, const std::vector<int64_t>& seg_out_offset,
-                    const std::vector<int>& seg_out_dtype, const std::vector<uintptr_t>& in_addr,
-                    const std::vector<int>& in_dtype, const std::vector<uint8_t>& in_mapped, const std::vector<int>& fds,
-                    bool accumulate, double divisor, double divisor_lo) {
-  const size_t S = seg_n.size();
-  if (seg_kind.size() != S || seg_out_file.size() != S || seg_out_offset.size() != S || seg_out_dtype.size() != S)
-    throw std::invalid_argument("merge: the seg_* lists must have equal lengths");
-  MergePlan plan;
-  // K from the inputs (weights may be given per segment: S * K of them).
-  plan.num_inputs = static_cast<int64_t>(S > 0 ? in_addr.size() / S : weights.size());
-  plan.weights = weights;
-  plan.segments.resize(S);
+// The segment lists of fastsoup.engine._Segments -> a MergePlan (which checks everything else).
+std::shared_ptr<MergePlan> make_plan(int64_t num_inputs, const std::vector<int64_t>& n, const std::vector<int>& kind,
+                                     const std::vector<int>& out_file, const std::vector<int64_t>& out_offset,
+                                     const std::vector<int>& out_dtype, std::vector<uintptr_t> in_addr,
+                                     std::vector<int32_t> in_dtype, std::vector<int32_t> in_loc) {
+  const size_t S = n.size();
+  if (kind.size() != S || out_file.size() != S || out_offset.size() != S || out_dtype.size() != S)
+    throw std::invalid_argument("MergePlan: n, kind, out_file, out_offset and out_dtype must have one entry per segment, got " +
+                                std::to_string(S) + ", " + std::to_string(kind.size()) + ", " +
+                                std::to_string(out_file.size()) + ", " + std::to_string(out_offset.size()) + " and " +
+                                std::to_string(out_dtype.size()));
+  std::vector<MergeSegment> segments(S);
   for (size_t s = 0; s < S; ++s) {
-    MergeSegment& g = plan.segments[s];
-    g.n = seg_n[s];
-    if (seg_kind[s] != 0 && seg_kind[s] != 1) throw std::invalid_argument("merge: segment kind must be 0 or 1");
-    g.kind = static_cast<SegmentKind>(seg_kind[s]);
-    g.out_file = seg_out_file[s];
-    g.out_offset = seg_out_offset[s];
-    g.out_dtype = seg_kind[s] == 1 ? DType::kFloat32 : to_dtype("merge", "segment " + std::to_string(s) + " output", seg_out_dtype[s]);
+    MergeSegment& g = segments[s];
+    g.n = n[s];
+    g.kind = static_cast<SegmentKind>(kind[s]);
+    g.out_file = out_file[s];
+    g.out_offset = out_offset[s];
+    g.out_dtype = static_cast<DType>(out_dtype[s]);
   }
-  plan.in_addr = in_addr;
-  plan.in_dtype = in_dtype;
-  plan.in_mapped = in_mapped;
-  plan.fds = fds;
-  plan.accumulate = accumulate;
-  plan.divisor = divisor;
-  plan.divisor_lo = divisor_lo;
-  return plan;
+  return std::make_shared<MergePlan>(num_inputs, std::move(segments), std::move(in_addr), std::move(in_dtype),
+                                     std::move(in_loc));
+}
+
+MergeRun make_run(std::vector<double> weights, std::vector<int> fds, std::vector<std::string> fd_names, bool accumulate,
+                  double divisor, double divisor_lo) {
+  MergeRun r;
+  r.weights = std::move(weights);
+  r.fds = std::move(fds);
+  r.fd_names = std::move(fd_names);
+  r.accumulate = accumulate;
+  r.divisor = divisor;
+  r.divisor_lo = divisor_lo;
+  return r;
 }
 
 // After every step: give Python a chance to see Ctrl-C, and report progress.
@@ -304,37 +308,53 @@ PYBIND11_MODULE(_core, m) {
       py::arg("a"), py::arg("b"), py::call_guard<py::gil_scoped_release>(),
       "Swap two existing paths atomically (renameat2 RENAME_EXCHANGE).");
 
-  m.def(
-      "merge",
-      [](const std::vector<double>& weights, const std::vector<int64_t>& seg_n, const std::vector<int>& seg_kind,
-         const std::vector<int>& seg_out_file, const std::vector<int64_t>& seg_out_offset,
-         const std::vector<int>& seg_out_dtype, const std::vector<uintptr_t>& in_addr, const std::vector<int>& in_dtype,
-         const std::vector<uint8_t>& in_mapped, const std::vector<int>& fds, int threads, int64_t window_bytes,
-         int64_t buffer_bytes, int nbuffers, const py::object& progress, int prefetch_steps, bool release, bool accumulate,
-         const std::vector<std::string>& fd_names, double divisor, double divisor_lo) {
-        check_threads("merge", threads);
-        for (uint8_t loc : in_mapped)
-          if (loc > 1) throw std::invalid_argument("merge: a device input in a CPU merge (use merge_cuda)");
-        MergePlan plan = make_plan(weights, seg_n, seg_kind, seg_out_file, seg_out_offset, seg_out_dtype, in_addr,
-                                   in_dtype, in_mapped, fds, accumulate, divisor, divisor_lo);
-        plan.threads = threads;
-        plan.window_bytes = window_bytes;
-        plan.buffer_bytes = buffer_bytes;
-        plan.nbuffers = nbuffers;
-        plan.prefetch_steps = prefetch_steps;
-        plan.release = release;
-        plan.fd_names = fd_names;
-        MergeProgress cb = progress_callback(progress);
-        py::gil_scoped_release nogil;
-        run_merge(plan, cb);
-      },
-      py::arg("weights"), py::arg("seg_n"), py::arg("seg_kind"), py::arg("seg_out_file"), py::arg("seg_out_offset"),
-      py::arg("seg_out_dtype"), py::arg("in_addr"), py::arg("in_dtype"), py::arg("in_mapped"), py::arg("fds"),
-      py::arg("threads") = 0, py::arg("window_bytes") = int64_t(64) << 20, py::arg("buffer_bytes") = int64_t(16) << 20,
-      py::arg("nbuffers") = 4, py::arg("progress") = py::none(), py::arg("prefetch_steps") = 2, py::arg("release") = true,
-      py::arg("accumulate") = false, py::arg("fd_names") = std::vector<std::string>(), py::arg("divisor") = 1.0,
-      py::arg("divisor_lo") = 0.0,
-      "Run a streaming merge plan (built by fastsoup.engine); see csrc/include/fastsoup/io.h.");
+  // run_cuda is added with the CUDA entry points below.
+  py::class_<MergePlan, std::shared_ptr<MergePlan>> merge_plan(
+      m, "MergePlan",
+      "A streaming merge plan: output segments, each a weighted sum of K inputs or a copy of one, "
+      "checked once here and run any number of times (new weights each time) with run() on the CPU "
+      "or run_cuda() on a GPU. See csrc/include/fastsoup/plan.h.");
+  merge_plan
+      .def(py::init(&make_plan), py::arg("num_inputs"), py::arg("n"), py::arg("kind"), py::arg("out_file"),
+           py::arg("out_offset"), py::arg("out_dtype"), py::arg("in_addr"), py::arg("in_dtype"), py::arg("in_loc"),
+           py::call_guard<py::gil_scoped_release>(),
+           "Per segment (S of them): n (elements, or bytes for a copy), kind (0 weighted sum, 1 copy of input "
+           "0), out_file (-1: out_offset is an address; else an index into run's fds), out_offset (address "
+           "or byte offset), out_dtype (dtype code; ignored for copies). Per segment and input, "
+           "segment-major (S * num_inputs each): in_addr, in_dtype (dtype code), in_loc (0 host memory, 1 a "
+           "guarded file mapping, 2 CUDA device memory). Raises ValueError naming the segment and input.")
+      .def_property_readonly("num_inputs", &MergePlan::num_inputs)
+      .def_property_readonly("num_segments", &MergePlan::num_segments)
+      .def(
+          "run",
+          [](const MergePlan& plan, std::vector<double> weights, std::vector<int> fds, int threads,
+             int64_t window_bytes, int64_t buffer_bytes, int nbuffers, const py::object& progress,
+             int prefetch_steps, bool release, bool accumulate, std::vector<std::string> fd_names, double divisor,
+             double divisor_lo) {
+            const MergeRun r = make_run(std::move(weights), std::move(fds), std::move(fd_names), accumulate, divisor,
+                                        divisor_lo);
+            CpuMergeOptions o;
+            o.threads = threads;
+            o.window_bytes = window_bytes;
+            o.buffer_bytes = buffer_bytes;
+            o.nbuffers = nbuffers;
+            o.prefetch_steps = prefetch_steps;
+            o.release = release;
+            MergeProgress cb = progress_callback(progress);
+            py::gil_scoped_release nogil;
+            run_merge(plan, r, o, cb);
+          },
+          py::arg("weights"), py::kw_only(), py::arg("fds") = std::vector<int>(), py::arg("threads") = 0,
+          py::arg("window_bytes") = CpuMergeOptions().window_bytes,
+          py::arg("buffer_bytes") = CpuMergeOptions().buffer_bytes, py::arg("nbuffers") = CpuMergeOptions().nbuffers,
+          py::arg("progress") = py::none(), py::arg("prefetch_steps") = CpuMergeOptions().prefetch_steps,
+          py::arg("release") = true, py::arg("accumulate") = false, py::arg("fd_names") = std::vector<std::string>(),
+          py::arg("divisor") = 1.0, py::arg("divisor_lo") = 0.0,
+          "Runs the plan on the CPU with K weights (or K per segment, segment-major); fds: the output files. "
+          "out = round(sum_k w_k in_k / (divisor + divisor_lo)); accumulate: out += sum (float32 memory "
+          "outputs, divisor 1). progress(bytes_in, bytes_out) after each step, where Ctrl-C is also seen. "
+          "The GIL is released meanwhile. Raises ValueError (bad arguments), OSError (writes) or "
+          "InputFaultError (an input changed under the read).");
 
   m.def("isa", [] { return std::string(isa_name(current_isa())); }, "The CPU instruction set the kernels use now.");
   m.def("best_isa", [] { return std::string(isa_name(best_supported_isa())); });
@@ -412,40 +432,44 @@ PYBIND11_MODULE(_core, m) {
       },
       py::arg("inputs"), py::arg("dtypes"), py::arg("n"), py::arg("device"), py::arg("stream"),
       py::call_guard<py::gil_scoped_release>(), "K x K Gram matrix over device addresses.");
-  m.def(
-      "merge_cuda",
-      [](const std::vector<double>& weights, const std::vector<int64_t>& seg_n, const std::vector<int>& seg_kind,
-         const std::vector<int>& seg_out_file, const std::vector<int64_t>& seg_out_offset,
-         const std::vector<int>& seg_out_dtype, const std::vector<uintptr_t>& in_addr, const std::vector<int>& in_dtype,
-         const std::vector<uint8_t>& in_loc, const std::vector<int>& fds, int device, uintptr_t stream,
-         int64_t slot_bytes, int nslots, int fill_threads, const py::object& progress, bool accumulate,
-         const std::vector<std::string>& fd_names, double divisor, double divisor_lo) {
-        check_threads("merge_cuda", fill_threads);
-        MergePlan plan = make_plan(weights, seg_n, seg_kind, seg_out_file, seg_out_offset, seg_out_dtype, in_addr,
-                                   in_dtype, in_loc, fds, accumulate, divisor, divisor_lo);
-        plan.fd_names = fd_names;
-        cuda::CudaMergeOptions o;
-        o.device = device;
-        o.stream = stream;
-        o.slot_bytes = slot_bytes;
-        o.nslots = nslots;
-        o.fill_threads = fill_threads;
-        MergeProgress cb = progress_callback(progress);
-        py::gil_scoped_release nogil;
-        cuda::run_merge(plan, o, cb);
-      },
-      py::arg("weights"), py::arg("seg_n"), py::arg("seg_kind"), py::arg("seg_out_file"), py::arg("seg_out_offset"),
-      py::arg("seg_out_dtype"), py::arg("in_addr"), py::arg("in_dtype"), py::arg("in_loc"), py::arg("fds"),
-      py::arg("device"), py::arg("stream"), py::arg("slot_bytes") = int64_t(32) << 20, py::arg("nslots") = 3,
-      py::arg("fill_threads") = 0, py::arg("progress") = py::none(), py::arg("accumulate") = false,
-      py::arg("fd_names") = std::vector<std::string>(), py::arg("divisor") = 1.0, py::arg("divisor_lo") = 0.0,
-      "Run a merge plan through the GPU (in_loc: 0 host, 1 mapped file, 2 device); see fastsoup/cuda.h.");
+  merge_plan.def(
+          "run_cuda",
+          [](const MergePlan& plan, std::vector<double> weights, int device, uintptr_t stream, std::vector<int> fds,
+             int64_t slot_bytes, int nslots, int fill_threads, const py::object& progress, bool accumulate,
+             std::vector<std::string> fd_names, double divisor, double divisor_lo) {
+            const MergeRun r = make_run(std::move(weights), std::move(fds), std::move(fd_names), accumulate, divisor,
+                                        divisor_lo);
+            CudaMergeOptions o;
+            o.device = device;
+            o.stream = stream;
+            o.slot_bytes = slot_bytes;
+            o.nslots = nslots;
+            o.fill_threads = fill_threads;
+            MergeProgress cb = progress_callback(progress);
+            py::gil_scoped_release nogil;
+            cuda::run_merge(plan, r, o, cb);
+          },
+          py::arg("weights"), py::kw_only(), py::arg("device"), py::arg("stream"), py::arg("fds") = std::vector<int>(),
+          py::arg("slot_bytes") = CudaMergeOptions().slot_bytes, py::arg("nslots") = CudaMergeOptions().nslots,
+          py::arg("fill_threads") = 0, py::arg("progress") = py::none(), py::arg("accumulate") = false,
+          py::arg("fd_names") = std::vector<std::string>(), py::arg("divisor") = 1.0, py::arg("divisor_lo") = 0.0,
+          "Runs the plan through the GPU `device`, on `stream` (a cudaStream_t as an integer), through a ring "
+          "of nslots pinned slots of slot_bytes (kept between runs: release_cuda_buffers() frees it). "
+          "Memory outputs (out_file -1) are device addresses; inputs may be device memory (in_loc 2). "
+          "Weights and the rest as in run(). Synchronizes `stream` before it returns.");
+  m.def("release_cuda_buffers", &cuda::release_buffers, py::call_guard<py::gil_scoped_release>(),
+        "Frees the pinned and device memory of the CUDA merge ring (kept between merges; the next one "
+        "allocates it again). Returns the bytes freed.");
 #else
   m.attr("cuda_compiled") = false;
   m.def("cuda_device_count", [] { return 0; }, "CUDA devices present (this build has no CUDA: always 0).");
-  for (const char* name : {"weighted_sum_cuda", "multi_dot_cuda", "gram_cuda", "merge_cuda", "cuda_device_name",
+  for (const char* name : {"weighted_sum_cuda", "multi_dot_cuda", "gram_cuda", "cuda_device_name",
                            "cuda_is_device_pointer"}) {
     m.def(name, [name](py::args, py::kwargs) { no_cuda(name); });
   }
+  merge_plan.def("run_cuda", [](const MergePlan&, py::args, py::kwargs) { no_cuda("MergePlan.run_cuda"); });
+  // Nothing to free without CUDA: callers may release unconditionally.
+  m.def("release_cuda_buffers", [] { return int64_t(0); },
+        "Frees the CUDA merge ring's memory (this build has no CUDA: nothing to free, returns 0).");
 #endif
 }

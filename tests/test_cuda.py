@@ -53,8 +53,9 @@ def test_bad_device_strings():
 
 @pytest.mark.skipif(not _core.cuda_compiled, reason="this build has no CUDA")
 def test_cuda_entry_points_exist_in_a_cuda_build():
-    for name in ("weighted_sum_cuda", "multi_dot_cuda", "gram_cuda", "merge_cuda", "cuda_device_count"):
+    for name in ("weighted_sum_cuda", "multi_dot_cuda", "gram_cuda", "release_cuda_buffers", "cuda_device_count"):
         assert callable(getattr(_core, name))
+    assert callable(_core.MergePlan.run_cuda)
 
 
 def test_cpu_merge_refuses_device_inputs():

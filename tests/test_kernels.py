@@ -226,3 +226,28 @@ def test_counters_count_bytes():
     _torch.weighted_sum(ts, [1, 1, 1], dtype=torch.float32)
     c = _core.counters()
     assert c["bytes_read"] == 3 * 1000 * 2 and c["bytes_written"] == 1000 * 4 and c["calls"] == 1
+
+
+def test_merge_plan_is_checked_once_and_runs_again_with_new_weights():
+    # One _core.MergePlan (what engine._Segments builds), run twice with other weights and divisor:
+    # each run gives the plain-torch reference's bits. Small windows: several steps per segment.
+    a, b = _inputs(2, 20_000, [torch.float16], seed=11)
+    c, d = _inputs(2, 5_000, [torch.bfloat16, torch.float32], seed=12)
+    out16 = torch.empty(20_000, dtype=torch.float16)
+    out32 = torch.empty(5_000, dtype=torch.float32)
+    F16, BF16, F32 = 0, 1, 2
+    plan = _core.MergePlan(2, [20_000, 5_000], [0, 0], [-1, -1], [out16.data_ptr(), out32.data_ptr()], [F16, F32],
+                           [a.data_ptr(), b.data_ptr(), c.data_ptr(), d.data_ptr()], [F16, F16, BF16, F32], [0, 0, 0, 0])
+    assert plan.num_inputs == 2 and plan.num_segments == 2
+    for ws, divisor in (([0.5, 0.5], 1.0), ([2.0, -1.25], 3.0)):
+        plan.run(ws, window_bytes=1 << 14, divisor=divisor)
+        assert bits_equal(out16, _reference.weighted_sum([a, b], ws, torch.float16, divisor=divisor))
+        assert bits_equal(out32, _reference.weighted_sum([c, d], ws, torch.float32, divisor=divisor))
+    # A bad plan is refused when it is built, naming the segment and the input; a bad run when it runs.
+    with pytest.raises(ValueError, match=r"MergePlan: segment 1: input 1 has dtype code 9"):
+        _core.MergePlan(2, [4, 4], [0, 0], [-1, -1], [out16.data_ptr()] * 2, [F16, F16], [a.data_ptr()] * 4,
+                        [F16, F16, F16, 9], [0, 0, 0, 0])
+    with pytest.raises(ValueError, match="MergePlan: segment 0: null output address"):
+        _core.MergePlan(1, [4], [0], [-1], [0], [F16], [a.data_ptr()], [F16], [0])
+    with pytest.raises(ValueError, match=r"MergePlan.run: got 3 weights, expected 2"):
+        plan.run([1.0, 1.0, 1.0])

@@ -546,8 +546,8 @@ def test_the_native_writer_names_the_file_it_writes(tmp_path):
     fd = os.open("/dev/full", os.O_WRONLY)
     try:
         with pytest.raises(OSError) as ei:
-            fastsoup._core.merge([1.0], [src.numel()], [0], [0], [0], [2], [src.data_ptr()], [2], [0], [fd],
-                                 fd_names=["/some/where/model-00001-of-00001.safetensors"])
+            plan = fastsoup._core.MergePlan(1, [src.numel()], [0], [0], [0], [2], [src.data_ptr()], [2], [0])
+            plan.run([1.0], fds=[fd], fd_names=["/some/where/model-00001-of-00001.safetensors"])
     finally:
         os.close(fd)
     assert ei.value.filename == "/some/where/model-00001-of-00001.safetensors"

@@ -340,17 +340,9 @@ void weighted_sum_range(const WeightedSumParams& p, const cpu::KernelTable& tab,
 }  // namespace
 
 Status weighted_sum_cpu(const WeightedSumParams& p) {
-  if (p.n < 0) return Status::Error("weighted_sum: n must be >= 0");
-  if (p.accumulate && p.out_dtype != DType::kFloat32)
-    return Status::Error("weighted_sum: accumulate=True needs a float32 output");
-  if (p.accumulate && (p.divisor != 1.0 || p.divisor_lo != 0.0))
-    return Status::Error("weighted_sum: accumulate=True needs divisor 1");
-  if (!std::isfinite(p.divisor) || p.divisor == 0.0 || !std::isfinite(p.divisor_lo))
-    return Status::Error("weighted_sum: divisor must be finite and nonzero");
+  Status st = check_weighted_sum(p);
+  if (!st.ok) return st;
   if (p.n == 0) return Status::Ok();
-  if (p.out == nullptr) return Status::Error("weighted_sum: out is a null address");
-  for (int64_t k = 0; k < p.num_inputs; ++k)
-    if (p.inputs[k] == nullptr) return Status::Error("weighted_sum: inputs[" + std::to_string(k) + "] is a null address");
   int64_t in_bytes = 0;
   for (int64_t k = 0; k < p.num_inputs; ++k) in_bytes += p.n * static_cast<int64_t>(itemsize(p.input_dtypes[k]));
   const int64_t out_bytes = p.n * static_cast<int64_t>(itemsize(p.out_dtype));
@@ -386,26 +378,14 @@ int64_t super_chunk(int64_t n) {
   return (s + cpu::kBlock - 1) / cpu::kBlock * cpu::kBlock;
 }
 
-Status check_inputs(const char* op, const void* const* inputs, const DType* dtypes, int64_t K, int64_t n) {
-  if (n < 0) return Status::Error(std::string(op) + ": n must be >= 0");
-  if (n == 0) return Status::Ok();
-  for (int64_t k = 0; k < K; ++k) {
-    if (inputs[k] == nullptr) return Status::Error(std::string(op) + ": inputs[" + std::to_string(k) + "] is a null address");
-    if (!valid_dtype_code(static_cast<int>(dtypes[k])))
-      return Status::Error(std::string(op) + ": inputs[" + std::to_string(k) + "] has an invalid dtype code");
-  }
-  return Status::Ok();
-}
-
 }  // namespace
 
 Status multi_dot_cpu(const MultiDotParams& p) {
-  Status st = check_inputs("multi_dot", p.inputs, p.input_dtypes, p.num_inputs, p.n);
+  Status st = check_multi_dot(p);
   if (!st.ok) return st;
   const int64_t K = p.num_inputs;
   for (int64_t k = 0; k < K; ++k) p.out[k] = 0.0;
   if (p.n == 0 || K == 0) return Status::Ok();
-  if (p.g == nullptr) return Status::Error("multi_dot: g is a null address");
   const cpu::KernelTable& tab = table();
   const int threads = p.threads > 0 ? p.threads : cpu::available_threads();
   const int64_t sc = super_chunk(p.n);
@@ -439,7 +419,7 @@ Status multi_dot_cpu(const MultiDotParams& p) {
 }
 
 Status gram_cpu(const GramParams& p) {
-  Status st = check_inputs("gram", p.inputs, p.input_dtypes, p.num_inputs, p.n);
+  Status st = check_gram(p);
   if (!st.ok) return st;
   const int64_t K = p.num_inputs;
   for (int64_t i = 0; i < K * K; ++i) p.out[i] = 0.0;

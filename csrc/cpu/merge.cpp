@@ -17,49 +17,16 @@
 
 #include "fastsoup/io.h"
 #include "fastsoup/kernels.h"
+#include "fastsoup/plan.h"
 
 namespace fastsoup {
 
 namespace {
 
-void check_plan(const MergePlan& p) {
-  const int64_t K = p.num_inputs;
-  const size_t S = p.segments.size();
-  auto bad = [](const std::string& m) { throw std::invalid_argument("merge: " + m); };
-  if (K < 0) bad("num_inputs must be >= 0");
-  if (static_cast<int64_t>(p.weights.size()) != K && p.weights.size() != p.segments.size() * static_cast<size_t>(K))
-    bad("expected " + std::to_string(K) + " weights, or " + std::to_string(K) + " per segment");
-  const size_t SK = S * static_cast<size_t>(K);
-  if (p.in_addr.size() != SK || p.in_dtype.size() != SK || p.in_mapped.size() != SK)
-    bad("in_addr, in_dtype and in_mapped must have segments * num_inputs = " + std::to_string(SK) + " entries");
-  if (p.window_bytes <= 0 || p.buffer_bytes <= 0 || p.nbuffers < 2) bad("window/buffer sizes must be positive, nbuffers >= 2");
-  if (!p.fd_names.empty() && p.fd_names.size() != p.fds.size()) bad("fd_names must be empty or name every output file");
-  for (size_t s = 0; s < S; ++s) {
-    const MergeSegment& g = p.segments[s];
-    const std::string at = "segment " + std::to_string(s) + ": ";
-    if (g.n < 0) bad(at + "n must be >= 0");
-    if (g.out_file < -1 || g.out_file >= static_cast<int32_t>(p.fds.size())) bad(at + "out_file out of range");
-    if (g.out_file == -1 && g.out_offset == 0 && g.n > 0) bad(at + "null output address");
-    if (p.accumulate && (g.kind != SegmentKind::kWeightedSum || g.out_file != -1 || g.out_dtype != DType::kFloat32))
-      bad(at + "accumulate needs weighted sums into float32 memory");
-    if (g.kind == SegmentKind::kCopy) {
-      if (K < 1) bad(at + "a copy needs an input");
-      if (g.n > 0 && p.in_addr[s * K] == 0) bad(at + "null input address");
-      continue;
-    }
-    if (g.kind != SegmentKind::kWeightedSum) bad(at + "unknown kind");
-    if (!valid_dtype_code(static_cast<int>(g.out_dtype))) bad(at + "invalid output dtype code");
-    for (int64_t k = 0; k < K; ++k) {
-      if (!valid_dtype_code(p.in_dtype[s * K + k])) bad(at + "input " + std::to_string(k) + " has an invalid dtype code");
-      if (g.n > 0 && p.in_addr[s * K + k] == 0) bad(at + "input " + std::to_string(k) + " is a null address");
-    }
-  }
-}
-
 // A ring of staging buffers drained by one writer thread.
 class Writer {
  public:
-  Writer(int64_t cap, int nbuffers, const MergePlan& plan) : cap_(cap), nbuffers_(nbuffers), plan_(plan) {}
+  Writer(int64_t cap, int nbuffers, const MergeRun& run) : cap_(cap), nbuffers_(nbuffers), run_(run) {}
   ~Writer() {
     stop_and_join();
     for (char* b : all_) std::free(b);
@@ -91,7 +58,7 @@ class Writer {
  private:
   struct Job {
     char* data = nullptr;
-    int file = -1;  // index into the plan's fds
+    int file = -1;  // index into the run's fds
     int64_t offset = 0;
     int64_t len = 0;
   };
@@ -138,9 +105,8 @@ class Writer {
       std::exception_ptr err;
       try {
         if (!error_) {
-          const size_t f = static_cast<size_t>(j.file);
-          pwrite_all(plan_.fds[f], j.data, static_cast<size_t>(j.len), j.offset,
-                     f < plan_.fd_names.size() ? plan_.fd_names[f] : std::string("output file"));
+          pwrite_all(run_.fds[static_cast<size_t>(j.file)], j.data, static_cast<size_t>(j.len), j.offset,
+                     run_.fd_name(j.file));
         }
       } catch (...) {
         err = std::current_exception();
@@ -165,7 +131,7 @@ class Writer {
 
   const int64_t cap_;
   const int nbuffers_;
-  const MergePlan& plan_;
+  const MergeRun& run_;
   Job cur_;
   std::vector<char*> all_, free_;
   std::deque<Job> queue_;
@@ -215,44 +181,22 @@ class Prefetcher {
   bool stop_ = false;
 };
 
-struct Step {
-  size_t segment;
-  int64_t begin;  // element (or byte, for a copy) offset within the segment
-  int64_t count;
-};
-
 }  // namespace
 
-void run_merge(const MergePlan& p, const MergeProgress& progress) {
-  check_plan(p);
-  const int64_t K = p.num_inputs;
+void run_merge(const MergePlan& p, const MergeRun& run, const CpuMergeOptions& o, const MergeProgress& progress) {
+  run.check(p, /*device=*/false, "MergePlan.run");
+  o.check("MergePlan.run");
+  const int64_t K = p.num_inputs();
+  const std::vector<Step> steps = plan_steps(p, cpu_step_rule(o)).steps;
 
-  // Cut the segments into steps of about window_bytes of input (and at most one staging buffer of
-  // output when the output is a file).
-  std::vector<Step> steps;
-  for (size_t s = 0; s < p.segments.size(); ++s) {
-    const MergeSegment& g = p.segments[s];
-    if (g.n == 0) continue;
-    int64_t per;
-    if (g.kind == SegmentKind::kCopy) {
-      per = std::min(p.window_bytes, p.buffer_bytes);
-    } else {
-      int64_t in_elem = 0;
-      for (int64_t k = 0; k < K; ++k) in_elem += static_cast<int64_t>(itemsize(static_cast<DType>(p.in_dtype[s * K + k])));
-      per = std::max<int64_t>(4096, p.window_bytes / std::max<int64_t>(in_elem, 1));
-      if (g.out_file >= 0) per = std::min<int64_t>(per, p.buffer_bytes / static_cast<int64_t>(itemsize(g.out_dtype)));
-      per = std::max<int64_t>(per / 4096 * 4096, 1);
-    }
-    for (int64_t b = 0; b < g.n; b += per) steps.push_back({s, b, std::min(per, g.n - b)});
-  }
-
+  // Where input k of a step is; true when it is a file mapping to advise (a copy reads input 0 only).
   auto input_range = [&](const Step& st, int64_t k, const void** addr, size_t* len) {
-    const MergeSegment& g = p.segments[st.segment];
-    const size_t i = st.segment * static_cast<size_t>(K) + static_cast<size_t>(k);
-    const int64_t unit = g.kind == SegmentKind::kCopy ? 1 : static_cast<int64_t>(itemsize(static_cast<DType>(p.in_dtype[i])));
-    *addr = reinterpret_cast<const char*>(p.in_addr[i]) + st.begin * unit;
+    const MergeSegment& g = p.segment(st.segment);
+    const bool copy = g.kind == SegmentKind::kCopy;
+    const int64_t unit = copy ? 1 : static_cast<int64_t>(itemsize(p.input_dtype(st.segment, k)));
+    *addr = static_cast<const char*>(p.input(st.segment, k)) + st.begin * unit;
     *len = static_cast<size_t>(st.count * unit);
-    return p.in_mapped[i] != 0 && (g.kind == SegmentKind::kWeightedSum || k == 0);
+    return p.input_location(st.segment, k) == InputLocation::kMapped && (!copy || k == 0);
   };
 
   Prefetcher prefetcher;
@@ -264,22 +208,18 @@ void run_merge(const MergePlan& p, const MergeProgress& progress) {
       if (input_range(steps[idx], k, &a, &len)) prefetcher.post(a, len);
     }
   };
-  for (int i = 0; i < p.prefetch_steps; ++i) prefetch(static_cast<size_t>(i));
+  for (int i = 0; i < o.prefetch_steps; ++i) prefetch(static_cast<size_t>(i));
 
-  Writer writer(p.buffer_bytes, p.nbuffers, p);
-  std::vector<const void*> mapped_inputs;
-  for (size_t i = 0; i < p.in_addr.size(); ++i)
-    if (p.in_mapped[i] == 1) mapped_inputs.push_back(reinterpret_cast<const void*>(p.in_addr[i]));
-  FaultWatch watch(mapped_inputs);
+  Writer writer(o.buffer_bytes, o.nbuffers, run);
+  FaultWatch watch(p.mapped_inputs());
   std::vector<const void*> ins(static_cast<size_t>(K));
   std::vector<DType> dts(static_cast<size_t>(K));
   int64_t done_in = 0, done_out = 0;
 
   for (size_t idx = 0; idx < steps.size(); ++idx) {
-    prefetch(idx + static_cast<size_t>(p.prefetch_steps));
+    prefetch(idx + static_cast<size_t>(o.prefetch_steps));
     const Step& st = steps[idx];
-    const MergeSegment& g = p.segments[st.segment];
-    const size_t base = st.segment * static_cast<size_t>(K);
+    const MergeSegment& g = p.segment(st.segment);
     const int64_t out_unit = g.kind == SegmentKind::kCopy ? 1 : static_cast<int64_t>(itemsize(g.out_dtype));
     const int64_t out_len = st.count * out_unit;
     char* dst;
@@ -288,36 +228,36 @@ void run_merge(const MergePlan& p, const MergeProgress& progress) {
 
     int64_t step_in = 0;
     if (g.kind == SegmentKind::kCopy) {
-      std::memcpy(dst, reinterpret_cast<const char*>(p.in_addr[base]) + st.begin, static_cast<size_t>(st.count));
+      std::memcpy(dst, static_cast<const char*>(p.input(st.segment, 0)) + st.begin, static_cast<size_t>(st.count));
       add_counters(st.count, st.count);
-      if (p.in_mapped[base] != 0) add_mapped_read(st.count);
+      if (p.input_location(st.segment, 0) == InputLocation::kMapped) add_mapped_read(st.count);
       step_in = st.count;
     } else {
       for (int64_t k = 0; k < K; ++k) {
         size_t len;
         if (input_range(st, k, &ins[static_cast<size_t>(k)], &len)) add_mapped_read(static_cast<int64_t>(len));
-        dts[static_cast<size_t>(k)] = static_cast<DType>(p.in_dtype[base + static_cast<size_t>(k)]);
+        dts[static_cast<size_t>(k)] = p.input_dtype(st.segment, k);
         step_in += static_cast<int64_t>(len);
       }
       WeightedSumParams wp;
       wp.inputs = ins.data();
       wp.input_dtypes = dts.data();
-      wp.weights = p.weights.data() + (static_cast<int64_t>(p.weights.size()) == K ? 0 : base);
+      wp.weights = run.weights_of(p, st.segment);
       wp.num_inputs = K;
       wp.out = dst;
       wp.out_dtype = g.out_dtype;
       wp.n = st.count;
-      wp.threads = p.threads;
-      wp.accumulate = p.accumulate;
-      wp.divisor = p.divisor;
-      wp.divisor_lo = p.divisor_lo;
+      wp.threads = o.threads;
+      wp.accumulate = run.accumulate;
+      wp.divisor = run.divisor;
+      wp.divisor_lo = run.divisor_lo;
       Status s = weighted_sum_cpu(wp);
-      if (!s.ok) throw std::invalid_argument("merge: " + s.message);
+      if (!s.ok) throw std::invalid_argument("MergePlan.run: " + s.message);
     }
     for (int64_t k = 0; k < K; ++k) {
       const void* a;
       size_t len;
-      if (p.release && input_range(st, k, &a, &len)) advise_range(a, len, Advice::kDontNeed);
+      if (o.release && input_range(st, k, &a, &len)) advise_range(a, len, Advice::kDontNeed);
     }
     // An input truncated (or unreadable) while this step read it: stop, nothing is to be trusted.
     if (watch.faulted()) throw InputFault(watch.path());

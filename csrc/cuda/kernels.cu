@@ -220,15 +220,6 @@ __global__ void __launch_bounds__(kThreads) dot_finish_kernel(const double* part
   if (threadIdx.x == 0) out[col] = red[0];
 }
 
-Status check_inputs(const char* op, const void* const* inputs, const DType* dts, int64_t k, int64_t n) {
-  if (n < 0) return Status::Error(std::string(op) + ": n must be >= 0");
-  for (int64_t i = 0; i < k; ++i) {
-    if (n > 0 && inputs[i] == nullptr) return Status::Error(std::string(op) + ": inputs[" + std::to_string(i) + "] is a null address");
-    if (!valid_dtype_code(static_cast<int>(dts[i]))) return Status::Error(std::string(op) + ": inputs[" + std::to_string(i) + "] has an invalid dtype code");
-  }
-  return Status::Ok();
-}
-
 }  // namespace
 
 int grid_size(int device, int64_t work, int threads) {
@@ -271,17 +262,9 @@ bool is_device_pointer(const void* p, int device) {
 }
 
 Status weighted_sum(const WeightedSumParams& p, int device, uintptr_t stream_handle) {
-  Status st = check_inputs("weighted_sum", p.inputs, p.input_dtypes, p.num_inputs, p.n);
+  Status st = check_weighted_sum(p);
   if (!st.ok) return st;
-  if (!valid_dtype_code(static_cast<int>(p.out_dtype))) return Status::Error("weighted_sum: invalid output dtype code");
-  if (p.accumulate && p.out_dtype != DType::kFloat32)
-    return Status::Error("weighted_sum: accumulate=True needs a float32 output");
-  if (p.accumulate && (p.divisor != 1.0 || p.divisor_lo != 0.0))
-    return Status::Error("weighted_sum: accumulate=True needs divisor 1");
-  if (!std::isfinite(p.divisor) || p.divisor == 0.0 || !std::isfinite(p.divisor_lo))
-    return Status::Error("weighted_sum: divisor must be finite and nonzero");
   if (p.n == 0) return Status::Ok();
-  if (p.out == nullptr) return Status::Error("weighted_sum: out is a null address");
   DeviceGuard guard(device);
   cudaStream_t stream = as_stream(stream_handle);
   const int64_t K = p.num_inputs;
@@ -324,13 +307,11 @@ Status weighted_sum(const WeightedSumParams& p, int device, uintptr_t stream_han
 }
 
 Status multi_dot(const MultiDotParams& p, int device, uintptr_t stream_handle) {
-  Status st = check_inputs("multi_dot", p.inputs, p.input_dtypes, p.num_inputs, p.n);
+  Status st = check_multi_dot(p);
   if (!st.ok) return st;
-  if (!valid_dtype_code(static_cast<int>(p.g_dtype))) return Status::Error("multi_dot: invalid dtype code of g");
   const int64_t K = p.num_inputs;
   for (int64_t k = 0; k < K; ++k) p.out[k] = 0.0;
   if (K == 0 || p.n == 0) return Status::Ok();
-  if (p.g == nullptr) return Status::Error("multi_dot: g is a null address");
   DeviceGuard guard(device);
   cudaStream_t stream = as_stream(stream_handle);
   const int64_t nchunks = (p.n + kChunk - 1) / kChunk;
@@ -364,7 +345,7 @@ Status multi_dot(const MultiDotParams& p, int device, uintptr_t stream_handle) {
 }
 
 Status gram(const GramParams& p, int device, uintptr_t stream_handle) {
-  Status st = check_inputs("gram", p.inputs, p.input_dtypes, p.num_inputs, p.n);
+  Status st = check_gram(p);
   if (!st.ok) return st;
   const int64_t K = p.num_inputs;
   std::vector<double> row(static_cast<size_t>(K));

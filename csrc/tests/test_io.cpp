@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "fastsoup/io.h"
+#include "fastsoup/plan.h"
 #include "expect.h"
 
 using namespace fastsoup;
@@ -57,20 +58,26 @@ static void test_watch_counts_only_its_ranges() {
          watch.path().c_str());
 }
 
-static MergePlan one_input_plan(uintptr_t in, int64_t n, void* out) {
-  MergePlan p;
-  p.num_inputs = 1;
-  p.weights = {1.0f};
+// out (or output file 0 at offset 0, when out is null) = 1.0 * in, n float32 elements.
+static MergePlan one_input_plan(uintptr_t in, int64_t n, void* out, InputLocation loc) {
   MergeSegment g;
   g.n = n;
+  g.out_file = out ? -1 : 0;
   g.out_offset = reinterpret_cast<int64_t>(out);
   g.out_dtype = DType::kFloat32;
-  p.segments = {g};
-  p.in_addr = {in};
-  p.in_dtype = {static_cast<int32_t>(DType::kFloat32)};
-  p.in_mapped = {1};
-  p.window_bytes = 1 << 16;  // many steps: the fault is seen at the step that read it
-  return p;
+  return MergePlan(1, {g}, {in}, {static_cast<int32_t>(DType::kFloat32)}, {static_cast<int32_t>(loc)});
+}
+
+static MergeRun weight_one() {
+  MergeRun r;
+  r.weights = {1.0};
+  return r;
+}
+
+static CpuMergeOptions small_steps() {
+  CpuMergeOptions o;
+  o.window_bytes = 1 << 16;  // many steps: the fault is seen at the step that read it
+  return o;
 }
 
 static void test_merge_of_a_truncated_input_throws_input_fault() {
@@ -81,7 +88,7 @@ static void test_merge_of_a_truncated_input_throws_input_fault() {
   ::truncate(path.c_str(), 8192);
   bool thrown = false;
   try {
-    run_merge(one_input_plan(m.address(), n, out.data()), nullptr);
+    run_merge(one_input_plan(m.address(), n, out.data(), InputLocation::kMapped), weight_one(), small_steps(), nullptr);
   } catch (const InputFault& e) {
     thrown = e.path == path && e.err == EIO;
   }
@@ -117,16 +124,14 @@ static void test_rename_noreplace() {
 static void test_writer_names_its_file() {
   const int64_t n = 1 << 16;
   std::vector<float> in(static_cast<size_t>(n), 1.0f);
-  MergePlan p = one_input_plan(reinterpret_cast<uintptr_t>(in.data()), n, nullptr);
-  p.in_mapped = {0};
-  p.segments[0].out_file = 0;
-  p.segments[0].out_offset = 0;
+  const MergePlan p = one_input_plan(reinterpret_cast<uintptr_t>(in.data()), n, nullptr, InputLocation::kHost);
   const int fd = ::open("/dev/full", O_WRONLY);
-  p.fds = {fd};
-  p.fd_names = {"/out/model-00001-of-00001.safetensors"};
+  MergeRun r = weight_one();
+  r.fds = {fd};
+  r.fd_names = {"/out/model-00001-of-00001.safetensors"};
   std::string named;
   try {
-    run_merge(p, nullptr);
+    run_merge(p, r, small_steps(), nullptr);
   } catch (const OsError& e) {
     named = e.path;
   }

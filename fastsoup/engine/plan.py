@@ -32,7 +32,8 @@ class Segments:
 
     A tensor that continues the previous one in every input and in the output (same kinds and
     dtypes, back to back) extends its segment instead of opening a new one, so files written alike
-    stream as one flat range per shard.
+    stream as one flat range per shard. The first :meth:`run` turns the lists into a
+    ``_core.MergePlan`` (checked once, natively); later runs reuse it with their own weights.
     """
 
     def __init__(self, num_inputs: int, *, per_segment: bool = False):
@@ -51,6 +52,7 @@ class Segments:
         self.weights: list[float] = []  # per-segment weights (segment-major), when any segment has its own
         self.total_in = 0  # input bytes
         self._last = None  # (kind, out_file, out_end, out_code, input ends, input codes, mapped)
+        self._plan = None  # the _core.MergePlan of these lists, once a run built it
 
     def weighted(self, n: int, out_file: int, out_offset: int, out_code: int, inputs, weights=None) -> None:
         """out[:n] = round(sum_k w_k * in_k[:n] / divisor); inputs: K ``(address, dtype code, location)`` with
@@ -80,6 +82,7 @@ class Segments:
                   [int(loc)] + pad, [addr + nbytes] + pad, [0.0] * self.K if self.per_segment else None)
 
     def _add(self, kind, n, dfile, doff, out_code, out_len, addrs, codes, mapped, ends, ws):
+        self._plan = None  # the lists change: the next run builds the plan again
         last = self._last
         if (last is not None and last[0] == kind and last[1] == dfile and last[2] == doff and last[3] == out_code
                 and last[4] == addrs and last[5] == codes and last[6] == mapped and last[7] == ws):
@@ -117,20 +120,16 @@ class Segments:
             raise InputChangedError(f"{e.filename} {e.strerror}") from None
 
     def _run_native(self, ws, fds, threads, progress, accumulate, device, fd_names, hi, lo) -> None:
+        if self._plan is None:  # checked once here (ValueError naming the segment), then run as often as asked
+            self._plan = _core.MergePlan(self.K, self.n, self.kind, self.out_file, self.out_offset, self.out_dtype,
+                                         self.in_addr, self.in_dtype, self.in_mapped)
+        common = dict(fds=list(fds), progress=progress, accumulate=accumulate, fd_names=list(fd_names), divisor=hi,
+                      divisor_lo=lo)
         if device.is_cuda:
             from .. import _torch
 
-            _core.merge_cuda(
-                ws, self.n, self.kind, self.out_file, self.out_offset, self.out_dtype, self.in_addr, self.in_dtype,
-                self.in_mapped, list(fds), device.index, _torch.cuda_stream(device.index), SLOT_BYTES, NSLOTS,
-                threads, progress, accumulate, list(fd_names), hi, lo,
-            )
-            return
-        if 2 in self.in_mapped:
-            raise ValueError("a device (CUDA) input in a CPU merge: run on that device")
-        _core.merge(
-            ws, self.n, self.kind, self.out_file, self.out_offset, self.out_dtype,
-            self.in_addr, self.in_dtype, self.in_mapped, list(fds), threads, WINDOW_BYTES, BUFFER_BYTES, NBUFFERS,
-            progress, accumulate=accumulate, fd_names=list(fd_names), divisor=hi, divisor_lo=lo,
-        )
-
+            self._plan.run_cuda(ws, device=device.index, stream=_torch.cuda_stream(device.index), slot_bytes=SLOT_BYTES,
+                                nslots=NSLOTS, fill_threads=threads, **common)
+        else:  # a device input is refused natively (the plan knows where its inputs are)
+            self._plan.run(ws, threads=threads, window_bytes=WINDOW_BYTES, buffer_bytes=BUFFER_BYTES, nbuffers=NBUFFERS,
+                           **common)

@@ -13,6 +13,7 @@
 #include "fastsoup/dtype.h"
 #include "fastsoup/io.h"
 #include "fastsoup/kernels.h"
+#include "fastsoup/plan.h"
 
 namespace fastsoup {
 namespace cuda {
@@ -39,20 +40,21 @@ Status multi_dot(const MultiDotParams& p, int device, uintptr_t stream);
 // The K x K Gram matrix (K multi_dot passes over the inputs).
 Status gram(const GramParams& p, int device, uintptr_t stream);
 
-// Streams a merge plan (io.h) through the GPU. Per input, in_mapped says where the data is:
-// 0 host memory, 1 a host file mapping, 2 device memory (used in place). Host inputs go through a
-// ring of pinned slots: CPU threads fill slot j+1 while slot j is copied (copy stream) and slot j-1
-// is summed (`stream`), with events between them. Outputs: out_file -1 is a device address (the
-// result stays on the GPU); otherwise a file, written through pinned memory by pwrite. GPU memory
-// used: the ring, whatever K and the model size. Synchronizes `stream` before returning.
-struct CudaMergeOptions {
-  int device = 0;
-  uintptr_t stream = 0;
-  int64_t slot_bytes = 32ll << 20;  // input bytes per step (all host inputs together)
-  int nslots = 3;
-  int fill_threads = 0;  // CPU threads filling the pinned slots (0: all)
-};
-void run_merge(const MergePlan& plan, const CudaMergeOptions& options, const MergeProgress& progress);
+// Runs a merge plan (plan.h) through the GPU, on options.device and options.stream. Inputs: device
+// memory is used in place; host inputs (memory or file mappings) go through a ring of pinned slots:
+// CPU threads fill slot j+1 while slot j is copied (copy stream) and slot j-1 is summed (`stream`),
+// with events between them. Outputs: out_file -1 is a device address (the result stays on the
+// GPU); otherwise a file, written through pinned memory by pwrite. GPU memory used: the ring,
+// whatever K and the model size. Checks `run` and `options` first (the same checks as the CPU's, in
+// plan.h, device inputs allowed); synchronizes `stream` before returning. Merges are serialized
+// (one ring).
+void run_merge(const MergePlan& plan, const MergeRun& run, const CudaMergeOptions& options,
+               const MergeProgress& progress);
+
+// Frees the ring's pinned and device memory now (it is kept between merges, and otherwise until
+// the process exits; the next merge allocates it again). Waits for a merge in progress. Returns
+// the bytes freed (0 when there was no ring).
+int64_t release_buffers();
 
 }  // namespace cuda
 }  // namespace fastsoup

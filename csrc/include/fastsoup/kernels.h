@@ -86,6 +86,13 @@ struct GramParams {
   int threads = 0;
 };
 
+// The checks of the primitives' parameters (csrc/cpu/checks.cpp), one place for the CPU and the
+// CUDA entry points: sizes, dtype codes, null addresses (only where n > 0: an empty call reads
+// nothing), the divisor and accumulate's conditions. Every entry point below calls its check first.
+Status check_weighted_sum(const WeightedSumParams& p);
+Status check_multi_dot(const MultiDotParams& p);
+Status check_gram(const GramParams& p);
+
 // weighted_sum: the order above, element by element, so every thread count and ISA gives the same
 // bits. multi_dot/gram: products are binary32, summed in binary32 within fixed blocks of elements
 // and across blocks in binary64, in an order that depends only on n: the same inputs give the same
