@@ -32,6 +32,8 @@ import threading
 import time
 import warnings
 
+from ._errors import ArgumentError
+
 # `time fastsoup demo --out DIR` on the 2-vCPU development machine, the whole command: 11.4 to 18.8 s (5 runs,
 # load average 3.7 to 4.3 from other jobs), 9 to 10 s of CPU. Said alike in the README (Quick start).
 DEMO_SECONDS = "10 to 20 s"
@@ -180,7 +182,7 @@ def _key_map(args):
     for spec in args.rename:
         pattern, sep, repl = spec.partition("=")
         if not sep or not pattern:
-            raise ValueError(f"--rename {spec!r}: expected REGEX=REPLACEMENT")
+            raise ArgumentError(f"--rename {spec!r}: expected REGEX=REPLACEMENT")
         rules.append((pattern, repl))
     return rules or None
 
@@ -287,9 +289,9 @@ def _evals(specs) -> dict:
     for spec in specs:
         name, sep, target = spec.partition("=")
         if not sep or not name or not target:
-            raise ValueError(f"--eval {spec!r}: expected NAME=MOD:LOADER")
+            raise ArgumentError(f"--eval {spec!r}: expected NAME=MOD:LOADER")
         if name in evals or name == "heldout":
-            raise ValueError(f"--eval {spec!r}: the name {name!r} is already used")
+            raise ArgumentError(f"--eval {spec!r}: the name {name!r} is already used")
         evals[name] = target
     return evals
 
@@ -377,23 +379,23 @@ def _check_device(device) -> None:
     try:
         dev = torch.device(device)
     except (RuntimeError, ValueError, TypeError):
-        raise ValueError(f"--device {device}: not a device torch knows (e.g. cpu, cuda, cuda:1)") from None
+        raise ArgumentError(f"--device {device}: not a device torch knows (e.g. cpu, cuda, cuda:1)") from None
     if dev.type == "cuda":
         if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
-            raise ValueError(
+            raise ArgumentError(
                 f"--device {device}: this torch ({torch.__version__}) is built without CUDA; install a CUDA build of "
                 "torch, or leave out --device to run on the CPU"
             )
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
-            raise ValueError(f"--device {device}: no CUDA device is visible to this process")
+            raise ArgumentError(f"--device {device}: no CUDA device is visible to this process")
         if dev.index is not None and dev.index >= count:
-            raise ValueError(f"--device {device}: {count} CUDA device(s) visible (cuda:0 to cuda:{count - 1})")
+            raise ArgumentError(f"--device {device}: {count} CUDA device(s) visible (cuda:0 to cuda:{count - 1})")
     elif dev.type not in ("cpu", "meta"):
         backend = getattr(torch, dev.type, None)
         available = getattr(backend, "is_available", None)
         if callable(available) and not available():
-            raise ValueError(
+            raise ArgumentError(
                 f"--device {device}: no {dev.type} device is available to this torch ({torch.__version__})")
 
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ._errors import FastsoupError, UnsafeOutputError
+from ._errors import ArgumentError, FastsoupError, OutputExistsError, UnsafeOutputError
 from .distributed import comm as _comm
 from .io import _tempfiles
 
@@ -132,7 +132,7 @@ def run_report(
 
     start = time.perf_counter()
     if os.path.exists(out) and not overwrite:
-        raise FastsoupError(f"{out} exists: pass --overwrite to replace it")
+        raise OutputExistsError(f"{out} exists: pass --overwrite to replace it")
     if results is None:
         results = os.path.join(cache_dir if cache_dir else os.path.dirname(os.path.abspath(out)), "results.jsonl")
     _check_results(results)  # before any work: the rows never replace a file of the user's
@@ -203,14 +203,14 @@ def plot_results(results: str, out: str, *, x: str = "heldout", y: str | None = 
         raise FastsoupError(f"{results} has no results")
     sets = [k for k in rows[0] if k not in ("name", "kind", "members")]
     if x not in sets:
-        raise FastsoupError(f"{results} has no data set {x!r} (it has {', '.join(sets)})")
+        raise ArgumentError(f"{results} has no data set {x!r} (it has {', '.join(sets)})")
     if y is None:
         others = [s for s in sets if s != x]
         if not others:
-            raise FastsoupError(f"{results} has only {x!r}: run fastsoup greedy with --eval NAME=... for a y axis")
+            raise ArgumentError(f"{results} has only {x!r}: run fastsoup greedy with --eval NAME=... for a y axis")
         y = others[0]
     if y not in sets:
-        raise FastsoupError(f"{results} has no data set {y!r} (it has {', '.join(sets)})")
+        raise ArgumentError(f"{results} has no data set {y!r} (it has {', '.join(sets)})")
     fig, ax = plt.subplots(figsize=(6, 5))
     ind = [r for r in rows if r["kind"] == "individual"]
     ax.scatter([100 * r[x] for r in ind], [100 * r[y] for r in ind], c="tab:gray", s=30, label="individual models")

@@ -23,7 +23,7 @@ from typing import Any
 
 from ._dtypes import BY_NAME, parse_float_dtype
 from ._dtypes import info as dtype_info
-from ._errors import FastsoupError, InputChangedError
+from ._errors import ArgumentError, FastsoupError, InputChangedError
 from .engine import Device, MergeSpec, Segments, collective, resolve_device, run, source
 from .io import _sidefiles
 from .io.checkpoint import Checkpoint, check_compatible, open_checkpoint
@@ -66,7 +66,7 @@ class Soup:
                  strip_prefix: str | None = None, _names: NameMap | None = None):
         self._device = resolve_device(device)
         if threads is not None and (not isinstance(threads, int) or threads < 1):
-            raise ValueError(f"threads must be a positive integer, got {threads!r}")
+            raise ArgumentError(f"threads must be a positive integer, got {threads!r}")
         self._threads = threads or 0
         self._model = template if _is_module(template) else None
         self._template = template if _sidefiles.is_path(template) else None  # the default donor of side files
@@ -151,7 +151,7 @@ class Soup:
         self._need_ingredients("form a candidate")
         total = self.total_weight + w
         if total == 0.0:
-            raise ValueError("the candidate's weights sum to zero: cannot normalize")
+            raise ArgumentError("the candidate's weights sum to zero: cannot normalize")
         ck = self._open(ingredient)
         model = self._target(model)
         if self._scratch is None:
@@ -317,7 +317,7 @@ class Soup:
     def _target(self, model: Any) -> Any:
         model = model if model is not None else self._model
         if model is None:
-            raise ValueError("no model: pass one (the soup was made from a checkpoint, not a module)")
+            raise ArgumentError("no model: pass one (the soup was made from a checkpoint, not a module)")
         return model
 
     def _write(self, model: Any, flat, total: float, *, extras: bool) -> None:
@@ -336,9 +336,9 @@ def _finite(w: Any) -> float:
     try:
         w = float(w)
     except (TypeError, ValueError):
-        raise ValueError(f"weight must be a number, got {w!r}") from None
+        raise ArgumentError(f"weight must be a number, got {w!r}") from None
     if w != w or w in (float("inf"), float("-inf")):
-        raise ValueError(f"weight must be finite, got {w}")
+        raise ArgumentError(f"weight must be finite, got {w}")
     return w
 
 

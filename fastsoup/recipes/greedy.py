@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from .._errors import ArgumentError
 from .._native import _core
 from ..distributed import comm as _comm
 from ..io._sidefiles import SoupInfo
@@ -214,7 +215,7 @@ def run_greedy(s: Search, *, strict: bool = False, order: Sequence[int] | None =
                reorder: str = "examples") -> GreedyResult:
     """The greedy loop over a prepared :class:`~fastsoup.search.Search` (see :func:`greedy_soup`)."""
     if reorder not in REORDERS:
-        raise ValueError(f"reorder must be one of {', '.join(map(repr, REORDERS))}, got {reorder!r}")
+        raise ArgumentError(f"reorder must be one of {', '.join(map(repr, REORDERS))}, got {reorder!r}")
     return _Greedy(s, bool(strict), order, reorder).run()
 
 

@@ -9,6 +9,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .._errors import ArgumentError
 from ..engine import weighted_sum
 
 DEFAULT_ALPHAS = tuple(i / 10 for i in range(11))
@@ -24,7 +25,7 @@ def interpolate(theta_0: Any, theta_1: Any, alpha: float, **kwargs: Any):
     """
     a = float(alpha)
     if a != a or a in (float("inf"), float("-inf")):
-        raise ValueError(f"alpha must be finite, got {alpha}")
+        raise ArgumentError(f"alpha must be finite, got {alpha}")
     return weighted_sum([theta_0, theta_1], [1.0 - a, a], **kwargs)
 
 

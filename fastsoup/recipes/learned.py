@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from .._errors import FastsoupError
+from .._errors import ArgumentError, FastsoupError
 from ..distributed import comm as _comm
 from ..io import _tempfiles
 from ..io.checkpoint import Checkpoint, check_compatible, open_checkpoint, with_key
@@ -414,11 +414,11 @@ def _sum_shares(comm, G: torch.Tensor, loss: torch.Tensor, beta: torch.nn.Parame
 def _initial_weights(init: Any, K: int) -> list[float]:
     if isinstance(init, str):
         if init != "uniform":
-            raise ValueError(f"init must be 'uniform' or {K} weights, got {init!r}")
+            raise ArgumentError(f"init must be 'uniform' or {K} weights, got {init!r}")
         return [1.0 / K] * K
     w = [float(v) for v in init]
     if len(w) != K or not all(v == v and abs(v) != float("inf") for v in w) or sum(w) == 0:
-        raise ValueError(f"init must be 'uniform' or {K} finite weights with a non-zero sum, got {init!r}")
+        raise ArgumentError(f"init must be 'uniform' or {K} finite weights with a non-zero sum, got {init!r}")
     total = sum(w)
     return [v / total for v in w]
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .._errors import FastsoupError
+from .._errors import ArgumentError, ArgumentTypeError, DataError
 from .._native import _core
 from ..distributed import comm as _comm
 from ..distributed.cache import open_cache
@@ -82,9 +82,9 @@ class Search:
         self.verify = _cache.check_verify(verify)
         self.sources = list(ingredients)
         if not self.sources:
-            raise ValueError("no ingredients: give at least one checkpoint")
+            raise ArgumentError("no ingredients: give at least one checkpoint")
         if not isinstance(model, torch.nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+            raise ArgumentTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.progress = progress
         self.stats = SearchStats()
         self.names = [_name(src, i) for i, src in enumerate(self.sources)]
@@ -113,9 +113,9 @@ class Search:
             store = self.cache.data_prefix("heldout")
         if heldout is None:  # the held-out set a search stored in the cache: no pipeline to run
             if cache_dir is None:
-                raise ValueError("heldout=None takes the held-out data stored in cache_dir: give cache_dir, or the data")
+                raise ArgumentError("heldout=None takes the held-out data stored in cache_dir: give cache_dir, or the data")
             if _comm.current() is not None:
-                raise ValueError("heldout=None is not supported under torch.distributed: give every rank the data")
+                raise ArgumentError("heldout=None is not supported under torch.distributed: give every rank the data")
             heldout, stored = load_heldout(store)
             store = None
         # With a cache, the held-out set is written there as it is prepared (on the CPU it then lives in
@@ -123,11 +123,11 @@ class Search:
         self.data: dict[str, HeldOut] = {"heldout": prepare(heldout, self.device, name="heldout", store=store)}
         try:
             if stored is not None and self.heldout.fingerprint != stored:
-                raise FastsoupError(f"{self.cache.data_prefix('heldout')}.bin: the stored held-out data does not match the "
+                raise DataError(f"{self.cache.data_prefix('heldout')}.bin: the stored held-out data does not match the "
                                     "fingerprint it was stored with (damaged): give the data set to store it again")
             for name, loader in (evals or {}).items():
                 if name == "heldout":
-                    raise ValueError("'heldout' is the held-out set's name; give the eval set another name")
+                    raise ArgumentError("'heldout' is the held-out set's name; give the eval set another name")
                 self.data[name] = prepare(loader, self.device, name=name)
             if self.cache is not None:
                 self.cache.check("model", self.model_fp, describe=f"the model ({type(model).__name__})")
@@ -234,7 +234,7 @@ class Search:
             return sorted(range(n), key=lambda i: -scores[i])  # stable: ties keep the input order
         order = [int(i) for i in order]
         if not order or len(set(order)) != len(order) or not all(0 <= i < n for i in order):
-            raise ValueError(f"order must list distinct ingredient indices in [0, {n}), got {order}")
+            raise ArgumentError(f"order must list distinct ingredient indices in [0, {n}), got {order}")
         return order
 
 

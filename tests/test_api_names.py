@@ -1,0 +1,59 @@
+"""The names of the public API (issue 21): one error hierarchy under FastsoupError whose classes are
+also the built-in exceptions callers caught before."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import _tiny
+
+import fastsoup
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    return _tiny.build_zoo(tmp_path_factory.mktemp("zoo"))
+
+
+# --- errors --------------------------------------------------------------------------------------------
+
+
+def test_the_error_classes_are_one_hierarchy_and_keep_their_builtin_types():
+    E = fastsoup
+    for cls, builtin in ((E.ArgumentError, ValueError), (E.ArgumentTypeError, TypeError),
+                         (E.CheckpointError, ValueError), (E.DataError, ValueError),
+                         (E.CacheMismatchError, ValueError), (E.UnsafeOutputError, ValueError),
+                         (E.OutputExistsError, FileExistsError), (E.InputChangedError, E.CheckpointError),
+                         (E.DistributedError, E.FastsoupError)):
+        assert issubclass(cls, E.FastsoupError) and issubclass(cls, builtin), cls
+    assert not issubclass(E.ArgumentTypeError, ValueError)  # a TypeError stays a TypeError only
+    # the classes the subpackages named before are the same objects
+    from fastsoup.distributed import DistributedError
+    from fastsoup.search.cache import CacheMismatchError
+    assert DistributedError is E.DistributedError and CacheMismatchError is E.CacheMismatchError
+
+
+def test_bad_arguments_raise_the_hierarchy(zoo, tmp_path):
+    p = zoo.paths[:2]
+    cases = [
+        (lambda: fastsoup.average(p, [1.0]), fastsoup.ArgumentError, "weights"),
+        (lambda: fastsoup.average(p, threads=0), fastsoup.ArgumentError, "threads"),
+        (lambda: fastsoup.average(p, device="tpu"), fastsoup.ArgumentError, "device="),
+        (lambda: fastsoup.average(p, dtype="int3"), fastsoup.ArgumentError, "dtype"),
+        (lambda: fastsoup.average(p, out=str(tmp_path / "o"), shard_size="lots"), fastsoup.ArgumentError, "size"),
+        (lambda: fastsoup.average(p, key_map=[("(", "x")]), fastsoup.ArgumentError, "regular expression"),
+        (lambda: fastsoup.average(p, strip_prefix=3), fastsoup.ArgumentTypeError, "strip_prefix"),
+        (lambda: fastsoup.uniform_soup(p, weights=[1, 2]), fastsoup.ArgumentTypeError, "no weights"),
+        (lambda: fastsoup.Soup.like(p[0]).add(p[0], float("nan")), fastsoup.ArgumentError, "weight"),
+        (lambda: fastsoup.greedy_soup(p, object(), zoo.heldout), fastsoup.ArgumentTypeError, "nn.Module"),
+        (lambda: fastsoup.greedy_soup(p, zoo.model(), zoo.heldout, reorder="x"), fastsoup.ArgumentError, "reorder"),
+        (lambda: fastsoup.greedy_soup(p, zoo.model(), zoo.heldout, order=[5]), fastsoup.ArgumentError, "order"),
+        (lambda: fastsoup.greedy_soup(p, zoo.model(), zoo.heldout, metric=3), fastsoup.ArgumentError, "metric"),
+        (lambda: fastsoup.greedy_soup(p, zoo.model(), zoo.heldout, verify="x"), fastsoup.ArgumentError, "verify"),
+        (lambda: fastsoup.greedy_soup(p, zoo.model(), [42]), fastsoup.DataError, "batch 0"),
+    ]
+    for call, cls, match in cases:
+        with pytest.raises(cls, match=match):
+            call()
