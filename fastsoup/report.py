@@ -17,15 +17,21 @@ from ._errors import ArgumentError, FastsoupError, OutputExistsError, UnsafeOutp
 from .distributed import comm as _comm
 from .io import _tempfiles
 
+# The user's functions loaded by load_callable: code object -> (what it is, its spec), so that an error
+# raised inside one is reported naming it (fastsoup.cli).
+_LOADED: dict = {}
 
-def load_callable(spec: str) -> Callable[[], Any]:
-    """``"pkg.mod:func"`` or ``"path/to/file.py:func"`` -> the function."""
+
+def load_callable(spec: str, what: str = "function") -> Callable[[], Any]:
+    """``"pkg.mod:func"`` or ``"path/to/file.py:func"`` -> the function. ``what`` says what it is for
+    (``"model factory"``, ``"held-out loader"``...): an exception raised inside it names it so in the
+    CLI's error line (:func:`loaded_as`)."""
     module, sep, name = spec.rpartition(":")
     if not sep or not module or not name:
-        raise ValueError(f"{spec!r}: expected MODULE:FUNCTION, e.g. mypkg.models:make_model")
+        raise ArgumentError(f"{spec!r}: expected MODULE:FUNCTION, e.g. mypkg.models:make_model")
     if module.endswith(".py"):
         if not os.path.isfile(module):
-            raise FastsoupError(f"{spec!r}: no file {module}")
+            raise ArgumentError(f"{spec!r}: no file {module}")
         mod_name = "_fastsoup_user_" + os.path.splitext(os.path.basename(module))[0]
         loader_spec = importlib.util.spec_from_file_location(mod_name, module)
         mod = importlib.util.module_from_spec(loader_spec)
@@ -40,8 +46,16 @@ def load_callable(spec: str) -> Callable[[], Any]:
             raise FastsoupError(f"{spec!r}: cannot import {module} ({e})") from None
     func = getattr(mod, name, None)
     if not callable(func):
-        raise FastsoupError(f"{spec!r}: {module} has no function {name!r}")
+        raise ArgumentError(f"{spec!r}: {module} has no function {name!r}")
+    code = getattr(func.__init__ if isinstance(func, type) else func, "__code__", None)  # a class: its __init__
+    if code is not None:
+        _LOADED[code] = (what, spec)
     return func
+
+
+def loaded_as(code: Any) -> tuple[str, str] | None:
+    """``(what, spec)`` of the function :func:`load_callable` loaded with this code object, else None."""
+    return _LOADED.get(code)
 
 
 @dataclass
@@ -93,12 +107,12 @@ def greedy_report(
     """``fastsoup greedy``: loads ``MOD:FUNC`` specs of the model factory and data loaders, then :func:`run_report`.
     ``heldout=None``: the held-out set stored in the cache (``cache_dir``) by an earlier run."""
     if os.path.exists(out) and not options.get("overwrite", False):
-        raise FastsoupError(f"{out} exists: pass --overwrite to replace it")
+        raise OutputExistsError(f"{out} exists: pass --overwrite to replace it")
     if heldout is None and options.get("cache_dir") is None:
-        raise FastsoupError("give --heldout MOD:LOADER, or --cache DIR of an earlier run (which stored the held-out set)")
-    net = load_callable(model)()
-    data = load_callable(heldout)() if heldout is not None else None
-    eval_data = {name: load_callable(spec)() for name, spec in evals.items()}
+        raise ArgumentError("give --heldout MOD:LOADER, or --cache DIR of an earlier run (which stored the held-out set)")
+    net = load_callable(model, "model factory")()
+    data = load_callable(heldout, "held-out loader")() if heldout is not None else None
+    eval_data = {name: load_callable(spec, f"eval loader {name!r}")() for name, spec in evals.items()}
     return run_report(inputs, net, data, eval_data, out=out, **options)
 
 
