@@ -38,7 +38,7 @@ import time
 import traceback
 import warnings
 
-from ._errors import ArgumentError, FastsoupError
+from ._errors import ArgumentError, FastsoupError, OutputExistsError
 
 # `time fastsoup demo --out DIR` on the 2-vCPU development machine, the whole command: 11.4 to 18.8 s (5 runs,
 # load average 3.7 to 4.3 from other jobs), 9 to 10 s of CPU. Said alike in the README (Quick start).
@@ -92,7 +92,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("-o", "--out", required=True, metavar="OUT", help="where to write the greedy soup (safetensors)")
     g.add_argument("--cache", metavar="DIR", help="logit cache and journal: reruns evaluate nothing, a killed run resumes")
     g.add_argument("--strict", action="store_true", help="keep a candidate only if it improves (the official main.py)")
-    g.add_argument("--device", help="evaluation device (default: the model's)")
+    g.add_argument("--device", help="evaluation device: where the model and the held-out tensors are (the "
+                                    "eval_device of greedy_soup; default: the model's); the soups are formed on "
+                                    "it too when it is a GPU")
     g.add_argument("--results", metavar="PATH", help="results JSONL (default: results.jsonl in --cache, else next to OUT)")
     g.add_argument("--verify-cache", action="store_true",
                    help="key the cache by every byte of the checkpoints (reads them once more per run), not by file "
@@ -135,7 +137,7 @@ def _parser() -> argparse.ArgumentParser:
     le.add_argument("--cache", metavar="DIR", help="keep the result: a rerun returns it without training")
     le.add_argument("--verify-cache", action="store_true",
                     help="key the cache by every byte of the checkpoints, not by file identity and sampled content")
-    le.add_argument("--device", help="evaluation device, e.g. cuda (default: the model's)")
+    le.add_argument("--device", help="evaluation device (the eval_device of learned_soup; default: the model's)")
     le.add_argument("--key", metavar="KEY", help=KEY_HELP)
     le.add_argument("--no-progress", action="store_true", help="no progress bar")
     le.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
@@ -200,7 +202,7 @@ def _greedy(args) -> int:
     evals = _evals(args.eval)
     report = greedy_report(
         with_key(args.inputs, args.key), model=args.model, heldout=args.heldout, evals=evals, out=args.out,
-        cache_dir=args.cache, strict=args.strict, device=args.device, results=args.results,
+        cache_dir=args.cache, strict=args.strict, eval_device=args.device, results=args.results,
         progress=False if args.no_progress else None, overwrite=args.overwrite,
         verify="full" if args.verify_cache else "sample", config_from=args.config_from, key_map=_key_map(args),
         strip_prefix=args.strip_prefix,
@@ -218,12 +220,12 @@ def _learned(args) -> int:
 
     evals = _evals(args.eval)
     if os.path.exists(args.out) and not args.overwrite:
-        raise ValueError(f"{args.out} exists: pass --overwrite to replace it")
+        raise OutputExistsError(f"{args.out} exists: pass --overwrite to replace it")
     start = time.perf_counter()
-    model = load_callable(args.model)()
-    r = learned_soup(args.inputs, model, load_callable(args.heldout)(), layerwise=args.layerwise, epochs=args.epochs,
-                     steps=args.steps, lr=args.lr, parametrization=args.parametrization, cache_dir=args.cache,
-                     device=args.device, progress=False if args.no_progress else None,
+    model = load_callable(args.model, "model factory")()
+    r = learned_soup(args.inputs, model, load_callable(args.heldout, "held-out loader")(), layerwise=args.layerwise,
+                     epochs=args.epochs, steps=args.steps, lr=args.lr, parametrization=args.parametrization,
+                     cache_dir=args.cache, eval_device=args.device, progress=False if args.no_progress else None,
                      verify="full" if args.verify_cache else "sample", key=args.key, key_map=_key_map(args),
                      strip_prefix=args.strip_prefix)
     coeff = r.coefficients if not r.layerwise else r.coefficients.mean(0)

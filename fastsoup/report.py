@@ -125,7 +125,7 @@ def run_report(
     out: str,
     cache_dir: str | None = None,
     strict: bool = False,
-    device: str | None = None,
+    eval_device: str | None = None,
     results: str | None = None,
     progress: bool | None = None,
     overwrite: bool = False,
@@ -150,7 +150,7 @@ def run_report(
     if results is None:
         results = os.path.join(cache_dir if cache_dir else os.path.dirname(os.path.abspath(out)), "results.jsonl")
     _check_results(results)  # before any work: the rows never replace a file of the user's
-    s = Search(inputs, model, heldout, cache_dir=cache_dir, device=device, progress=progress, evals=evals,
+    s = Search(inputs, model, heldout, cache_dir=cache_dir, eval_device=eval_device, progress=progress, evals=evals,
                verify=verify, key_map=key_map, strip_prefix=strip_prefix)
     g = run_greedy(s, strict=strict)
     e = run_greedy_ensemble(s, strict=strict)

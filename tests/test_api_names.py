@@ -1,7 +1,10 @@
 """The names of the public API (issue 21): one error hierarchy under FastsoupError whose classes are
-also the built-in exceptions callers caught before."""
+also the built-in exceptions callers caught before; eval_device= / merge_device= of the searches, with
+device= a deprecated alias."""
 
 from __future__ import annotations
+
+import warnings
 
 import pytest
 
@@ -10,6 +13,7 @@ torch = pytest.importorskip("torch")
 import _tiny
 
 import fastsoup
+from fastsoup.search import Search
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +57,41 @@ def test_bad_arguments_raise_the_hierarchy(zoo, tmp_path):
         (lambda: fastsoup.greedy_soup(p, zoo.model(), zoo.heldout, metric=3), fastsoup.ArgumentError, "metric"),
         (lambda: fastsoup.greedy_soup(p, zoo.model(), zoo.heldout, verify="x"), fastsoup.ArgumentError, "verify"),
         (lambda: fastsoup.greedy_soup(p, zoo.model(), [42]), fastsoup.DataError, "batch 0"),
+        (lambda: fastsoup.learned_soup(p, zoo.model(), zoo.heldout, lr=-1), fastsoup.ArgumentError, "lr"),
+        (lambda: fastsoup.wise_ft_sweep(p[0], p[1], zoo.model(), zoo.heldout, alphas=[]), fastsoup.ArgumentError,
+         "alphas"),
     ]
     for call, cls, match in cases:
         with pytest.raises(cls, match=match):
             call()
+
+
+# --- eval_device / merge_device ------------------------------------------------------------------------
+
+
+def test_eval_device_and_its_deprecated_alias(zoo):
+    p = zoo.paths[:3]
+    new = fastsoup.greedy_soup(p, zoo.model(), zoo.heldout, eval_device="cpu", merge_device="cpu")
+    with pytest.warns(FutureWarning, match="eval_device="):
+        old = fastsoup.greedy_soup(p, zoo.model(), zoo.heldout, device="cpu")
+    assert (old.indices, old.score) == (new.indices, new.score)
+    with pytest.raises(fastsoup.ArgumentError, match="eval_device= alone"):
+        fastsoup.greedy_soup(p, zoo.model(), zoo.heldout, device="cpu", eval_device="cpu")
+    for call in (lambda **kw: fastsoup.greedy_ensemble(p, zoo.model(), zoo.heldout, **kw),
+                 lambda **kw: fastsoup.wise_ft_sweep(p[0], p[1], zoo.model(), zoo.heldout, alphas=[0.5], **kw),
+                 lambda **kw: fastsoup.learned_soup(p, zoo.model(), zoo.heldout, steps=1, **kw),
+                 lambda **kw: Search(p, zoo.model(), zoo.heldout, **kw)):
+        with pytest.warns(FutureWarning, match="eval_device="):
+            call(device="cpu")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            call(eval_device="cpu")
+        with pytest.raises(fastsoup.ArgumentError):
+            call(device="cpu", eval_device="cpu")
+
+
+def test_the_merge_device_defaults_to_the_cpu_for_a_model_on_the_cpu(zoo):
+    s = Search(zoo.paths[:2], zoo.model(), zoo.heldout)
+    assert str(s.device) == "cpu" and str(s.engine_device) == "cpu"
+    with pytest.raises(fastsoup.ArgumentError, match="merge_device|device="):
+        Search(zoo.paths[:2], zoo.model(), zoo.heldout, merge_device="tpu")

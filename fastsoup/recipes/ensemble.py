@@ -12,7 +12,7 @@ import torch
 
 from ..io.checkpoint import with_key
 from ..search.evaluation import Metric, score_logits
-from ..search.search import Search
+from ..search.search import Search, eval_device_of
 
 
 @dataclass
@@ -39,20 +39,24 @@ def greedy_ensemble(
     metric: str | Metric = "accuracy",
     strict: bool = False,
     cache_dir: str | os.PathLike | None = None,
-    device: Any = None,
+    eval_device: Any = None,
+    merge_device: Any = None,
     progress: bool | None = None,
     verify: str = "sample",
     key_map: Any = None,
     strip_prefix: str | None = None,
     key: str | None = None,
+    device: Any = None,
 ) -> EnsembleResult:
     """The paper's greedy ensemble baseline: greedy soup's procedure over logit ensembles (the mean of
     the members' logits), computed from the ingredients' held-out logits (cached: free on a rerun).
 
-    Arguments as :func:`greedy_soup`.
+    Arguments as :func:`greedy_soup` (``merge_device``: where each ingredient is written into the
+    model to be evaluated; ``device``: deprecated name of ``eval_device``).
     """
-    s = Search(with_key(ingredients, key), model, heldout, metric=metric, cache_dir=cache_dir, device=device,
-               progress=progress, verify=verify, key_map=key_map, strip_prefix=strip_prefix)
+    eval_device = eval_device_of(eval_device, device, "greedy_ensemble")
+    s = Search(with_key(ingredients, key), model, heldout, metric=metric, cache_dir=cache_dir, eval_device=eval_device,
+               merge_device=merge_device, progress=progress, verify=verify, key_map=key_map, strip_prefix=strip_prefix)
     return run_greedy_ensemble(s, strict=strict)
 
 

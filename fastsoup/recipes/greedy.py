@@ -48,7 +48,7 @@ from ..search.evaluation import (
 )
 from ..search.heldout import HeldOut
 from ..search.regroup import CHECK_BATCHES, check_regrouping, regroup, regroupable
-from ..search.search import Search, SearchStats
+from ..search.search import Search, SearchStats, eval_device_of
 from ..soup import Soup
 
 
@@ -136,7 +136,8 @@ def greedy_soup(
     metric: str | Metric = "accuracy",
     strict: bool = False,
     cache_dir: str | os.PathLike | None = None,
-    device: Any = None,
+    eval_device: Any = None,
+    merge_device: Any = None,
     order: Sequence[int] | None = None,
     progress: bool | None = None,
     reorder: str = "examples",
@@ -144,6 +145,7 @@ def greedy_soup(
     key_map: Any = None,
     strip_prefix: str | None = None,
     key: str | None = None,
+    device: Any = None,
 ) -> GreedyResult:
     """Greedy soup, the paper's Recipe 1: rank the ingredients by held-out score, start from the best,
     try each next one once, keep it if the soup's held-out score does not drop.
@@ -165,7 +167,14 @@ def greedy_soup(
             interrupted search resumes at the next untried candidate. Every entry and record there
             carries a checksum: a damaged one is recomputed (one warning), never trusted; the
             temporary files of a killed run are removed by the next one.
-        device: the evaluation device (default: the model's); the held-out tensors are kept there.
+        eval_device: the evaluation device (default: the model's): the model is moved there and the
+            held-out tensors are kept there.
+        merge_device: where the soups are summed and written into the model: "cpu", "cuda" or
+            "cuda:N" (default: the evaluation device when it is a GPU and this build has CUDA, else
+            the CPU; a model on a GPU then gets its parameters through host staging). The soup's
+            value is the same bits on either.
+        device: deprecated name of ``eval_device`` (a FutureWarning; it is not the merge device that
+            ``device`` means in :func:`~fastsoup.average` and :class:`~fastsoup.Soup`).
         order: indices of the ingredients in the order to try them (overrides the ranking).
         progress: progress bars (default: on a terminal).
         reorder: accuracy only, how a candidate's held-out examples are ordered for early rejection
@@ -194,16 +203,21 @@ def greedy_soup(
         A :class:`GreedyResult`.
 
     Raises:
+        ArgumentError: a bad option (``order``, ``reorder``, ``metric``, ``verify``, a device; both
+            ``device`` and ``eval_device``).
+        ArgumentTypeError: ``model`` is not an ``nn.Module``.
         CheckpointError: the ingredients do not match each other or the model.
-        FastsoupError: empty held-out data; a cache written for another model or data set.
+        DataError: the held-out data is empty or not ``(inputs, labels)`` batches.
+        CacheMismatchError: a cache written for another model or data set.
 
     Example:
         >>> result = fastsoup.greedy_soup(paths, model, val_loader, cache_dir="soup-cache")  # doctest: +SKIP
         >>> result.indices, result.score  # doctest: +SKIP
         >>> result.save("greedy.safetensors")  # doctest: +SKIP
     """
-    s = Search(with_key(ingredients, key), model, heldout, metric=metric, cache_dir=cache_dir, device=device,
-               progress=progress, verify=verify, key_map=key_map, strip_prefix=strip_prefix)
+    eval_device = eval_device_of(eval_device, device, "greedy_soup")
+    s = Search(with_key(ingredients, key), model, heldout, metric=metric, cache_dir=cache_dir, eval_device=eval_device,
+               merge_device=merge_device, progress=progress, verify=verify, key_map=key_map, strip_prefix=strip_prefix)
     return run_greedy(s, strict=strict, order=order, reorder=reorder)
 
 

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from .._errors import ArgumentError, FastsoupError
+from .._errors import ArgumentError, ArgumentTypeError, FastsoupError
 from ..distributed import comm as _comm
 from ..io import _tempfiles
 from ..io.checkpoint import Checkpoint, check_compatible, open_checkpoint, with_key
@@ -42,6 +42,7 @@ from ..search import cache as _cache
 from ..search.batches import model_device, model_logits
 from ..search.evaluation import evaluate, progress_bar
 from ..search.heldout import HeldOut, prepare
+from ..search.search import eval_device_of
 
 PARAMETRIZATIONS = ("softmax", "free")
 
@@ -175,7 +176,7 @@ def learned_soup(
     init: str | Sequence[float] = "uniform",
     parametrization: str = "softmax",
     logit_scale: bool = True,
-    device: Any = None,
+    eval_device: Any = None,
     cache_dir: str | os.PathLike | None = None,
     seed: int = 0,
     progress: bool | None = None,
@@ -183,6 +184,7 @@ def learned_soup(
     key_map: Any = None,
     strip_prefix: str | None = None,
     key: str | None = None,
+    device: Any = None,
 ) -> LearnedResult:
     """Learns the soup's mixing coefficients on held-out data, in O(P) memory.
 
@@ -203,7 +205,10 @@ def learned_soup(
             zeros become a small weight under softmax).
         parametrization: "softmax" (weights >= 0 summing to 1) or "free" (any real weights).
         logit_scale: learn ``beta`` (the official code does); False keeps it at 1.
-        device: evaluation device (default: the model's).
+        eval_device: the evaluation device (default: the model's): the model is moved there and the
+            held-out tensors kept there. The mix and the gradient pass run on the CPU in this build,
+            so it must be the CPU.
+        device: deprecated name of ``eval_device`` (a FutureWarning).
         cache_dir: keep the result there (``learned-KEY.json``, with a checksum): a rerun with the
             same ingredients, data and settings returns it without training; a damaged entry is
             trained again (one warning), never trusted.
@@ -226,21 +231,22 @@ def learned_soup(
         >>> r.save("learned.safetensors")  # doctest: +SKIP
     """
     start = time.perf_counter()
+    eval_device = eval_device_of(eval_device, device, "learned_soup")
     if parametrization not in PARAMETRIZATIONS:
-        raise ValueError(f"parametrization must be one of {PARAMETRIZATIONS}, got {parametrization!r}")
+        raise ArgumentError(f"parametrization must be one of {PARAMETRIZATIONS}, got {parametrization!r}")
     if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        raise ArgumentTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     sources = with_key(ingredients, key)
     if not sources:
-        raise ValueError("no ingredients: give at least one checkpoint")
+        raise ArgumentError("no ingredients: give at least one checkpoint")
     if not lr > 0 or (steps is None and not epochs >= 1) or (steps is not None and not steps >= 1):
-        raise ValueError(f"need lr > 0 and epochs >= 1 (or steps >= 1), got lr={lr}, epochs={epochs}, steps={steps}")
+        raise ArgumentError(f"need lr > 0 and epochs >= 1 (or steps >= 1), got lr={lr}, epochs={epochs}, steps={steps}")
     K = len(sources)
     _cache.check_verify(verify)
     layout = open_checkpoint(model)
     name_map = NameMap.build(key_map=key_map, strip_prefix=strip_prefix, model=model, layout=layout)
     ckpts: list[Checkpoint] = name_map.apply([open_checkpoint(s) for s in sources])
-    dev = torch.device(device) if device is not None else model_device(model)
+    dev = torch.device(eval_device) if eval_device is not None else model_device(model)
     model = model.to(dev)
     check_compatible([layout] + ckpts)
     params = dict(model.named_parameters())
@@ -248,7 +254,7 @@ def learned_soup(
     if bad:
         raise FastsoupError(f"learned_soup needs float32 parameters ({bad[:5]} are not): call model.float() first")
     if dev.type != "cpu":
-        raise FastsoupError("learned_soup computes on the CPU in this build: pass a model on the CPU (device=\"cpu\")")
+        raise ArgumentError("learned_soup computes on the CPU in this build: pass a model on the CPU (or eval_device=\"cpu\")")
     held = prepare(heldout, dev, split="rows")  # torch.distributed: every rank takes a share of every batch
     names = [n for n, r in ckpts[0].items() if r.dtype in ("float16", "bfloat16", "float32", "float64")]
     w0 = _initial_weights(init, K)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -61,6 +62,12 @@ class Search:
     Checks everything before any evaluation: the ingredients against each other and against the
     model, the data sets (non-empty), and the cache (same model and data as when it was written).
     ``verify``: how ingredients are fingerprinted for the cache (see :func:`greedy_soup`).
+
+    Two devices: ``eval_device`` (default: the model's) is where the model is moved, the data sets
+    are kept and the evaluations run (``self.device``); ``merge_device`` (default: the evaluation
+    device when it is a GPU this build's CUDA engine can use, else the CPU) is where the soups are
+    summed and written into the model (``self.engine_device``). ``device=`` is the deprecated name of
+    ``eval_device=``.
     """
 
     def __init__(
@@ -71,13 +78,16 @@ class Search:
         *,
         metric: str | Metric = "accuracy",
         cache_dir: str | os.PathLike | None = None,
-        device: Any = None,
+        eval_device: Any = None,
+        merge_device: Any = None,
         progress: bool | None = None,
         evals: dict[str, Iterable] | None = None,
         verify: str = "sample",
         key_map: Any = None,
         strip_prefix: str | None = None,
+        device: Any = None,
     ):
+        eval_device = eval_device_of(eval_device, device, "Search")
         self.metric = check_metric(metric)
         self.verify = _cache.check_verify(verify)
         self.sources = list(ingredients)
@@ -89,13 +99,9 @@ class Search:
         self.stats = SearchStats()
         self.names = [_name(src, i) for i, src in enumerate(self.sources)]
         opened = [open_checkpoint(src) for src in self.sources]
-        self.device = torch.device(device) if device is not None else model_device(model)
+        self.device = torch.device(eval_device) if eval_device is not None else model_device(model)
+        self.engine_device = merge_device_for(self.device, merge_device)
         self.model = model.to(self.device)
-        # The soup and the parameter writes run where the model is: the CUDA engine for a model on a
-        # GPU (checkpoints stream through pinned memory; the fp32 sum stays on the GPU), else the CPU.
-        self.engine_device = CPU
-        if self.device.type == "cuda" and _core.cuda_compiled and _core.cuda_device_count() > 0:
-            self.engine_device = resolve_device(f"cuda:{self.device.index if self.device.index is not None else 0}")
         layout = open_checkpoint(model)
         # The files' names as the module's (a key map, a prefix, transformers' own renames), tied weights alike.
         self.name_map = NameMap.build(key_map=key_map, strip_prefix=strip_prefix, model=model, layout=layout)
@@ -236,6 +242,32 @@ class Search:
         if not order or len(set(order)) != len(order) or not all(0 <= i < n for i in order):
             raise ArgumentError(f"order must list distinct ingredient indices in [0, {n}), got {order}")
         return order
+
+
+def eval_device_of(eval_device: Any, device: Any, caller: str, stacklevel: int = 3) -> Any:
+    """A search's evaluation device, from ``eval_device=`` and ``device=``, its deprecated name (a
+    FutureWarning; both given: an ArgumentError). ``stacklevel`` points the warning at the caller of
+    ``caller``."""
+    if device is None:
+        return eval_device
+    if eval_device is not None:
+        raise ArgumentError(f"{caller}: device= is the deprecated name of eval_device=; pass eval_device= alone")
+    warnings.warn(f"{caller}(device=...) is deprecated: pass eval_device= (where the model and the held-out data are "
+                  "evaluated); merge_device= says where the soups are formed", FutureWarning, stacklevel=stacklevel)
+    return device
+
+
+def merge_device_for(eval_device: Any, merge_device: Any = None):
+    """The engine device the soups are summed on and written into the model from: ``merge_device``
+    ("cpu", "cuda", "cuda:N"), or by default where the model is evaluated: the CUDA engine for a
+    model on a GPU (checkpoints stream through pinned memory; the float32 sum stays on the GPU), else
+    the CPU (a model on a GPU then gets its parameters through host staging)."""
+    if merge_device is not None:
+        return resolve_device(merge_device)
+    dev = torch.device(eval_device)
+    if dev.type == "cuda" and _core.cuda_compiled and _core.cuda_device_count() > 0:
+        return resolve_device(f"cuda:{dev.index if dev.index is not None else 0}")
+    return CPU
 
 
 def _name(src: Any, i: int) -> str:
