@@ -169,8 +169,8 @@ def run_report(
                  **scores(s.soup_logits(g.indices, sets))})
     rows.append({"name": "uniform ensemble", "kind": "uniform_ensemble", "members": list(range(n)),
                  **scores({d: ensemble_logits(s.individual_logits(d)) for d in sets})})
-    rows.append({"name": "greedy ensemble", "kind": "greedy_ensemble", "members": e.members,
-                 **scores({d: ensemble_logits([s.individual_logits(d)[i] for i in e.members]) for d in sets})})
+    rows.append({"name": "greedy ensemble", "kind": "greedy_ensemble", "members": e.indices,
+                 **scores({d: ensemble_logits([s.individual_logits(d)[i] for i in e.indices]) for d in sets})})
     path = g.save(out, overwrite=overwrite, progress=progress, config_from=config_from)
     _comm.rank0(_write_rows, results, rows, share=False)  # rank 0 under torch.distributed
     return Report(rows, sets, path, results, time.perf_counter() - start, greedy=g, ensemble=e)

@@ -1,6 +1,7 @@
 """The names of the public API (issue 21): one error hierarchy under FastsoupError whose classes are
 also the built-in exceptions callers caught before; eval_device= / merge_device= of the searches, with
-device= a deprecated alias."""
+device= a deprecated alias; the same result fields (ingredients, indices, weights()) on every result,
+the old spellings still working with a deprecation warning."""
 
 from __future__ import annotations
 
@@ -95,3 +96,30 @@ def test_the_merge_device_defaults_to_the_cpu_for_a_model_on_the_cpu(zoo):
     assert str(s.device) == "cpu" and str(s.engine_device) == "cpu"
     with pytest.raises(fastsoup.ArgumentError, match="merge_device|device="):
         Search(zoo.paths[:2], zoo.model(), zoo.heldout, merge_device="tpu")
+
+
+# --- result fields -------------------------------------------------------------------------------------
+
+
+def test_every_result_has_ingredients_indices_and_weights(zoo):
+    p = zoo.paths[:4]
+    g = fastsoup.greedy_soup(p, zoo.model(), zoo.heldout)
+    assert g.ingredients == [p[i] for i in g.indices] and g.weights() == [1.0 / len(g.indices)] * len(g.indices)
+    e = fastsoup.greedy_ensemble(p, zoo.model(), zoo.heldout)
+    assert e.ingredients == [p[i] for i in e.indices] and e.weights() == [1.0 / len(e.indices)] * len(e.indices)
+    with pytest.warns(DeprecationWarning, match="indices"):
+        assert e.members == e.indices
+    r = fastsoup.learned_soup(p, zoo.model(), zoo.heldout, steps=2)
+    assert r.ingredients == p and r.indices == [0, 1, 2, 3] and r.weights() == r.coefficients.tolist()
+    with pytest.warns(DeprecationWarning, match="ingredients"):
+        assert r.sources == p
+    layerwise = fastsoup.learned_soup(p, zoo.model(), zoo.heldout, steps=1, layerwise=True)
+    w = layerwise.weights()
+    assert list(w) == layerwise.tensor_names and all(len(v) == 4 for v in w.values())
+
+
+def test_learned_save_warns_about_nothing(zoo, tmp_path):
+    r = fastsoup.learned_soup(zoo.paths[:2], zoo.model(), zoo.heldout, steps=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        r.save(str(tmp_path / "l.safetensors"))

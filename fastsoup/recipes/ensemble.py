@@ -4,8 +4,9 @@ members': exact and free once the ingredients are evaluated)."""
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -17,14 +18,36 @@ from ..search.search import Search, eval_device_of
 
 @dataclass
 class EnsembleResult:
-    """The outcome of :func:`greedy_ensemble`: ``members`` (indices, in order added), ``score``,
-    ``history``, ``individual_scores``, ``names``."""
+    """The outcome of :func:`greedy_ensemble`.
 
-    members: list[int]
+    Attributes:
+        indices: the members' positions in the ``ingredients`` argument, in the order they were added
+            (``members`` is the deprecated name).
+        score: the held-out score of the ensemble.
+        history: one dict per step: ``step, index, name, score, accepted``.
+        individual_scores: the held-out score of every ingredient, in the input order.
+        names: names of all ingredients (paths, or ``<ingredient i>``).
+        ingredients: the members (as given), in the order they were added.
+        (:meth:`weights`: each member's weight in the mean of the logits, ``1/n``.)
+    """
+
+    indices: list[int]
     score: float
     history: list[dict]
     individual_scores: list[float]
     names: list[str]
+    ingredients: list = field(default_factory=list)
+
+    def weights(self) -> list[float]:
+        """Each member's weight in the ensemble (the mean of their logits), normalized: ``1/n`` each."""
+        return [1.0 / len(self.indices)] * len(self.indices)
+
+    @property
+    def members(self) -> list[int]:
+        """Deprecated name of :attr:`indices`."""
+        warnings.warn("EnsembleResult.members is deprecated: use .indices (and .ingredients for the members "
+                      "themselves)", DeprecationWarning, stacklevel=2)
+        return self.indices
 
 
 
@@ -77,7 +100,7 @@ def run_greedy_ensemble(s: Search, *, strict: bool = False, data: str = "heldout
             members.append(j)
             total, best = cand, score
         history.append({"step": step, "index": j, "name": s.names[j], "score": score, "accepted": accepted})
-    return EnsembleResult(members, best, history, scores, s.names)
+    return EnsembleResult(members, best, history, scores, s.names, ingredients=[s.sources[i] for i in members])
 
 
 def ensemble_logits(logits: Sequence[torch.Tensor]) -> torch.Tensor:

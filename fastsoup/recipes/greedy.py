@@ -59,6 +59,7 @@ class GreedyResult:
     Attributes:
         ingredients: the kept ingredients (as given), in the order they were added.
         indices: their positions in the ``ingredients`` argument.
+        (:meth:`weights`: their weights in the soup, ``1/n`` each.)
         score: the held-out score of the greedy soup.
         history: one dict per step: ``step, index, name, score (None when rejected early), accepted,
             batches, of (batches in the set), source ("evaluated", "cache" or "journal")``.
@@ -80,6 +81,10 @@ class GreedyResult:
     stats: SearchStats = field(default_factory=SearchStats)
     _mapped: list = field(default=None, repr=False, compare=False)  # the kept ingredients, named as the model's
     _names: Any = field(default=None, repr=False, compare=False)  # their NameMap (to save under the files' names)
+
+    def weights(self) -> list[float]:
+        """The soup's weight of each kept ingredient (as :attr:`ingredients`), normalized: ``1/n`` each."""
+        return [1.0 / len(self.indices)] * len(self.indices)
 
     def soup(self) -> Soup:
         """The greedy soup as a :class:`~fastsoup.Soup`, summed in the order of the search (so its value

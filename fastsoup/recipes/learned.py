@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 import warnings
 from collections.abc import Iterable, Sequence
@@ -59,7 +60,9 @@ class LearnedResult:
         score: held-out accuracy of the learned soup; ``loss``: its held-out loss (with beta).
         uniform_loss: held-out loss of the uniform soup (the starting point), for comparison.
         losses: the training loss of every step.
-        sources: the ingredients (as given).
+        ingredients: the ingredients (as given); ``sources`` is the deprecated name. ``indices``:
+            their positions, ``0 .. K-1`` (all of them are in the soup); :meth:`weights`: the
+            coefficients as the soup functions take them.
     """
 
     coefficients: torch.Tensor
@@ -69,7 +72,7 @@ class LearnedResult:
     loss: float
     uniform_loss: float
     losses: list[float]
-    sources: list
+    ingredients: list
     layerwise: bool
     parametrization: str
     config: dict = field(default_factory=dict)
@@ -77,11 +80,25 @@ class LearnedResult:
     _mapped: list = field(default=None, repr=False, compare=False)  # the ingredients, named as the model's
     _names: Any = field(default=None, repr=False, compare=False)  # their NameMap (to save under the files' names)
 
+    @property
+    def indices(self) -> list[int]:
+        """The ingredients' positions in the ``ingredients`` argument: all of them, in order."""
+        return list(range(len(self.ingredients)))
+
+    @property
+    def sources(self) -> list:
+        """Deprecated name of :attr:`ingredients`."""
+        if sys._getframe(1).f_globals.get("__name__") != __name__:  # save() reads it still: no warning there
+            warnings.warn("LearnedResult.sources is deprecated: use .ingredients", DeprecationWarning, stacklevel=2)
+        return self.ingredients
+
     def _ingredients(self) -> list[Checkpoint]:
-        return self._mapped or [open_checkpoint(s) for s in self.sources]
+        return self._mapped or [open_checkpoint(s) for s in self.ingredients]
 
     def weights(self) -> list[float] | dict[str, list[float]]:
-        """The coefficients as the soup functions take them: K numbers, or name -> K numbers."""
+        """The soup's weight of each ingredient: the coefficients as the soup functions take them, K
+        numbers, or layer-wise tensor name -> K numbers (normalized under the softmax
+        parametrization; as learned under "free", where the soup is the plain sum)."""
         if self.layerwise:
             return {n: row.tolist() for n, row in zip(self.tensor_names, self.coefficients)}
         return self.coefficients.tolist()
@@ -141,7 +158,7 @@ class LearnedResult:
             "recipe": "learned_soup_layerwise" if self.layerwise else "learned_soup",
             "parametrization": self.parametrization,
             "ingredients": [str(s) if isinstance(s, (str, os.PathLike)) else f"<ingredient {i}>"
-                            for i, s in enumerate(self.sources)],
+                            for i, s in enumerate(self.ingredients)],
             "coefficients": self.coefficients.tolist(),
             "tensor_names": self.tensor_names if self.layerwise else None,
             "beta": self.beta,
@@ -270,8 +287,8 @@ def learned_soup(
         d = _comm.rank0(_read_cached, cache_path, (len(names), K) if layerwise else (K,))
         if d is not None:
             return LearnedResult(torch.tensor(d["coefficients"], dtype=torch.float32), d["tensor_names"] or names,
-                                 d["beta"], d["score"], d["loss"], d["uniform_loss"], d["losses"], sources, layerwise,
-                                 parametrization, config, time.perf_counter() - start, _mapped=ckpts, _names=name_map)
+                                 d["beta"], d["score"], d["loss"], d["uniform_loss"], d["losses"], sources,
+                                 layerwise, parametrization, config, time.perf_counter() - start, _mapped=ckpts, _names=name_map)
 
     rows = len(names) if layerwise else 1
     base = torch.tensor(w0, dtype=torch.float32)
