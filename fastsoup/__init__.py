@@ -7,7 +7,12 @@ files never import torch; torch is imported where tensors are.
 
 from . import engine as _engine
 from ._errors import (
+    ArgumentError,
+    ArgumentTypeError,
+    CacheMismatchError,
     CheckpointError,
+    DataError,
+    DistributedError,
     FastsoupError,
     InputChangedError,
     InterruptedAfterInstall,
@@ -73,8 +78,13 @@ def native_info() -> dict:
 
 __all__ = [
     "RECIPES",
+    "ArgumentError",
+    "ArgumentTypeError",
+    "CacheMismatchError",
     "Checkpoint",
     "CheckpointError",
+    "DataError",
+    "DistributedError",
     "EnsembleResult",
     "FastsoupError",
     "GreedyResult",

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from ._errors import ArgumentError
+
 
 class DTypeInfo(NamedTuple):
     name: str  # canonical name, as torch spells it without "torch."
@@ -77,6 +79,6 @@ def parse_float_dtype(dtype: object) -> str:
     try:
         return _ALIASES[text]
     except KeyError:
-        raise ValueError(
+        raise ArgumentError(
             f"unsupported output dtype {dtype!r}: use one of fp16, bf16, fp32 (or float16, bfloat16, float32, float64)"
         ) from None

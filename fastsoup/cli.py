@@ -16,8 +16,13 @@
     fastsoup info
     fastsoup --version
 
-Errors are one line on stderr (no traceback) and a non-zero exit code; nothing is left at OUT. Notes
-(mixed input dtypes, LoRA factors averaged separately) are one line each, ``fastsoup: note: ...``.
+fastsoup's errors (:class:`~fastsoup.FastsoupError` and its subclasses, and the OSError family: a
+missing file, a full disk) are one line on stderr (no traceback) and exit code 1; nothing is left at
+OUT. Any other exception is a bug, in the user's code (the ``--model`` factory, a ``--heldout`` or
+``--eval`` loader, the model's forward) or in fastsoup: one line naming the user's function where it
+was raised (``fastsoup: error in your model factory mypkg.models:make_net (called by fastsoup greedy):
+ValueError: ...``), then the full traceback, and exit code 1. Notes (mixed input dtypes, LoRA factors
+averaged separately) are one line each, ``fastsoup: note: ...``.
 """
 
 from __future__ import annotations
@@ -30,7 +35,10 @@ import signal
 import sys
 import threading
 import time
+import traceback
 import warnings
+
+from ._errors import ArgumentError, FastsoupError, OutputExistsError
 
 # `time fastsoup demo --out DIR` on the 2-vCPU development machine, the whole command: 11.4 to 18.8 s (5 runs,
 # load average 3.7 to 4.3 from other jobs), 9 to 10 s of CPU. Said alike in the README (Quick start).
@@ -84,7 +92,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("-o", "--out", required=True, metavar="OUT", help="where to write the greedy soup (safetensors)")
     g.add_argument("--cache", metavar="DIR", help="logit cache and journal: reruns evaluate nothing, a killed run resumes")
     g.add_argument("--strict", action="store_true", help="keep a candidate only if it improves (the official main.py)")
-    g.add_argument("--device", help="evaluation device (default: the model's)")
+    g.add_argument("--device", help="evaluation device: where the model and the held-out tensors are (the "
+                                    "eval_device of greedy_soup; default: the model's); the soups are formed on "
+                                    "it too when it is a GPU")
     g.add_argument("--results", metavar="PATH", help="results JSONL (default: results.jsonl in --cache, else next to OUT)")
     g.add_argument("--verify-cache", action="store_true",
                    help="key the cache by every byte of the checkpoints (reads them once more per run), not by file "
@@ -127,7 +137,7 @@ def _parser() -> argparse.ArgumentParser:
     le.add_argument("--cache", metavar="DIR", help="keep the result: a rerun returns it without training")
     le.add_argument("--verify-cache", action="store_true",
                     help="key the cache by every byte of the checkpoints, not by file identity and sampled content")
-    le.add_argument("--device", help="evaluation device, e.g. cuda (default: the model's)")
+    le.add_argument("--device", help="evaluation device (the eval_device of learned_soup; default: the model's)")
     le.add_argument("--key", metavar="KEY", help=KEY_HELP)
     le.add_argument("--no-progress", action="store_true", help="no progress bar")
     le.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
@@ -180,7 +190,7 @@ def _key_map(args):
     for spec in args.rename:
         pattern, sep, repl = spec.partition("=")
         if not sep or not pattern:
-            raise ValueError(f"--rename {spec!r}: expected REGEX=REPLACEMENT")
+            raise ArgumentError(f"--rename {spec!r}: expected REGEX=REPLACEMENT")
         rules.append((pattern, repl))
     return rules or None
 
@@ -192,7 +202,7 @@ def _greedy(args) -> int:
     evals = _evals(args.eval)
     report = greedy_report(
         with_key(args.inputs, args.key), model=args.model, heldout=args.heldout, evals=evals, out=args.out,
-        cache_dir=args.cache, strict=args.strict, device=args.device, results=args.results,
+        cache_dir=args.cache, strict=args.strict, eval_device=args.device, results=args.results,
         progress=False if args.no_progress else None, overwrite=args.overwrite,
         verify="full" if args.verify_cache else "sample", config_from=args.config_from, key_map=_key_map(args),
         strip_prefix=args.strip_prefix,
@@ -210,12 +220,12 @@ def _learned(args) -> int:
 
     evals = _evals(args.eval)
     if os.path.exists(args.out) and not args.overwrite:
-        raise ValueError(f"{args.out} exists: pass --overwrite to replace it")
+        raise OutputExistsError(f"{args.out} exists: pass --overwrite to replace it")
     start = time.perf_counter()
-    model = load_callable(args.model)()
-    r = learned_soup(args.inputs, model, load_callable(args.heldout)(), layerwise=args.layerwise, epochs=args.epochs,
-                     steps=args.steps, lr=args.lr, parametrization=args.parametrization, cache_dir=args.cache,
-                     device=args.device, progress=False if args.no_progress else None,
+    model = load_callable(args.model, "model factory")()
+    r = learned_soup(args.inputs, model, load_callable(args.heldout, "held-out loader")(), layerwise=args.layerwise,
+                     epochs=args.epochs, steps=args.steps, lr=args.lr, parametrization=args.parametrization,
+                     cache_dir=args.cache, eval_device=args.device, progress=False if args.no_progress else None,
                      verify="full" if args.verify_cache else "sample", key=args.key, key_map=_key_map(args),
                      strip_prefix=args.strip_prefix)
     coeff = r.coefficients if not r.layerwise else r.coefficients.mean(0)
@@ -228,7 +238,7 @@ def _learned(args) -> int:
 
         r.load_into(model)
         for name, spec in evals.items():
-            data = prepare(load_callable(spec)(), next(model.parameters()).device, name=name)
+            data = prepare(load_callable(spec, f"eval loader {name!r}")(), next(model.parameters()).device, name=name)
             print(f"{name} accuracy {100 * evaluate(model, data).score:.2f}")
     path = r.save(args.out, overwrite=args.overwrite, config_from=args.config_from)
     _note(f"wrote {path} in {time.perf_counter() - start:.2f} s")
@@ -287,9 +297,9 @@ def _evals(specs) -> dict:
     for spec in specs:
         name, sep, target = spec.partition("=")
         if not sep or not name or not target:
-            raise ValueError(f"--eval {spec!r}: expected NAME=MOD:LOADER")
+            raise ArgumentError(f"--eval {spec!r}: expected NAME=MOD:LOADER")
         if name in evals or name == "heldout":
-            raise ValueError(f"--eval {spec!r}: the name {name!r} is already used")
+            raise ArgumentError(f"--eval {spec!r}: the name {name!r} is already used")
         evals[name] = target
     return evals
 
@@ -377,24 +387,114 @@ def _check_device(device) -> None:
     try:
         dev = torch.device(device)
     except (RuntimeError, ValueError, TypeError):
-        raise ValueError(f"--device {device}: not a device torch knows (e.g. cpu, cuda, cuda:1)") from None
+        raise ArgumentError(f"--device {device}: not a device torch knows (e.g. cpu, cuda, cuda:1)") from None
     if dev.type == "cuda":
         if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
-            raise ValueError(
+            raise ArgumentError(
                 f"--device {device}: this torch ({torch.__version__}) is built without CUDA; install a CUDA build of "
                 "torch, or leave out --device to run on the CPU"
             )
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
-            raise ValueError(f"--device {device}: no CUDA device is visible to this process")
+            raise ArgumentError(f"--device {device}: no CUDA device is visible to this process")
         if dev.index is not None and dev.index >= count:
-            raise ValueError(f"--device {device}: {count} CUDA device(s) visible (cuda:0 to cuda:{count - 1})")
+            raise ArgumentError(f"--device {device}: {count} CUDA device(s) visible (cuda:0 to cuda:{count - 1})")
     elif dev.type not in ("cpu", "meta"):
         backend = getattr(torch, dev.type, None)
         available = getattr(backend, "is_available", None)
         if callable(available) and not available():
-            raise ValueError(
+            raise ArgumentError(
                 f"--device {device}: no {dev.type} device is available to this torch ({torch.__version__})")
+
+
+def _error(e: Exception, command: str) -> int:
+    """Reports an exception out of a command; returns the exit code (1).
+
+    fastsoup's own errors (a :class:`~fastsoup.FastsoupError`; an OSError raised outside the user's
+    code) are one line, multi-line messages joined. Anything else is a bug where it was raised: one
+    line naming the user's function it came from (the first frame of the user's code in the
+    traceback: the ``--model`` factory, a loader, the model's forward, a dataset's ``__getitem__``),
+    or saying it came from fastsoup, then the full traceback."""
+    frame = _user_frame(e.__traceback__)
+    msg = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    if isinstance(e, FastsoupError) or (isinstance(e, OSError) and frame is None):
+        print(f"fastsoup: error: {msg or type(e).__name__}", file=sys.stderr)
+        return 1
+    what = f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+    if frame is None:
+        head = (f"fastsoup: error: {what} (raised inside fastsoup {command}, not one of fastsoup's errors: a bug; "
+                "please report it with the traceback below)")
+    else:
+        head = f"fastsoup: error in your {_describe_user_frame(frame)} (called by fastsoup {command}): {what}"
+    print(head, file=sys.stderr)
+    traceback.print_exception(type(e), e, e.__traceback__, file=sys.stderr)
+    return 1
+
+
+def _library_roots() -> tuple[str, ...]:
+    """Folders whose code is not the user's: fastsoup, the standard library, and the libraries that
+    call the user's code on fastsoup's behalf (torch's module call and DataLoader) or that fastsoup uses."""
+    import os
+    import sysconfig
+
+    roots = [os.path.dirname(os.path.abspath(__file__))]
+    roots += [sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib") if k in sysconfig.get_paths()]
+    for name in ("torch", "numpy", "tqdm", "matplotlib"):
+        mod = sys.modules.get(name)
+        if getattr(mod, "__file__", None):
+            roots.append(os.path.dirname(os.path.abspath(mod.__file__)))
+    return tuple(os.path.join(r, "") for r in roots)
+
+
+def _user_frame(tb):
+    """Where the traceback enters the user's code: the outermost frame outside fastsoup, the standard
+    library and torch (the user's function that fastsoup, or torch for fastsoup, called), or a call of
+    an ``nn.Module`` (the model's forward, even of torch's own layers), whichever comes first; None if
+    the exception never left fastsoup and the libraries."""
+    import os
+
+    roots = _library_roots()
+    torch = sys.modules.get("torch")
+    while tb is not None:
+        frame = tb.tb_frame
+        filename = frame.f_code.co_filename
+        if not filename.startswith("<") and not os.path.abspath(filename).startswith(roots):
+            return frame
+        if (torch is not None and frame.f_code.co_name in ("_call_impl", "_wrapped_call_impl")
+                and isinstance(frame.f_locals.get("self"), torch.nn.Module)):
+            return frame
+        tb = tb.tb_next
+    return None
+
+
+def _describe_user_frame(frame) -> str:
+    """``model factory mypkg.models:make_net`` (a function load_callable loaded: as it was given),
+    ``model's mypkg.models:Net.forward`` (an nn.Module's method, or the call of one), else
+    ``code mypkg.data:load``."""
+    from .report import loaded_as
+
+    code = frame.f_code
+    loaded = loaded_as(code)
+    if loaded is not None:
+        return f"{loaded[0]} {loaded[1]}"
+    self = frame.f_locals.get("self")
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(self, torch.nn.Module):
+        if code.co_name in ("_call_impl", "_wrapped_call_impl"):  # torch calling the model: name its forward
+            forward = getattr(type(self).forward, "__code__", code)
+            return f"model's {_where(type(self).__module__, forward)}"
+        return f"model's {_where(frame.f_globals.get('__name__', '?'), code)}"
+    return f"code {_where(frame.f_globals.get('__name__', '?'), code)}"
+
+
+def _where(module: str, code) -> str:
+    """``module:qualname``; a module loaded from a file (``path/file.py:func``) or run as a script: the file."""
+    import os
+
+    if module.startswith("_fastsoup_user_") or module == "__main__":
+        path = os.path.relpath(code.co_filename)
+        module = path if not path.startswith("..") else code.co_filename
+    return f"{module}:{getattr(code, 'co_qualname', code.co_name)}"
 
 
 class Terminated(KeyboardInterrupt):
@@ -442,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(args) -> int:
     with _notes():  # fastsoup's notes: one line each
         try:
-            from . import FastsoupError, native_info
+            from . import native_info
             from .distributed.launch import cli_begin
 
             if args.command in ("greedy", "learned"):
@@ -468,11 +568,8 @@ def _main(args) -> int:
             return _average(args)
         except KeyboardInterrupt as e:
             return _interrupted(e)
-        except (FastsoupError, OSError, ValueError, TypeError) as e:
-            # One line: multi-line messages (lists of problems) are joined.
-            msg = "; ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
-            print(f"fastsoup: error: {msg}", file=sys.stderr)
-            return 1
+        except Exception as e:  # noqa: BLE001 -- every exception becomes exit code 1, each said as it deserves
+            return _error(e, args.command)
         finally:
             from .distributed.launch import cli_end
 

@@ -23,7 +23,7 @@ import random
 import time
 from typing import Any
 
-from ._errors import FastsoupError
+from ._errors import ArgumentError, FastsoupError
 
 TRAIN, HELDOUT = 300, 500
 BATCH = 32
@@ -146,7 +146,7 @@ def build_zoo(out: str, models: int, seed: int, data: dict, log=print) -> list[s
 def run_demo(out: str = "demo_out", models: int = 12, seed: int = 0, progress: bool | None = None, log=print) -> dict:
     """Runs the demo (see the module docstring); returns ``{"table", "rows", "figure", "greedy", ...}``."""
     if models < 3:
-        raise ValueError(f"--models must be at least 3, got {models}")
+        raise ArgumentError(f"--models must be at least 3, got {models}")
     torch = _torch()
     torch.set_num_threads(1)  # tiny matrices: one thread is fastest, and immune to a busy neighbour
     from .report import plot_results, run_report

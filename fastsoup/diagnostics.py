@@ -15,6 +15,7 @@ from typing import Any
 
 from ._dtypes import BY_NAME
 from ._dtypes import info as dtype_info
+from ._errors import ArgumentError
 from ._native import _core
 from .io.checkpoint import Checkpoint, check_compatible, open_checkpoint, with_key
 
@@ -108,7 +109,7 @@ def similarity(ingredients: Sequence[Any], base: Any = None, *, threads: int | N
     """
     srcs = list(ingredients)
     if not srcs:
-        raise ValueError("no ingredients: give at least one checkpoint")
+        raise ArgumentError("no ingredients: give at least one checkpoint")
     ckpts = [open_checkpoint(s) for s in with_key(srcs, key)]
     base_ck = open_checkpoint(with_key([base], key)[0]) if base is not None else None
     check_compatible(ckpts + ([base_ck] if base_ck is not None else []))

@@ -13,19 +13,25 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ._errors import FastsoupError, UnsafeOutputError
+from ._errors import ArgumentError, FastsoupError, OutputExistsError, UnsafeOutputError
 from .distributed import comm as _comm
 from .io import _tempfiles
 
+# The user's functions loaded by load_callable: code object -> (what it is, its spec), so that an error
+# raised inside one is reported naming it (fastsoup.cli).
+_LOADED: dict = {}
 
-def load_callable(spec: str) -> Callable[[], Any]:
-    """``"pkg.mod:func"`` or ``"path/to/file.py:func"`` -> the function."""
+
+def load_callable(spec: str, what: str = "function") -> Callable[[], Any]:
+    """``"pkg.mod:func"`` or ``"path/to/file.py:func"`` -> the function. ``what`` says what it is for
+    (``"model factory"``, ``"held-out loader"``...): an exception raised inside it names it so in the
+    CLI's error line (:func:`loaded_as`)."""
     module, sep, name = spec.rpartition(":")
     if not sep or not module or not name:
-        raise ValueError(f"{spec!r}: expected MODULE:FUNCTION, e.g. mypkg.models:make_model")
+        raise ArgumentError(f"{spec!r}: expected MODULE:FUNCTION, e.g. mypkg.models:make_model")
     if module.endswith(".py"):
         if not os.path.isfile(module):
-            raise FastsoupError(f"{spec!r}: no file {module}")
+            raise ArgumentError(f"{spec!r}: no file {module}")
         mod_name = "_fastsoup_user_" + os.path.splitext(os.path.basename(module))[0]
         loader_spec = importlib.util.spec_from_file_location(mod_name, module)
         mod = importlib.util.module_from_spec(loader_spec)
@@ -40,8 +46,16 @@ def load_callable(spec: str) -> Callable[[], Any]:
             raise FastsoupError(f"{spec!r}: cannot import {module} ({e})") from None
     func = getattr(mod, name, None)
     if not callable(func):
-        raise FastsoupError(f"{spec!r}: {module} has no function {name!r}")
+        raise ArgumentError(f"{spec!r}: {module} has no function {name!r}")
+    code = getattr(func.__init__ if isinstance(func, type) else func, "__code__", None)  # a class: its __init__
+    if code is not None:
+        _LOADED[code] = (what, spec)
     return func
+
+
+def loaded_as(code: Any) -> tuple[str, str] | None:
+    """``(what, spec)`` of the function :func:`load_callable` loaded with this code object, else None."""
+    return _LOADED.get(code)
 
 
 @dataclass
@@ -93,12 +107,12 @@ def greedy_report(
     """``fastsoup greedy``: loads ``MOD:FUNC`` specs of the model factory and data loaders, then :func:`run_report`.
     ``heldout=None``: the held-out set stored in the cache (``cache_dir``) by an earlier run."""
     if os.path.exists(out) and not options.get("overwrite", False):
-        raise FastsoupError(f"{out} exists: pass --overwrite to replace it")
+        raise OutputExistsError(f"{out} exists: pass --overwrite to replace it")
     if heldout is None and options.get("cache_dir") is None:
-        raise FastsoupError("give --heldout MOD:LOADER, or --cache DIR of an earlier run (which stored the held-out set)")
-    net = load_callable(model)()
-    data = load_callable(heldout)() if heldout is not None else None
-    eval_data = {name: load_callable(spec)() for name, spec in evals.items()}
+        raise ArgumentError("give --heldout MOD:LOADER, or --cache DIR of an earlier run (which stored the held-out set)")
+    net = load_callable(model, "model factory")()
+    data = load_callable(heldout, "held-out loader")() if heldout is not None else None
+    eval_data = {name: load_callable(spec, f"eval loader {name!r}")() for name, spec in evals.items()}
     return run_report(inputs, net, data, eval_data, out=out, **options)
 
 
@@ -111,7 +125,7 @@ def run_report(
     out: str,
     cache_dir: str | None = None,
     strict: bool = False,
-    device: str | None = None,
+    eval_device: str | None = None,
     results: str | None = None,
     progress: bool | None = None,
     overwrite: bool = False,
@@ -132,11 +146,11 @@ def run_report(
 
     start = time.perf_counter()
     if os.path.exists(out) and not overwrite:
-        raise FastsoupError(f"{out} exists: pass --overwrite to replace it")
+        raise OutputExistsError(f"{out} exists: pass --overwrite to replace it")
     if results is None:
         results = os.path.join(cache_dir if cache_dir else os.path.dirname(os.path.abspath(out)), "results.jsonl")
     _check_results(results)  # before any work: the rows never replace a file of the user's
-    s = Search(inputs, model, heldout, cache_dir=cache_dir, device=device, progress=progress, evals=evals,
+    s = Search(inputs, model, heldout, cache_dir=cache_dir, eval_device=eval_device, progress=progress, evals=evals,
                verify=verify, key_map=key_map, strip_prefix=strip_prefix)
     g = run_greedy(s, strict=strict)
     e = run_greedy_ensemble(s, strict=strict)
@@ -155,8 +169,8 @@ def run_report(
                  **scores(s.soup_logits(g.indices, sets))})
     rows.append({"name": "uniform ensemble", "kind": "uniform_ensemble", "members": list(range(n)),
                  **scores({d: ensemble_logits(s.individual_logits(d)) for d in sets})})
-    rows.append({"name": "greedy ensemble", "kind": "greedy_ensemble", "members": e.members,
-                 **scores({d: ensemble_logits([s.individual_logits(d)[i] for i in e.members]) for d in sets})})
+    rows.append({"name": "greedy ensemble", "kind": "greedy_ensemble", "members": e.indices,
+                 **scores({d: ensemble_logits([s.individual_logits(d)[i] for i in e.indices]) for d in sets})})
     path = g.save(out, overwrite=overwrite, progress=progress, config_from=config_from)
     _comm.rank0(_write_rows, results, rows, share=False)  # rank 0 under torch.distributed
     return Report(rows, sets, path, results, time.perf_counter() - start, greedy=g, ensemble=e)
@@ -203,14 +217,14 @@ def plot_results(results: str, out: str, *, x: str = "heldout", y: str | None = 
         raise FastsoupError(f"{results} has no results")
     sets = [k for k in rows[0] if k not in ("name", "kind", "members")]
     if x not in sets:
-        raise FastsoupError(f"{results} has no data set {x!r} (it has {', '.join(sets)})")
+        raise ArgumentError(f"{results} has no data set {x!r} (it has {', '.join(sets)})")
     if y is None:
         others = [s for s in sets if s != x]
         if not others:
-            raise FastsoupError(f"{results} has only {x!r}: run fastsoup greedy with --eval NAME=... for a y axis")
+            raise ArgumentError(f"{results} has only {x!r}: run fastsoup greedy with --eval NAME=... for a y axis")
         y = others[0]
     if y not in sets:
-        raise FastsoupError(f"{results} has no data set {y!r} (it has {', '.join(sets)})")
+        raise ArgumentError(f"{results} has no data set {y!r} (it has {', '.join(sets)})")
     fig, ax = plt.subplots(figsize=(6, 5))
     ind = [r for r in rows if r["kind"] == "individual"]
     ax.scatter([100 * r[x] for r in ind], [100 * r[y] for r in ind], c="tab:gray", s=30, label="individual models")

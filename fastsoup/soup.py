@@ -23,7 +23,7 @@ from typing import Any
 
 from ._dtypes import BY_NAME, parse_float_dtype
 from ._dtypes import info as dtype_info
-from ._errors import FastsoupError, InputChangedError
+from ._errors import ArgumentError, FastsoupError, InputChangedError
 from .engine import Device, MergeSpec, Segments, collective, resolve_device, run, source
 from .io import _sidefiles
 from .io.checkpoint import Checkpoint, check_compatible, open_checkpoint
@@ -66,7 +66,7 @@ class Soup:
                  strip_prefix: str | None = None, _names: NameMap | None = None):
         self._device = resolve_device(device)
         if threads is not None and (not isinstance(threads, int) or threads < 1):
-            raise ValueError(f"threads must be a positive integer, got {threads!r}")
+            raise ArgumentError(f"threads must be a positive integer, got {threads!r}")
         self._threads = threads or 0
         self._model = template if _is_module(template) else None
         self._template = template if _sidefiles.is_path(template) else None  # the default donor of side files
@@ -99,6 +99,7 @@ class Soup:
         self.total_weight = 0.0
         self.ingredients: list[tuple[str, float]] = []  # (source, weight) in the order added
         self._members: list[Checkpoint] = []  # the opened ingredients, in the same order
+        self._given: list[Any] = []  # the ingredients as given, in the same order (remove() matches them)
         self._broken: str | None = None  # why the sum can no longer be trusted (an input changed under a read)
 
     @classmethod
@@ -121,22 +122,43 @@ class Soup:
         self.total_weight += w
         self.ingredients.append((ck.source, w))
         self._members.append(ck)
+        self._given.append(ingredient)
         self._pending = None
         return self
 
     def remove(self, ingredient: Any, weight: float = 1.0) -> Soup:
-        """``S -= weight * ingredient``: takes out an ingredient added with that weight."""
+        """``S -= weight * ingredient``: takes out an ingredient added (or accepted) with that weight.
+
+        The ingredient is recognised by identity, not by its label (every in-memory ingredient is
+        ``<state dict>``): the same object (state dict, module, Checkpoint), the same tensors in
+        memory, or the same file(s) (device and inode, and the same ``key``); a path to a file that
+        fastsoup did not keep open (a torch file read whole) by its path. Added several times, the
+        last one added goes first. Integer tensors come from the first ingredient left.
+
+        Raises:
+            ArgumentError: the ingredient is not in the soup, or not with that weight (to subtract
+                something that was never added, ``add(ingredient, -weight)``); nothing is changed.
+        """
         w = _finite(weight)
         ck = self._open(ingredient)
+        same = [i for i in range(len(self._members)) if _same_ingredient(self._given[i], self._members[i], ingredient, ck)]
+        with_weight = [i for i in same if self.ingredients[i][1] == w]
+        if not with_weight:
+            if same:
+                weights = ", ".join(f"{self.ingredients[i][1]:g}" for i in same)
+                raise ArgumentError(f"remove(): {ck.source} is in the soup with weight {weights}, not {w:g}: pass "
+                                    "weight= as it was added")
+            raise ArgumentError(f"remove(): {ck.source} is not in the soup (an ingredient is recognised by identity: "
+                                f"the object, the tensors or the file it was added as); to subtract it, use "
+                                f"add(ingredient, {-w:g})")
+        i = with_weight[-1]
         self._accumulate(ck, -w, "taking it out of the soup")
         self.total_weight -= w
-        for i, (src, wi) in enumerate(self.ingredients):
-            if src == ck.source and wi == w:
-                del self.ingredients[i]
-                del self._members[i]
-                if i == 0 and self._members:  # integer tensors come from the first ingredient
-                    self._keep_extras(self._members[0])
-                break
+        del self.ingredients[i]
+        del self._members[i]
+        del self._given[i]
+        if i == 0 and self._members:  # integer tensors come from the first ingredient
+            self._keep_extras(self._members[0])
         self._pending = None
         return self
 
@@ -151,7 +173,7 @@ class Soup:
         self._need_ingredients("form a candidate")
         total = self.total_weight + w
         if total == 0.0:
-            raise ValueError("the candidate's weights sum to zero: cannot normalize")
+            raise ArgumentError("the candidate's weights sum to zero: cannot normalize")
         ck = self._open(ingredient)
         model = self._target(model)
         if self._scratch is None:
@@ -168,17 +190,18 @@ class Soup:
         del keep
         ck.verify("the candidate's read")  # before the model sees it: a changed input is never scored
         self._write(model, self._scratch, total, extras=True)
-        self._pending = (w, ck)
+        self._pending = (w, ck, ingredient)
 
     def accept(self) -> Soup:
         """Keeps the last :meth:`candidate` in the soup (no read: its sum is already computed)."""
         if self._pending is None:
             raise FastsoupError("accept(): no candidate pending (call candidate() first; add/remove discard it)")
-        w, ck = self._pending
+        w, ck, given = self._pending
         self._sum, self._scratch = self._scratch, self._sum
         self.total_weight += w
         self.ingredients.append((ck.source, w))
         self._members.append(ck)
+        self._given.append(given)
         self._pending = None
         return self
 
@@ -317,7 +340,7 @@ class Soup:
     def _target(self, model: Any) -> Any:
         model = model if model is not None else self._model
         if model is None:
-            raise ValueError("no model: pass one (the soup was made from a checkpoint, not a module)")
+            raise ArgumentError("no model: pass one (the soup was made from a checkpoint, not a module)")
         return model
 
     def _write(self, model: Any, flat, total: float, *, extras: bool) -> None:
@@ -328,6 +351,40 @@ class Soup:
                      self._threads, self._device, divisor=total)
 
 
+def _same_ingredient(given: Any, ck: Checkpoint, other: Any, other_ck: Checkpoint) -> bool:
+    """Whether ``other`` (opened as ``other_ck``) is the ingredient added as ``given`` (opened as ``ck``)."""
+    if other is given:
+        return True
+    files, other_files = ck.identities(), other_ck.identities()
+    if files or other_files:  # read from files kept open: the same inodes (under any path), the same entry
+        return (ck.key == other_ck.key
+                and {ident[:2] for ident in files.values()} == {ident[:2] for ident in other_files.values()})
+    memory, other_memory = _tensors_of(ck), _tensors_of(other_ck)
+    if memory is not None and memory == other_memory:  # in memory: the same tensors (a module's state dict anew)
+        return True
+    # a path whose tensors were read into memory (no file kept open): its label, for paths alone
+    return (_sidefiles.is_path(given) and _sidefiles.is_path(other) and ck.source == other_ck.source
+            and ck.key == other_ck.key)
+
+
+def _tensors_of(ck: Checkpoint) -> frozenset | None:
+    """(name, address, dtype, shape, strides) of every non-empty tensor of an in-memory checkpoint
+    (empty tensors have no address of their own); None if a tensor is not in memory, or none holds data."""
+    out = []
+    for name, ref in ck.items():
+        t = ref.tensor
+        if t is None:
+            return None
+        if not ref.nbytes:
+            continue
+        if hasattr(t, "data_ptr"):
+            addr, strides = t.data_ptr(), tuple(t.stride())
+        else:  # a numpy array
+            addr, strides = t.__array_interface__["data"][0], tuple(t.strides)
+        out.append((name, addr, ref.dtype, tuple(ref.shape), strides))
+    return frozenset(out) or None
+
+
 def _is_module(x: Any) -> bool:
     return callable(getattr(x, "state_dict", None)) and callable(getattr(x, "parameters", None))
 
@@ -336,9 +393,9 @@ def _finite(w: Any) -> float:
     try:
         w = float(w)
     except (TypeError, ValueError):
-        raise ValueError(f"weight must be a number, got {w!r}") from None
+        raise ArgumentError(f"weight must be a number, got {w!r}") from None
     if w != w or w in (float("inf"), float("-inf")):
-        raise ValueError(f"weight must be finite, got {w}")
+        raise ArgumentError(f"weight must be finite, got {w}")
     return w
 
 

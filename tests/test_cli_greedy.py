@@ -41,6 +41,17 @@ MODULE = textwrap.dedent('''
     def empty():
         return []
 
+    def bad_net():
+        raise ValueError("the width must be even")
+
+    class Picky(nn.Sequential):
+        def forward(self, x):
+            raise ValueError("picky forward")
+
+    def picky_net():
+        torch.manual_seed(1)
+        return Picky(nn.Linear(D, C))
+
     def train(folder):
         import os
         import fastsoup
@@ -167,6 +178,33 @@ def test_greedy_cli_errors(zoo, tmp_path, capsys, case):
     assert err.startswith("fastsoup: error:") and expect in err, err
     if case != "exists":
         assert not out.exists()
+
+
+@pytest.mark.parametrize("case", ["factory", "forward"])
+def test_an_error_in_the_users_code_shows_its_traceback_naming_the_function(zoo, tmp_path, capsys, case):
+    # A ValueError of the user's model is a bug to see, not an option to fix: one line naming the user's
+    # function where it was raised, then the traceback (fastsoup's own errors stay one line).
+    _, mod, paths = zoo
+    spec = f"{mod}:{'bad_net' if case == 'factory' else 'picky_net'}"
+    rc, _, err = _run(["greedy", *paths, "--model", spec, "--heldout", f"{mod}:heldout", "-o",
+                       str(tmp_path / "o.safetensors"), "--no-progress"], capsys)
+    assert rc == 1 and not (tmp_path / "o.safetensors").exists()
+    first = err.splitlines()[0]
+    if case == "factory":
+        assert first == (f"fastsoup: error in your model factory {spec} (called by fastsoup greedy): "
+                         "ValueError: the width must be even"), err
+        assert "in bad_net" in err
+    else:
+        assert first.startswith("fastsoup: error in your model's ") and "Picky.forward (called by fastsoup greedy): " \
+            "ValueError: picky forward" in first, err
+        assert "in forward" in err
+    assert "Traceback (most recent call last)" in err
+
+
+def test_a_bad_weights_option_is_still_one_line(zoo, tmp_path, capsys):
+    paths = zoo[2]
+    rc, _, err = _run(["average", *paths, "--weights", "1", "2", "-o", str(tmp_path / "a.safetensors")], capsys)
+    assert rc == 1 and err.startswith("fastsoup: error: ") and err.count("\n") == 1 and "weights" in err, err
 
 
 def test_greedy_results_never_replace_a_users_file(zoo, tmp_path, capsys):

@@ -278,6 +278,42 @@ def test_removing_the_first_ingredient_takes_its_integer_buffers_out():
     assert soup.value()["bn.num_batches_tracked"].item() == 101  # as in soup_state_dict([sds[1], sds[2]])
 
 
+def test_remove_takes_out_the_ingredient_given_not_another_with_the_same_label(tmp_path):
+    # Every in-memory ingredient is labelled "<state dict>": remove(B) must take out B, not the first
+    # record with B's label (A's), whose integer tensors the soup keeps.
+    a, b = random_state(0), random_state(1)
+    soup = fastsoup.Soup.like(a).add(a).add(b)
+    soup.remove(b)
+    assert soup.ingredients == [("<state dict>", 1.0)] and soup.total_weight == 1.0
+    got = soup.value()
+    assert got["bn.num_batches_tracked"].item() == 100  # A's, as in soup_state_dict([a])
+    for name, t in a.items():
+        if t.is_floating_point():
+            assert_close(got[name], t, rtol=1e-6, atol=1e-6)  # ((0 + a) + b) - b: a up to float32 roundings
+    # an accepted candidate and a module are matched by identity too; a file by its identity
+    m = module_with(random_state(2))
+    path = as_source(random_state(3), "file", str(tmp_path), 3)
+    soup = fastsoup.Soup.like(a).add(a).add(m).add(path)
+    soup.candidate(b, Net())
+    soup.accept()
+    soup.remove(b).remove(m).remove(os.path.join(str(tmp_path), ".", "ing3.safetensors"))
+    assert soup.ingredients == [("<state dict>", 1.0)] and soup.value()["bn.num_batches_tracked"].item() == 100
+
+
+def test_remove_of_an_ingredient_not_in_the_soup_is_refused_before_any_change():
+    a, b = random_state(0), random_state(1)
+    soup = fastsoup.Soup.like(a).add(a).add(b, 0.5)
+    before = soup.value()
+    with pytest.raises(fastsoup.ArgumentError, match="not in the soup"):
+        soup.remove(random_state(2))  # equal to no ingredient (another object)
+    with pytest.raises(fastsoup.ArgumentError, match="weight 0.5"):
+        soup.remove(b)  # added with weight 0.5, not 1.0
+    assert len(soup) == 2 and soup.total_weight == 1.5
+    assert_state_equal(soup.value(), before)
+    soup.remove(b, 0.5)
+    assert soup.ingredients == [("<state dict>", 1.0)]
+
+
 def test_remove_everything_then_add_again():
     sds = [random_state(i) for i in range(2)]
     soup = fastsoup.Soup.like(sds[0]).add(sds[0])

@@ -11,22 +11,13 @@ import os
 import sys
 from typing import Any
 
-from .._errors import FastsoupError
+from .._errors import ArgumentError, DistributedError
 
 BACKEND_ENV = "FASTSOUP_DIST_BACKEND"
 TIMEOUT_ENV = "FASTSOUP_DIST_TIMEOUT"
 JOIN_TIMEOUT_ENV = "FASTSOUP_DIST_JOIN_TIMEOUT"
 DEFAULT_TIMEOUT = 7200.0
 DEFAULT_JOIN_TIMEOUT = 600.0
-
-
-class DistributedError(FastsoupError):
-    """Another rank failed (``rank`` and ``error_type`` say which and how), or the ranks disagree."""
-
-    def __init__(self, message: str, *, rank: int | None = None, error_type: str | None = None):
-        super().__init__(message)
-        self.rank = rank
-        self.error_type = error_type
 
 
 _LOCAL: contextvars.ContextVar[bool] = contextvars.ContextVar("fastsoup_distributed_local", default=False)
@@ -95,7 +86,7 @@ def _timeout(env: str, default: float):
     try:
         seconds = float(os.environ.get(env, default))
     except ValueError:
-        raise FastsoupError(f"{env}={os.environ[env]!r}: expected a number of seconds") from None
+        raise ArgumentError(f"{env}={os.environ[env]!r}: expected a number of seconds") from None
     return datetime.timedelta(seconds=seconds)
 
 

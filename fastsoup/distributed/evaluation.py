@@ -7,9 +7,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from .._errors import ArgumentError, DistributedError
 from ..search.batches import model_logits, take_rows
 from ..search.evaluation import Evaluation, correct_count, score_logits
-from .comm import Comm, DistributedError
+from .comm import Comm
 
 
 @dataclass
@@ -43,7 +44,7 @@ def take_part(comm: Comm, mode: str, index: int, offset: int, x: Any, y: Any):
     if mode == "batches":
         return (x, y, (index, offset, n)) if index % comm.world == comm.rank else None
     if mode != "rows":
-        raise ValueError(f"split must be 'batches' or 'rows', got {mode!r}")
+        raise ArgumentError(f"split must be 'batches' or 'rows', got {mode!r}")
     lo, hi = n * comm.rank // comm.world, n * (comm.rank + 1) // comm.world
     return take_rows(x, n, lo, hi), y[lo:hi], (index, offset + lo, hi - lo)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from .._errors import ArgumentError
 from .._native import _core
 
 
@@ -35,10 +36,10 @@ def resolve_device(device: Any) -> Device:
         return CPU
     if text == "cuda" or text.startswith("cuda:"):
         if not _core.cuda_compiled:
-            raise ValueError(f"device={device!r}: this build of fastsoup has no CUDA (reinstall where nvcc is found)")
+            raise ArgumentError(f"device={device!r}: this build of fastsoup has no CUDA (reinstall where nvcc is found)")
         count = _core.cuda_device_count()
         if count == 0:
-            raise ValueError(f"device={device!r}: no CUDA device is visible to this process")
+            raise ArgumentError(f"device={device!r}: no CUDA device is visible to this process")
         if text == "cuda":
             from .. import _torch
 
@@ -47,9 +48,9 @@ def resolve_device(device: Any) -> Device:
             try:
                 index = int(text.split(":", 1)[1])
             except ValueError:
-                raise ValueError(f"device={device!r}: expected 'cuda' or 'cuda:N'") from None
+                raise ArgumentError(f"device={device!r}: expected 'cuda' or 'cuda:N'") from None
         if not 0 <= index < count:
-            raise ValueError(f"device={device!r}: {count} CUDA device(s) visible")
+            raise ArgumentError(f"device={device!r}: {count} CUDA device(s) visible")
         return Device("cuda", index)
-    raise ValueError(f"device={device!r}: expected 'cpu', 'cuda' or 'cuda:N'")
+    raise ArgumentError(f"device={device!r}: expected 'cpu', 'cuda' or 'cuda:N'")
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from .._dtypes import info as dtype_info
-from .._errors import CheckpointError
+from .._errors import ArgumentError, CheckpointError
 from ..io import _sidefiles
 from ..io._sidefiles import Donor, SoupInfo
 from ..io.checkpoint import Checkpoint
@@ -166,7 +166,7 @@ def run(spec: MergeSpec):
         plan = plan_output(specs, out, shard_size=spec.shard_size, groups=_sidefiles.shard_groups(first, names),
                            metadata=metadata, weights_name=donor.weights_name if donor is not None else None)
         if donor is not None and donor.adapter and len(plan.shards) > 1:
-            raise ValueError(f"{out}: a soup of peft adapters is one {donor.weights_name} (peft reads no shards); "
+            raise ArgumentError(f"{out}: a soup of peft adapters is one {donor.weights_name} (peft reads no shards); "
                              f"shard_size={spec.shard_size!r} would cut it into {len(plan.shards)}")
         if donor is not None and not plan.single:
             extras = {**donor.render(dtype=_soup_dtype(first, out_dtypes), info=info), **(extras or {})}

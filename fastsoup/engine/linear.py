@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .._dtypes import parse_float_dtype
+from .._errors import ArgumentError
 from ..io import _sidefiles
 from ..io._sidefiles import SoupInfo
 from ..io.checkpoint import check_compatible, open_checkpoint, with_key
@@ -92,7 +93,7 @@ def average(
 
     Raises:
         CheckpointError: an ingredient (or a side file) is unreadable or does not match the others.
-        ValueError: bad weights or options.
+        ArgumentError: bad weights or options (a ValueError); ArgumentTypeError: an option of the wrong type.
         OutputExistsError: ``out`` exists and ``overwrite`` is False.
 
     Example:
@@ -120,12 +121,12 @@ def normalization(weights: Sequence[float] | None, k: int) -> tuple[list[float],
         return [1.0] * k, (float(max(k, 1)), 0.0)
     ws = check_weights(weights, k)
     if not any(ws):
-        raise ValueError(f"weights sum to zero ({list(weights)}): cannot normalize; use fastsoup.weighted_sum")
+        raise ArgumentError(f"weights sum to zero ({list(weights)}): cannot normalize; use fastsoup.weighted_sum")
     shift = math.frexp(max(abs(w) for w in ws))[1] - 1
     ws = [math.ldexp(w, -shift) for w in ws]  # scaled first: the total of huge weights (1e308, 1e308) fits
     total = math.fsum(ws)
     if total == 0.0:
-        raise ValueError(f"weights sum to zero ({list(weights)}): cannot normalize; use fastsoup.weighted_sum")
+        raise ArgumentError(f"weights sum to zero ({list(weights)}): cannot normalize; use fastsoup.weighted_sum")
     rest = math.fsum([*ws, -total])
     return ws, (total, rest)
 
@@ -164,11 +165,11 @@ def check_weights(weights: Sequence[float], k: int) -> list[float]:
     try:
         ws = [float(w) for w in weights]
     except (TypeError, ValueError):
-        raise ValueError(f"weights must be numbers, got {weights!r}") from None
+        raise ArgumentError(f"weights must be numbers, got {weights!r}") from None
     if len(ws) != k:
-        raise ValueError(f"got {len(ws)} weights for {k} ingredients")
+        raise ArgumentError(f"got {len(ws)} weights for {k} ingredients")
     if not all(math.isfinite(w) for w in ws):
-        raise ValueError(f"weights must be finite, got {ws}")
+        raise ArgumentError(f"weights must be finite, got {ws}")
     return ws
 
 
@@ -176,7 +177,7 @@ def _merge(ingredients, weights, *, out, dtype, device, threads, shard_size, pro
            recipe, config_from=None, key_map=None, strip_prefix=None, divisor=(1.0, 0.0)):
     dev = resolve_device(device)
     if threads is not None and (not isinstance(threads, int) or threads < 1):
-        raise ValueError(f"threads must be a positive integer, got {threads!r}")
+        raise ArgumentError(f"threads must be a positive integer, got {threads!r}")
     out_override = parse_float_dtype(dtype) if dtype is not None else None
     opened = [open_checkpoint(src) for src in ingredients]
     try:

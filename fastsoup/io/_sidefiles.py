@@ -28,7 +28,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .._errors import CheckpointError
+from .._errors import ArgumentError, CheckpointError
 
 MAX_SIDE_FILE = 64 * 10**6  # bytes: a side file is read whole into memory
 CONFIG_NAME = "config.json"
@@ -189,7 +189,7 @@ def read_donor(src: Any, *, explicit: bool = False) -> Donor | None:
     """
     if explicit:
         if not is_path(src):
-            raise ValueError(f"config_from must be a path (a model folder or a file in one), got {type(src).__name__}")
+            raise ArgumentError(f"config_from must be a path (a model folder or a file in one), got {type(src).__name__}")
         path = os.fspath(src)
         if not os.path.exists(path):
             raise CheckpointError(f"config_from {path}: no such file or folder")

@@ -15,7 +15,13 @@ from dataclasses import dataclass, field
 from typing import Any, Union
 
 from .._dtypes import info as dtype_info
-from .._errors import CheckpointError, InputChangedError, StateDictChoiceWarning
+from .._errors import (
+    ArgumentError,
+    ArgumentTypeError,
+    CheckpointError,
+    InputChangedError,
+    StateDictChoiceWarning,
+)
 from ._safetensors import parse_header
 from .files import FileWatch, _OpenFile, _check_regular, _open_regular, map_file
 
@@ -245,7 +251,7 @@ def with_key(ingredients: Sequence[Any], key: str | None) -> list:
 
 def _check_key(key: Any) -> None:
     if not isinstance(key, str) or not key:
-        raise TypeError(f"key must be a non-empty string (an entry of the training checkpoint), got {key!r}")
+        raise ArgumentTypeError(f"key must be a non-empty string (an entry of the training checkpoint), got {key!r}")
 
 
 Source = Union[str, os.PathLike, Checkpoint, Mapping, Any]
@@ -290,7 +296,7 @@ def open_checkpoint(src: Source, *, key: str | None = None) -> Checkpoint:
         return src
     if isinstance(src, KeyedPath):
         if key is not None and key != src.key:
-            raise ValueError(f"{src!r}: already has key {src.key!r}; key={key!r} given too")
+            raise ArgumentError(f"{src!r}: already has key {src.key!r}; key={key!r} given too")
         return _open_path(src.path, src.key)
     if isinstance(src, (str, os.PathLike)):
         return _open_path(os.fspath(src), key)

@@ -25,7 +25,7 @@ import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Union
 
-from .._errors import CheckpointError
+from .._errors import ArgumentError, ArgumentTypeError, CheckpointError
 
 KeyMap = Union[Callable[[str], str], Mapping[str, str], Sequence[tuple]]
 
@@ -44,7 +44,7 @@ def compile_key_map(key_map: KeyMap | None) -> Callable[[str], str] | None:
         def call(name: str) -> str:
             new = key_map(name)
             if not isinstance(new, str):
-                raise TypeError(f"key_map({name!r}) returned {type(new).__name__}, expected a str")
+                raise ArgumentTypeError(f"key_map({name!r}) returned {type(new).__name__}, expected a str")
             return new
 
         return call
@@ -52,16 +52,16 @@ def compile_key_map(key_map: KeyMap | None) -> Callable[[str], str] | None:
         table = dict(key_map)
         bad = [k for k, v in table.items() if not (isinstance(k, str) and isinstance(v, str))]
         if bad:
-            raise TypeError(f"key_map must map names to names (str -> str); got {bad[0]!r}: {table[bad[0]]!r}")
+            raise ArgumentTypeError(f"key_map must map names to names (str -> str); got {bad[0]!r}: {table[bad[0]]!r}")
         return lambda name: table.get(name, name)
     rules = []
     for item in key_map:
         if not (isinstance(item, (tuple, list)) and len(item) == 2 and all(isinstance(x, str) for x in item)):
-            raise TypeError(f"key_map rules are (regex, replacement) pairs of strings; got {item!r}")
+            raise ArgumentTypeError(f"key_map rules are (regex, replacement) pairs of strings; got {item!r}")
         try:
             rules.append((re.compile(item[0]), item[1]))
         except re.error as e:
-            raise ValueError(f"key_map: {item[0]!r} is not a regular expression: {e}") from None
+            raise ArgumentError(f"key_map: {item[0]!r} is not a regular expression: {e}") from None
 
     def apply(name: str) -> str:
         for pattern, repl in rules:
@@ -76,7 +76,7 @@ def strip_prefix_map(prefix: str | None) -> Callable[[str], str] | None:
     if not prefix:
         return None
     if not isinstance(prefix, str):
-        raise TypeError(f"strip_prefix must be a string, got {type(prefix).__name__}")
+        raise ArgumentTypeError(f"strip_prefix must be a string, got {type(prefix).__name__}")
     return lambda name: name[len(prefix):] if name.startswith(prefix) else name
 
 

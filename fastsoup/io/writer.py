@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from .._errors import (
+    ArgumentError,
+    ArgumentTypeError,
     FastsoupError,
     InterruptedAfterInstall,
     OutputExistsError,
@@ -46,10 +48,10 @@ def parse_size(size: int | str) -> int:
     else:
         m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(size))
         if not m or m.group(2).upper() not in _UNITS:
-            raise ValueError(f"cannot read size {size!r}: use bytes or a number with KB, MB, GB, TB, KiB, MiB, GiB or TiB")
+            raise ArgumentError(f"cannot read size {size!r}: use bytes or a number with KB, MB, GB, TB, KiB, MiB, GiB or TiB")
         value = int(decimal.Decimal(m.group(1)) * _UNITS[m.group(2).upper()])
     if value <= 0:
-        raise ValueError(f"size {size!r} must be positive")
+        raise ArgumentError(f"size {size!r} must be positive")
     return value
 
 
@@ -126,9 +128,9 @@ def plan_output(
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if names.count(n) > 1})
-        raise ValueError(f"duplicate tensor names: {dup[:10]}")
+        raise ArgumentError(f"duplicate tensor names: {dup[:10]}")
     if "__metadata__" in names:
-        raise ValueError("a tensor cannot be named '__metadata__': safetensors reserves that key for the metadata")
+        raise ArgumentError("a tensor cannot be named '__metadata__': safetensors reserves that key for the metadata")
     single = path.endswith(".safetensors")
     buckets: list[list[TensorSpec]] = []
     if single:
@@ -156,7 +158,7 @@ def plan_output(
     n = len(buckets)
     named = not single and weights_name is not None and n == 1
     if named and (os.path.basename(weights_name) != weights_name or not weights_name.endswith(".safetensors")):
-        raise ValueError(f"weights_name {weights_name!r} is not a plain .safetensors file name")
+        raise ArgumentError(f"weights_name {weights_name!r} is not a plain .safetensors file name")
     shards = []
     for i, bucket in enumerate(buckets):
         if single or named:
@@ -783,13 +785,13 @@ def save(
         specs = []
         for item in items:
             if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)):
-                raise TypeError("save: tensors must be a mapping of name -> tensor or (name, tensor) pairs")
+                raise ArgumentTypeError("save: tensors must be a mapping of name -> tensor or (name, tensor) pairs")
             dtype, shape, nbytes = array_meta(item[1], "save", item[0])
             specs.append(TensorSpec(item[0], dtype, shape, nbytes))
         buffer = host_buffer
     if is_torch_output(path):
         if _extras:
-            raise ValueError("extra files need a folder output")
+            raise ArgumentError("extra files need a folder output")
         if isinstance(tensors, Checkpoint):
             values = {name: tensors.tensor(name) for name, _ in items}
             tensors.verify("the save")
@@ -801,7 +803,7 @@ def save(
 
     for s in specs:
         if info(s.dtype).st == "?":
-            raise FastsoupError(f"save: tensor {s.name!r} has dtype {s.dtype}, which safetensors cannot store")
+            raise ArgumentError(f"save: tensor {s.name!r} has dtype {s.dtype}, which safetensors cannot store")
     plan = plan_output(specs, path, shard_size=shard_size, metadata=metadata if metadata is not None else {"format": "pt"})
     locations = plan.locations()
     source = tensors if isinstance(tensors, Checkpoint) else None

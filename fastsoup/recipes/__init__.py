@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .._errors import ArgumentError, ArgumentTypeError
 from ..engine import average
 
 PAPER = "Wortsman et al., Model soups, ICML 2022"
@@ -46,7 +47,7 @@ def uniform_soup(ingredients: Sequence[Any], **average_kwargs: Any):
         >>> fastsoup.uniform_soup(paths, out="uniform.safetensors")  # doctest: +SKIP
     """
     if "weights" in average_kwargs:
-        raise TypeError("uniform_soup takes no weights; use weighted_soup")
+        raise ArgumentTypeError("uniform_soup takes no weights; use weighted_soup")
     return average(ingredients, **average_kwargs)
 
 
@@ -85,7 +86,7 @@ def get_recipe(name: str) -> Recipe:
     try:
         return RECIPES[name]
     except KeyError:
-        raise ValueError(f"unknown recipe {name!r}; known: {', '.join(RECIPES)}") from None
+        raise ArgumentError(f"unknown recipe {name!r}; known: {', '.join(RECIPES)}") from None
 
 
 def __getattr__(name: str):

@@ -4,27 +4,50 @@ members': exact and free once the ingredients are evaluated)."""
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from ..io.checkpoint import with_key
 from ..search.evaluation import Metric, score_logits
-from ..search.search import Search
+from ..search.search import Search, eval_device_of
 
 
 @dataclass
 class EnsembleResult:
-    """The outcome of :func:`greedy_ensemble`: ``members`` (indices, in order added), ``score``,
-    ``history``, ``individual_scores``, ``names``."""
+    """The outcome of :func:`greedy_ensemble`.
 
-    members: list[int]
+    Attributes:
+        indices: the members' positions in the ``ingredients`` argument, in the order they were added
+            (``members`` is the deprecated name).
+        score: the held-out score of the ensemble.
+        history: one dict per step: ``step, index, name, score, accepted``.
+        individual_scores: the held-out score of every ingredient, in the input order.
+        names: names of all ingredients (paths, or ``<ingredient i>``).
+        ingredients: the members (as given), in the order they were added.
+        (:meth:`weights`: each member's weight in the mean of the logits, ``1/n``.)
+    """
+
+    indices: list[int]
     score: float
     history: list[dict]
     individual_scores: list[float]
     names: list[str]
+    ingredients: list = field(default_factory=list)
+
+    def weights(self) -> list[float]:
+        """Each member's weight in the ensemble (the mean of their logits), normalized: ``1/n`` each."""
+        return [1.0 / len(self.indices)] * len(self.indices)
+
+    @property
+    def members(self) -> list[int]:
+        """Deprecated name of :attr:`indices`."""
+        warnings.warn("EnsembleResult.members is deprecated: use .indices (and .ingredients for the members "
+                      "themselves)", DeprecationWarning, stacklevel=2)
+        return self.indices
 
 
 
@@ -39,20 +62,24 @@ def greedy_ensemble(
     metric: str | Metric = "accuracy",
     strict: bool = False,
     cache_dir: str | os.PathLike | None = None,
-    device: Any = None,
+    eval_device: Any = None,
+    merge_device: Any = None,
     progress: bool | None = None,
     verify: str = "sample",
     key_map: Any = None,
     strip_prefix: str | None = None,
     key: str | None = None,
+    device: Any = None,
 ) -> EnsembleResult:
     """The paper's greedy ensemble baseline: greedy soup's procedure over logit ensembles (the mean of
     the members' logits), computed from the ingredients' held-out logits (cached: free on a rerun).
 
-    Arguments as :func:`greedy_soup`.
+    Arguments as :func:`greedy_soup` (``merge_device``: where each ingredient is written into the
+    model to be evaluated; ``device``: deprecated name of ``eval_device``).
     """
-    s = Search(with_key(ingredients, key), model, heldout, metric=metric, cache_dir=cache_dir, device=device,
-               progress=progress, verify=verify, key_map=key_map, strip_prefix=strip_prefix)
+    eval_device = eval_device_of(eval_device, device, "greedy_ensemble")
+    s = Search(with_key(ingredients, key), model, heldout, metric=metric, cache_dir=cache_dir, eval_device=eval_device,
+               merge_device=merge_device, progress=progress, verify=verify, key_map=key_map, strip_prefix=strip_prefix)
     return run_greedy_ensemble(s, strict=strict)
 
 
@@ -73,7 +100,7 @@ def run_greedy_ensemble(s: Search, *, strict: bool = False, data: str = "heldout
             members.append(j)
             total, best = cand, score
         history.append({"step": step, "index": j, "name": s.names[j], "score": score, "accepted": accepted})
-    return EnsembleResult(members, best, history, scores, s.names)
+    return EnsembleResult(members, best, history, scores, s.names, ingredients=[s.sources[i] for i in members])
 
 
 def ensemble_logits(logits: Sequence[torch.Tensor]) -> torch.Tensor:

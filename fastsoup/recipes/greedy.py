@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from .._errors import ArgumentError
 from .._native import _core
 from ..distributed import comm as _comm
 from ..io._sidefiles import SoupInfo
@@ -47,7 +48,7 @@ from ..search.evaluation import (
 )
 from ..search.heldout import HeldOut
 from ..search.regroup import CHECK_BATCHES, check_regrouping, regroup, regroupable
-from ..search.search import Search, SearchStats
+from ..search.search import Search, SearchStats, eval_device_of
 from ..soup import Soup
 
 
@@ -58,6 +59,7 @@ class GreedyResult:
     Attributes:
         ingredients: the kept ingredients (as given), in the order they were added.
         indices: their positions in the ``ingredients`` argument.
+        (:meth:`weights`: their weights in the soup, ``1/n`` each.)
         score: the held-out score of the greedy soup.
         history: one dict per step: ``step, index, name, score (None when rejected early), accepted,
             batches, of (batches in the set), source ("evaluated", "cache" or "journal")``.
@@ -79,6 +81,10 @@ class GreedyResult:
     stats: SearchStats = field(default_factory=SearchStats)
     _mapped: list = field(default=None, repr=False, compare=False)  # the kept ingredients, named as the model's
     _names: Any = field(default=None, repr=False, compare=False)  # their NameMap (to save under the files' names)
+
+    def weights(self) -> list[float]:
+        """The soup's weight of each kept ingredient (as :attr:`ingredients`), normalized: ``1/n`` each."""
+        return [1.0 / len(self.indices)] * len(self.indices)
 
     def soup(self) -> Soup:
         """The greedy soup as a :class:`~fastsoup.Soup`, summed in the order of the search (so its value
@@ -135,7 +141,8 @@ def greedy_soup(
     metric: str | Metric = "accuracy",
     strict: bool = False,
     cache_dir: str | os.PathLike | None = None,
-    device: Any = None,
+    eval_device: Any = None,
+    merge_device: Any = None,
     order: Sequence[int] | None = None,
     progress: bool | None = None,
     reorder: str = "examples",
@@ -143,6 +150,7 @@ def greedy_soup(
     key_map: Any = None,
     strip_prefix: str | None = None,
     key: str | None = None,
+    device: Any = None,
 ) -> GreedyResult:
     """Greedy soup, the paper's Recipe 1: rank the ingredients by held-out score, start from the best,
     try each next one once, keep it if the soup's held-out score does not drop.
@@ -164,7 +172,14 @@ def greedy_soup(
             interrupted search resumes at the next untried candidate. Every entry and record there
             carries a checksum: a damaged one is recomputed (one warning), never trusted; the
             temporary files of a killed run are removed by the next one.
-        device: the evaluation device (default: the model's); the held-out tensors are kept there.
+        eval_device: the evaluation device (default: the model's): the model is moved there and the
+            held-out tensors are kept there.
+        merge_device: where the soups are summed and written into the model: "cpu", "cuda" or
+            "cuda:N" (default: the evaluation device when it is a GPU and this build has CUDA, else
+            the CPU; a model on a GPU then gets its parameters through host staging). The soup's
+            value is the same bits on either.
+        device: deprecated name of ``eval_device`` (a FutureWarning; it is not the merge device that
+            ``device`` means in :func:`~fastsoup.average` and :class:`~fastsoup.Soup`).
         order: indices of the ingredients in the order to try them (overrides the ranking).
         progress: progress bars (default: on a terminal).
         reorder: accuracy only, how a candidate's held-out examples are ordered for early rejection
@@ -193,16 +208,21 @@ def greedy_soup(
         A :class:`GreedyResult`.
 
     Raises:
+        ArgumentError: a bad option (``order``, ``reorder``, ``metric``, ``verify``, a device; both
+            ``device`` and ``eval_device``).
+        ArgumentTypeError: ``model`` is not an ``nn.Module``.
         CheckpointError: the ingredients do not match each other or the model.
-        FastsoupError: empty held-out data; a cache written for another model or data set.
+        DataError: the held-out data is empty or not ``(inputs, labels)`` batches.
+        CacheMismatchError: a cache written for another model or data set.
 
     Example:
         >>> result = fastsoup.greedy_soup(paths, model, val_loader, cache_dir="soup-cache")  # doctest: +SKIP
         >>> result.indices, result.score  # doctest: +SKIP
         >>> result.save("greedy.safetensors")  # doctest: +SKIP
     """
-    s = Search(with_key(ingredients, key), model, heldout, metric=metric, cache_dir=cache_dir, device=device,
-               progress=progress, verify=verify, key_map=key_map, strip_prefix=strip_prefix)
+    eval_device = eval_device_of(eval_device, device, "greedy_soup")
+    s = Search(with_key(ingredients, key), model, heldout, metric=metric, cache_dir=cache_dir, eval_device=eval_device,
+               merge_device=merge_device, progress=progress, verify=verify, key_map=key_map, strip_prefix=strip_prefix)
     return run_greedy(s, strict=strict, order=order, reorder=reorder)
 
 
@@ -214,7 +234,7 @@ def run_greedy(s: Search, *, strict: bool = False, order: Sequence[int] | None =
                reorder: str = "examples") -> GreedyResult:
     """The greedy loop over a prepared :class:`~fastsoup.search.Search` (see :func:`greedy_soup`)."""
     if reorder not in REORDERS:
-        raise ValueError(f"reorder must be one of {', '.join(map(repr, REORDERS))}, got {reorder!r}")
+        raise ArgumentError(f"reorder must be one of {', '.join(map(repr, REORDERS))}, got {reorder!r}")
     return _Greedy(s, bool(strict), order, reorder).run()
 
 

@@ -9,6 +9,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .._errors import ArgumentError
 from ..engine import weighted_sum
 
 DEFAULT_ALPHAS = tuple(i / 10 for i in range(11))
@@ -24,7 +25,7 @@ def interpolate(theta_0: Any, theta_1: Any, alpha: float, **kwargs: Any):
     """
     a = float(alpha)
     if a != a or a in (float("inf"), float("-inf")):
-        raise ValueError(f"alpha must be finite, got {alpha}")
+        raise ArgumentError(f"alpha must be finite, got {alpha}")
     return weighted_sum([theta_0, theta_1], [1.0 - a, a], **kwargs)
 
 
@@ -53,11 +54,13 @@ def wise_ft_sweep(
     alphas: Sequence[float] = DEFAULT_ALPHAS,
     evals: dict[str, Iterable] | None = None,
     cache_dir: str | os.PathLike | None = None,
-    device: Any = None,
+    eval_device: Any = None,
+    merge_device: Any = None,
     progress: bool | None = None,
     verify: str = "sample",
     key_map: Any = None,
     strip_prefix: str | None = None,
+    device: Any = None,
 ) -> SweepResult:
     """Scores the WiSE-FT interpolation at each alpha on the held-out set and every eval set.
 
@@ -65,19 +68,23 @@ def wise_ft_sweep(
     checkpoints; with ``cache_dir`` the logits are cached (a rerun, or more alphas later, costs only
     the new points); ``verify`` says how the cache fingerprints the two checkpoints (``"sample"``
     or ``"full"``, see :func:`~fastsoup.greedy_soup`); ``key_map`` and ``strip_prefix`` how their
-    names become the model's (see :func:`~fastsoup.greedy_soup`).
+    names become the model's (see :func:`~fastsoup.greedy_soup`); ``eval_device`` where the model
+    is evaluated and ``merge_device`` where each interpolation is formed (as in
+    :func:`~fastsoup.greedy_soup`; ``device``: deprecated name of ``eval_device``).
 
     Returns:
         A :class:`SweepResult`.
     """
     from ..search.evaluation import score_logits
-    from ..search.search import Search
+    from ..search.search import Search, eval_device_of
 
     alphas = [float(a) for a in alphas]
     if not alphas:
-        raise ValueError("alphas is empty")
-    s = Search([zero_shot, fine_tuned], model, heldout, cache_dir=cache_dir, device=device, progress=progress,
-               evals=evals, verify=verify, key_map=key_map, strip_prefix=strip_prefix)
+        raise ArgumentError("alphas is empty")
+    eval_device = eval_device_of(eval_device, device, "wise_ft_sweep")
+    s = Search([zero_shot, fine_tuned], model, heldout, cache_dir=cache_dir, eval_device=eval_device,
+               merge_device=merge_device, progress=progress, evals=evals, verify=verify, key_map=key_map,
+               strip_prefix=strip_prefix)
     sets = list(s.data)
     scores: dict[str, list[float]] = {d: [] for d in sets}
     for a in alphas:

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from .._errors import FastsoupError
+from .._errors import ArgumentError, ArgumentTypeError, FastsoupError
 from ..distributed import comm as _comm
 from ..io import _tempfiles
 from ..io.checkpoint import Checkpoint, check_compatible, open_checkpoint, with_key
@@ -42,6 +42,7 @@ from ..search import cache as _cache
 from ..search.batches import model_device, model_logits
 from ..search.evaluation import evaluate, progress_bar
 from ..search.heldout import HeldOut, prepare
+from ..search.search import eval_device_of
 
 PARAMETRIZATIONS = ("softmax", "free")
 
@@ -58,7 +59,9 @@ class LearnedResult:
         score: held-out accuracy of the learned soup; ``loss``: its held-out loss (with beta).
         uniform_loss: held-out loss of the uniform soup (the starting point), for comparison.
         losses: the training loss of every step.
-        sources: the ingredients (as given).
+        ingredients: the ingredients (as given); ``sources`` is the deprecated name. ``indices``:
+            their positions, ``0 .. K-1`` (all of them are in the soup); :meth:`weights`: the
+            coefficients as the soup functions take them.
     """
 
     coefficients: torch.Tensor
@@ -68,7 +71,7 @@ class LearnedResult:
     loss: float
     uniform_loss: float
     losses: list[float]
-    sources: list
+    ingredients: list
     layerwise: bool
     parametrization: str
     config: dict = field(default_factory=dict)
@@ -76,11 +79,24 @@ class LearnedResult:
     _mapped: list = field(default=None, repr=False, compare=False)  # the ingredients, named as the model's
     _names: Any = field(default=None, repr=False, compare=False)  # their NameMap (to save under the files' names)
 
+    @property
+    def indices(self) -> list[int]:
+        """The ingredients' positions in the ``ingredients`` argument: all of them, in order."""
+        return list(range(len(self.ingredients)))
+
+    @property
+    def sources(self) -> list:
+        """Deprecated name of :attr:`ingredients`."""
+        warnings.warn("LearnedResult.sources is deprecated: use .ingredients", DeprecationWarning, stacklevel=2)
+        return self.ingredients
+
     def _ingredients(self) -> list[Checkpoint]:
-        return self._mapped or [open_checkpoint(s) for s in self.sources]
+        return self._mapped or [open_checkpoint(s) for s in self.ingredients]
 
     def weights(self) -> list[float] | dict[str, list[float]]:
-        """The coefficients as the soup functions take them: K numbers, or name -> K numbers."""
+        """The soup's weight of each ingredient: the coefficients as the soup functions take them, K
+        numbers, or layer-wise tensor name -> K numbers (normalized under the softmax
+        parametrization; as learned under "free", where the soup is the plain sum)."""
         if self.layerwise:
             return {n: row.tolist() for n, row in zip(self.tensor_names, self.coefficients)}
         return self.coefficients.tolist()
@@ -115,10 +131,10 @@ class LearnedResult:
         from ..io.writer import with_sidecar
 
         recipe = "learned_soup_layerwise" if self.layerwise else "learned_soup"
-        info = SoupInfo(recipe, ingredient_names(self.sources), self.weights())
+        info = SoupInfo(recipe, ingredient_names(self.ingredients), self.weights())
 
         def write_soup(extras) -> str:
-            donor = donor_for(out, config_from, self.sources[0])  # read before any work
+            donor = donor_for(out, config_from, self.ingredients[0])  # read before any work
             # Streamed, as state_dict() computes it (the same kernel, weights and rounding): one pass over
             # the K ingredients (named as the model's, a tied tensor once) straight into the files, under
             # the names of the first one's files; no state dict in memory.
@@ -143,7 +159,7 @@ class LearnedResult:
             "recipe": "learned_soup_layerwise" if self.layerwise else "learned_soup",
             "parametrization": self.parametrization,
             "ingredients": [str(s) if isinstance(s, (str, os.PathLike)) else f"<ingredient {i}>"
-                            for i, s in enumerate(self.sources)],
+                            for i, s in enumerate(self.ingredients)],
             "coefficients": self.coefficients.tolist(),
             "tensor_names": self.tensor_names if self.layerwise else None,
             "beta": self.beta,
@@ -178,7 +194,7 @@ def learned_soup(
     init: str | Sequence[float] = "uniform",
     parametrization: str = "softmax",
     logit_scale: bool = True,
-    device: Any = None,
+    eval_device: Any = None,
     cache_dir: str | os.PathLike | None = None,
     seed: int = 0,
     progress: bool | None = None,
@@ -186,6 +202,7 @@ def learned_soup(
     key_map: Any = None,
     strip_prefix: str | None = None,
     key: str | None = None,
+    device: Any = None,
 ) -> LearnedResult:
     """Learns the soup's mixing coefficients on held-out data, in O(P) memory.
 
@@ -206,7 +223,10 @@ def learned_soup(
             zeros become a small weight under softmax).
         parametrization: "softmax" (weights >= 0 summing to 1) or "free" (any real weights).
         logit_scale: learn ``beta`` (the official code does); False keeps it at 1.
-        device: evaluation device (default: the model's).
+        eval_device: the evaluation device (default: the model's): the model is moved there and the
+            held-out tensors kept there. The mix and the gradient pass run on the CPU in this build,
+            so it must be the CPU.
+        device: deprecated name of ``eval_device`` (a FutureWarning).
         cache_dir: keep the result there (``learned-KEY.json``, with a checksum): a rerun with the
             same ingredients, data and settings returns it without training; a damaged entry is
             trained again (one warning), never trusted.
@@ -229,21 +249,22 @@ def learned_soup(
         >>> r.save("learned.safetensors")  # doctest: +SKIP
     """
     start = time.perf_counter()
+    eval_device = eval_device_of(eval_device, device, "learned_soup")
     if parametrization not in PARAMETRIZATIONS:
-        raise ValueError(f"parametrization must be one of {PARAMETRIZATIONS}, got {parametrization!r}")
+        raise ArgumentError(f"parametrization must be one of {PARAMETRIZATIONS}, got {parametrization!r}")
     if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        raise ArgumentTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     sources = with_key(ingredients, key)
     if not sources:
-        raise ValueError("no ingredients: give at least one checkpoint")
+        raise ArgumentError("no ingredients: give at least one checkpoint")
     if not lr > 0 or (steps is None and not epochs >= 1) or (steps is not None and not steps >= 1):
-        raise ValueError(f"need lr > 0 and epochs >= 1 (or steps >= 1), got lr={lr}, epochs={epochs}, steps={steps}")
+        raise ArgumentError(f"need lr > 0 and epochs >= 1 (or steps >= 1), got lr={lr}, epochs={epochs}, steps={steps}")
     K = len(sources)
     _cache.check_verify(verify)
     layout = open_checkpoint(model)
     name_map = NameMap.build(key_map=key_map, strip_prefix=strip_prefix, model=model, layout=layout)
     ckpts: list[Checkpoint] = name_map.apply([open_checkpoint(s) for s in sources])
-    dev = torch.device(device) if device is not None else model_device(model)
+    dev = torch.device(eval_device) if eval_device is not None else model_device(model)
     model = model.to(dev)
     check_compatible([layout] + ckpts)
     params = dict(model.named_parameters())
@@ -251,7 +272,7 @@ def learned_soup(
     if bad:
         raise FastsoupError(f"learned_soup needs float32 parameters ({bad[:5]} are not): call model.float() first")
     if dev.type != "cpu":
-        raise FastsoupError("learned_soup computes on the CPU in this build: pass a model on the CPU (device=\"cpu\")")
+        raise ArgumentError("learned_soup computes on the CPU in this build: pass a model on the CPU (or eval_device=\"cpu\")")
     held = prepare(heldout, dev, split="rows")  # torch.distributed: every rank takes a share of every batch
     names = [n for n, r in ckpts[0].items() if r.dtype in ("float16", "bfloat16", "float32", "float64")]
     w0 = _initial_weights(init, K)
@@ -267,8 +288,8 @@ def learned_soup(
         d = _comm.rank0(_read_cached, cache_path, (len(names), K) if layerwise else (K,))
         if d is not None:
             return LearnedResult(torch.tensor(d["coefficients"], dtype=torch.float32), d["tensor_names"] or names,
-                                 d["beta"], d["score"], d["loss"], d["uniform_loss"], d["losses"], sources, layerwise,
-                                 parametrization, config, time.perf_counter() - start, _mapped=ckpts, _names=name_map)
+                                 d["beta"], d["score"], d["loss"], d["uniform_loss"], d["losses"], sources,
+                                 layerwise, parametrization, config, time.perf_counter() - start, _mapped=ckpts, _names=name_map)
 
     rows = len(names) if layerwise else 1
     base = torch.tensor(w0, dtype=torch.float32)
@@ -417,11 +438,11 @@ def _sum_shares(comm, G: torch.Tensor, loss: torch.Tensor, beta: torch.nn.Parame
 def _initial_weights(init: Any, K: int) -> list[float]:
     if isinstance(init, str):
         if init != "uniform":
-            raise ValueError(f"init must be 'uniform' or {K} weights, got {init!r}")
+            raise ArgumentError(f"init must be 'uniform' or {K} weights, got {init!r}")
         return [1.0 / K] * K
     w = [float(v) for v in init]
     if len(w) != K or not all(v == v and abs(v) != float("inf") for v in w) or sum(w) == 0:
-        raise ValueError(f"init must be 'uniform' or {K} finite weights with a non-zero sum, got {init!r}")
+        raise ArgumentError(f"init must be 'uniform' or {K} finite weights with a non-zero sum, got {init!r}")
     total = sum(w)
     return [v / total for v in w]
 

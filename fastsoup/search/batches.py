@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .._errors import FastsoupError
+from .._errors import DataError, FastsoupError
 
 _LABELS = ("labels", "label")
 _POSITIONAL = ("images", "inputs", "input")  # {"images": x, "labels": y}: model(x)
@@ -25,18 +25,18 @@ def split_batch(batch: Any, name: str, i: int):
         y = next((batch[k] for k in _LABELS if k in batch), None)
         if y is None:
             what = "dict" if isinstance(batch, dict) else type(batch).__name__
-            raise FastsoupError(f"{name}: batch {i} is a {what} with keys {sorted(keys)} but no 'labels' (or 'label'); "
+            raise DataError(f"{name}: batch {i} is a {what} with keys {sorted(keys)} but no 'labels' (or 'label'); "
                                 "expected the labels and the inputs ('images', 'inputs', or the model's input names)")
         positional = next((k for k in _POSITIONAL if k in batch), None)
         if positional is not None:
             return batch[positional], y
         inputs = {k: batch[k] for k in batch.keys() if k not in _LABELS}
         if not inputs:
-            raise FastsoupError(f"{name}: batch {i} holds labels but no inputs (keys {sorted(keys)})")
+            raise DataError(f"{name}: batch {i} holds labels but no inputs (keys {sorted(keys)})")
         return inputs, y  # model(**inputs), as transformers models take them
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
         return batch[0], batch[1]
-    raise FastsoupError(f"{name}: batch {i} is a {type(batch).__name__}; expected (inputs, labels)")
+    raise DataError(f"{name}: batch {i} is a {type(batch).__name__}; expected (inputs, labels)")
 
 
 def model_logits(model, x, y=None, name: str = "data") -> torch.Tensor:

@@ -40,7 +40,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from .._errors import CheckpointError, FastsoupError
+from .._errors import ArgumentError, CacheMismatchError, CheckpointError
 from ..io import _tempfiles
 from ..io.checkpoint import Checkpoint
 
@@ -54,18 +54,14 @@ CACHE_FORMAT = "fastsoup-cache-2"  # manifest "format": checksummed entries, ide
 LOGITS_FORMAT = "fastsoup-logits-2"  # a logits file's __metadata__ "fastsoup"
 
 
-class CacheMismatchError(FastsoupError, ValueError):
-    """The model or a data set is not the one a cache directory was written for."""
-
-
 def _hasher():
     return hashlib.blake2b(digest_size=16)
 
 
 def check_verify(verify: str) -> str:
-    """``verify`` if it is one of :data:`VERIFY`; else a ValueError naming them."""
+    """``verify`` if it is one of :data:`VERIFY`; else an ArgumentError naming them."""
     if verify not in VERIFY:
-        raise ValueError(f"verify must be 'sample' (file identity and sampled content) or 'full' (every byte), "
+        raise ArgumentError(f"verify must be 'sample' (file identity and sampled content) or 'full' (every byte), "
                          f"got {verify!r}")
     return verify
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from .._errors import ArgumentError
 from .batches import model_logits
 from .regroup import Regrouping
 
@@ -62,7 +63,7 @@ def evaluate(
     if order is None:
         order = range(nb)
     elif sorted(order) != list(range(nb)):
-        raise ValueError(f"order must be a permutation of the {nb} batch indices")
+        raise ArgumentError(f"order must be a permutation of the {nb} batch indices")
     was_training = model.training
     model.eval()
     outs: list = [None] * nb
@@ -106,7 +107,7 @@ def correct_count(logits: torch.Tensor, labels: torch.Tensor) -> int:
 def check_metric(metric: Any) -> str | Metric:
     if metric == "accuracy" or callable(metric):
         return metric
-    raise ValueError(f"metric must be 'accuracy' or a callable (logits, labels) -> float, got {metric!r}")
+    raise ArgumentError(f"metric must be 'accuracy' or a callable (logits, labels) -> float, got {metric!r}")
 
 
 def metric_name(metric: str | Metric) -> str:

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .._errors import FastsoupError
+from .._errors import DataError
 from ..distributed import comm as _comm
 from ..distributed import evaluation as _parallel
 from .batches import hash_batch, nbytes_of, split_batch, to_device
@@ -106,13 +106,13 @@ def _prepare(data: Iterable, device, name: str, split, comm, st) -> HeldOut:
     try:
         iterator = iter(data)
     except TypeError:
-        raise FastsoupError(f"{name}: expected an iterable of (inputs, labels) batches, got {type(data).__name__}") from None
+        raise DataError(f"{name}: expected an iterable of (inputs, labels) batches, got {type(data).__name__}") from None
     for i, batch in enumerate(iterator):
         x, y = split_batch(batch, name, i)
         if not isinstance(y, torch.Tensor):
             y = torch.as_tensor(y)
         if y.dim() == 0:
-            raise FastsoupError(f"{name}: batch {i} has a scalar label tensor; expected one label per example")
+            raise DataError(f"{name}: batch {i} has a scalar label tensor; expected one label per example")
         hash_batch(h, x)
         hash_batch(h, y)
         if st is not None and not st.add(x, y):  # not storable: keep the set in memory, as without a store
@@ -144,7 +144,7 @@ def _prepare(data: Iterable, device, name: str, split, comm, st) -> HeldOut:
     if not labels or sum(y.shape[0] for y in labels) == 0:
         if st is not None:
             st.discard()
-        raise FastsoupError(f"{name}: the data set is empty (no batches, or no examples): greedy search needs held-out examples")
+        raise DataError(f"{name}: the data set is empty (no batches, or no examples): greedy search needs held-out examples")
     held = HeldOut(name, batches, torch.cat(labels), h.hexdigest(), time.perf_counter() - start, store=st,
                    watch=watch if device.type == "cpu" else None)
     if watch is not None:

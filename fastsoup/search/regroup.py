@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from .._errors import ArgumentError
 from .batches import device_of, gather_rows, model_logits, signature
 
 
@@ -56,7 +57,7 @@ def regroup(data, order: torch.Tensor) -> Regrouping:
     source = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
     order = torch.as_tensor(order, dtype=torch.int64).cpu()
     if order.shape != (data.size,) or not torch.equal(torch.sort(order).values, torch.arange(data.size)):
-        raise ValueError(f"order must be a permutation of the {data.size} example indices")
+        raise ArgumentError(f"order must be a permutation of the {data.size} example indices")
     device = device_of(data.batches[0][1])
     ids, parts, start = [], [], 0
     for n in sizes:

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .._errors import FastsoupError
+from .._errors import ArgumentError, ArgumentTypeError, DataError
 from .._native import _core
 from ..distributed import comm as _comm
 from ..distributed.cache import open_cache
@@ -61,6 +62,12 @@ class Search:
     Checks everything before any evaluation: the ingredients against each other and against the
     model, the data sets (non-empty), and the cache (same model and data as when it was written).
     ``verify``: how ingredients are fingerprinted for the cache (see :func:`greedy_soup`).
+
+    Two devices: ``eval_device`` (default: the model's) is where the model is moved, the data sets
+    are kept and the evaluations run (``self.device``); ``merge_device`` (default: the evaluation
+    device when it is a GPU this build's CUDA engine can use, else the CPU) is where the soups are
+    summed and written into the model (``self.engine_device``). ``device=`` is the deprecated name of
+    ``eval_device=``.
     """
 
     def __init__(
@@ -71,31 +78,30 @@ class Search:
         *,
         metric: str | Metric = "accuracy",
         cache_dir: str | os.PathLike | None = None,
-        device: Any = None,
+        eval_device: Any = None,
+        merge_device: Any = None,
         progress: bool | None = None,
         evals: dict[str, Iterable] | None = None,
         verify: str = "sample",
         key_map: Any = None,
         strip_prefix: str | None = None,
+        device: Any = None,
     ):
+        eval_device = eval_device_of(eval_device, device, "Search")
         self.metric = check_metric(metric)
         self.verify = _cache.check_verify(verify)
         self.sources = list(ingredients)
         if not self.sources:
-            raise ValueError("no ingredients: give at least one checkpoint")
+            raise ArgumentError("no ingredients: give at least one checkpoint")
         if not isinstance(model, torch.nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+            raise ArgumentTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.progress = progress
         self.stats = SearchStats()
         self.names = [_name(src, i) for i, src in enumerate(self.sources)]
         opened = [open_checkpoint(src) for src in self.sources]
-        self.device = torch.device(device) if device is not None else model_device(model)
+        self.device = torch.device(eval_device) if eval_device is not None else model_device(model)
+        self.engine_device = merge_device_for(self.device, merge_device)
         self.model = model.to(self.device)
-        # The soup and the parameter writes run where the model is: the CUDA engine for a model on a
-        # GPU (checkpoints stream through pinned memory; the fp32 sum stays on the GPU), else the CPU.
-        self.engine_device = CPU
-        if self.device.type == "cuda" and _core.cuda_compiled and _core.cuda_device_count() > 0:
-            self.engine_device = resolve_device(f"cuda:{self.device.index if self.device.index is not None else 0}")
         layout = open_checkpoint(model)
         # The files' names as the module's (a key map, a prefix, transformers' own renames), tied weights alike.
         self.name_map = NameMap.build(key_map=key_map, strip_prefix=strip_prefix, model=model, layout=layout)
@@ -113,9 +119,9 @@ class Search:
             store = self.cache.data_prefix("heldout")
         if heldout is None:  # the held-out set a search stored in the cache: no pipeline to run
             if cache_dir is None:
-                raise ValueError("heldout=None takes the held-out data stored in cache_dir: give cache_dir, or the data")
+                raise ArgumentError("heldout=None takes the held-out data stored in cache_dir: give cache_dir, or the data")
             if _comm.current() is not None:
-                raise ValueError("heldout=None is not supported under torch.distributed: give every rank the data")
+                raise ArgumentError("heldout=None is not supported under torch.distributed: give every rank the data")
             heldout, stored = load_heldout(store)
             store = None
         # With a cache, the held-out set is written there as it is prepared (on the CPU it then lives in
@@ -123,11 +129,11 @@ class Search:
         self.data: dict[str, HeldOut] = {"heldout": prepare(heldout, self.device, name="heldout", store=store)}
         try:
             if stored is not None and self.heldout.fingerprint != stored:
-                raise FastsoupError(f"{self.cache.data_prefix('heldout')}.bin: the stored held-out data does not match the "
+                raise DataError(f"{self.cache.data_prefix('heldout')}.bin: the stored held-out data does not match the "
                                     "fingerprint it was stored with (damaged): give the data set to store it again")
             for name, loader in (evals or {}).items():
                 if name == "heldout":
-                    raise ValueError("'heldout' is the held-out set's name; give the eval set another name")
+                    raise ArgumentError("'heldout' is the held-out set's name; give the eval set another name")
                 self.data[name] = prepare(loader, self.device, name=name)
             if self.cache is not None:
                 self.cache.check("model", self.model_fp, describe=f"the model ({type(model).__name__})")
@@ -234,8 +240,34 @@ class Search:
             return sorted(range(n), key=lambda i: -scores[i])  # stable: ties keep the input order
         order = [int(i) for i in order]
         if not order or len(set(order)) != len(order) or not all(0 <= i < n for i in order):
-            raise ValueError(f"order must list distinct ingredient indices in [0, {n}), got {order}")
+            raise ArgumentError(f"order must list distinct ingredient indices in [0, {n}), got {order}")
         return order
+
+
+def eval_device_of(eval_device: Any, device: Any, caller: str, stacklevel: int = 3) -> Any:
+    """A search's evaluation device, from ``eval_device=`` and ``device=``, its deprecated name (a
+    FutureWarning; both given: an ArgumentError). ``stacklevel`` points the warning at the caller of
+    ``caller``."""
+    if device is None:
+        return eval_device
+    if eval_device is not None:
+        raise ArgumentError(f"{caller}: device= is the deprecated name of eval_device=; pass eval_device= alone")
+    warnings.warn(f"{caller}(device=...) is deprecated: pass eval_device= (where the model and the held-out data are "
+                  "evaluated); merge_device= says where the soups are formed", FutureWarning, stacklevel=stacklevel)
+    return device
+
+
+def merge_device_for(eval_device: Any, merge_device: Any = None):
+    """The engine device the soups are summed on and written into the model from: ``merge_device``
+    ("cpu", "cuda", "cuda:N"), or by default where the model is evaluated: the CUDA engine for a
+    model on a GPU (checkpoints stream through pinned memory; the float32 sum stays on the GPU), else
+    the CPU (a model on a GPU then gets its parameters through host staging)."""
+    if merge_device is not None:
+        return resolve_device(merge_device)
+    dev = torch.device(eval_device)
+    if dev.type == "cuda" and _core.cuda_compiled and _core.cuda_device_count() > 0:
+        return resolve_device(f"cuda:{dev.index if dev.index is not None else 0}")
+    return CPU
 
 
 def _name(src: Any, i: int) -> str:

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .._errors import FastsoupError
+from .._errors import DataError
 from ..io import _tempfiles
 from ..io.files import FileWatch, map_file
 from .batches import storable
@@ -114,7 +114,7 @@ def load_heldout(prefix: str) -> tuple[list, str]:
     """
     path = prefix + ".json"
     if not os.path.exists(path):
-        raise FastsoupError(f"{path}: no stored held-out data (a search with this cache_dir stores it; give the data "
+        raise DataError(f"{path}: no stored held-out data (a search with this cache_dir stores it; give the data "
                             "set itself instead)")
     try:
         with open(path) as f:
@@ -123,7 +123,7 @@ def load_heldout(prefix: str) -> tuple[list, str]:
             raise ValueError(f"format {meta.get('format')!r}, expected {STORE_FORMAT!r}")
         batches = _batches_of(prefix + ".bin", meta["tensors"], meta["batches"], int(meta["bytes"]))
     except (OSError, KeyError, ValueError, TypeError, AttributeError) as e:
-        raise FastsoupError(f"{prefix}.bin/.json: the stored held-out set is damaged ({e}): give the data set to "
+        raise DataError(f"{prefix}.bin/.json: the stored held-out set is damaged ({e}): give the data set to "
                             "store it again") from None
     return batches, meta.get("fingerprint", "")
 
