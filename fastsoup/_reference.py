@@ -629,8 +629,10 @@ def model_stock_t(gram: torch.Tensor) -> float:
     row order), clamped to [-1, 1]; ``t = N c / (1 + (N - 1) c)`` for c > 0, 0 for c <= 0, clamped to
     [0, 1].
 
-    mergekit leaves t unclamped: for c in (-1/(N-1), 0) t is negative, at -1/(N-1) it divides by zero,
-    below it t exceeds 1 (the pole flips its sign). Every c <= 0 means no agreement, t = 0: the base.
+    mergekit leaves t unclamped: for c in (-1/(N-1), 0) t is negative (the merge moves away from the
+    fine-tunes' mean), and at c = -1/(N-1) (the least a mean pairwise cosine can be, e.g. two opposite
+    task vectors) it divides by zero; below that, reachable only through rounding, the pole flips t
+    above 1. Every c <= 0 means no agreement: t = 0, the base.
     """
     g = gram.double()
     n = g.shape[0]
