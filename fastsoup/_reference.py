@@ -12,7 +12,7 @@ rounded once, to measure how far any implementation is from it (``ulp_distance``
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from fractions import Fraction
 
 import numpy as np
@@ -316,6 +316,7 @@ _LERP_DOT = 0.9995  # mergekit's slerp DOT_THRESHOLD
 
 
 def _as_i64(x: int) -> int:
+    """A 64-bit unsigned integer as the int64 with the same bits."""
     return x - (1 << 64) if x >= 1 << 63 else x
 
 
@@ -325,6 +326,7 @@ def _srl(z: torch.Tensor, s: int) -> torch.Tensor:
 
 
 def _mix64_py(z: int) -> int:
+    """SplitMix64's output function on a Python integer in [0, 2^64)."""
     z = ((z ^ (z >> 30)) * _MIX1) & _M64
     z = ((z ^ (z >> 27)) * _MIX2) & _M64
     return z ^ (z >> 31)
@@ -365,13 +367,15 @@ def dare_keep_mask(seed: int, model_index: int, name: str, shape: Sequence[int] 
 
 
 def _fraction(value: float, what: str) -> float:
+    """``value`` as a float in [0, 1] (NaN refused), else ValueError naming ``what``."""
     v = float(value)
     if not 0.0 <= v <= 1.0:
         raise ValueError(f"{what} must be in [0, 1], got {value!r}")
     return v
 
 
-def _per_model(value, k: int, what: str) -> list[float]:
+def _per_model(value: float | Sequence[float], k: int, what: str) -> list[float]:
+    """A scalar for every model, or one value per model: a list of k floats."""
     if isinstance(value, (int, float)):
         return [float(value)] * k
     vals = [float(v) for v in value]
@@ -380,7 +384,10 @@ def _per_model(value, k: int, what: str) -> list[float]:
     return vals
 
 
-def _inputs(op: str, base: torch.Tensor, models: Sequence[torch.Tensor], dtype) -> tuple[torch.Tensor, list, torch.dtype]:
+def _inputs(op: str, base: torch.Tensor, models: Sequence[torch.Tensor],
+            dtype: torch.dtype | None) -> tuple[torch.Tensor, list, torch.dtype]:
+    """Checks a method's inputs (floating, one shape) and returns the flat float64 base, the flat
+    float64 task vectors ``float64(m) - float64(base)`` and the output dtype (default the base's)."""
     if not models:
         raise ValueError(f"{op}: no models")
     for j, t in enumerate([base, *models]):
@@ -445,8 +452,8 @@ def _l1_rescaled(delta: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     return kept * (before / after)
 
 
-def _combine(op: str, base: torch.Tensor, deltas: list, weights, *, consensus: bool, normalize: bool,
-             lam: float, dtype: torch.dtype, shape) -> torch.Tensor:
+def _combine(op: str, base: torch.Tensor, deltas: list, weights: Sequence[float] | None, *, consensus: bool,
+             normalize: bool, lam: float, dtype: torch.dtype, shape: torch.Size) -> torch.Tensor:
     """The merge of (sparsified) task vectors, float64, then one rounding.
 
     Without consensus: ``S = sum_k w_k * delta_k``; with normalize, ``S / sum_k w_k`` (the weight sum
@@ -493,7 +500,11 @@ def task_arithmetic(base: torch.Tensor, models: Sequence[torch.Tensor], weights:
                     dtype=out, shape=base.shape)
 
 
-def _magnitude_method(op: str, base, models, weights, density, gamma, lam, normalize, rescale, dtype, consensus):
+def _magnitude_method(op: str, base: torch.Tensor, models: Sequence[torch.Tensor], weights, density, gamma,
+                      lam: float, normalize: bool, rescale: str | None, dtype: torch.dtype | None,
+                      consensus: bool) -> torch.Tensor:
+    """TIES (``gamma`` None: the top-k trim) and breadcrumbs (the band): mask each task vector, keep the
+    masked entries (the rest +0.0), optionally L1-rescale, then ``_combine``."""
     if rescale not in (None, "l1"):
         raise ValueError(f"{op}: rescale must be None or 'l1', got {rescale!r}")
     b, deltas, out = _inputs(op, base, models, dtype)
@@ -538,7 +549,11 @@ def breadcrumbs_ties(base: torch.Tensor, models: Sequence[torch.Tensor], weights
                              dtype, True)
 
 
-def _dare(op: str, base, models, weights, density, seed, name, lam, normalize, rescale, dtype, consensus):
+def _dare(op: str, base: torch.Tensor, models: Sequence[torch.Tensor], weights, density, seed: int, name: str,
+          lam: float, normalize: bool, rescale: str | None, dtype: torch.dtype | None, consensus: bool) -> torch.Tensor:
+    """DARE: the counter-RNG keep mask of model k (its position in ``models``), the kept entries
+    divided by the density ("density"; not at density 0 or 1), L1-rescaled ("l1") or left (None), then
+    ``_combine``."""
     if rescale not in (None, "density", "l1"):
         raise ValueError(f"{op}: rescale must be 'density', 'l1' or None, got {rescale!r}")
     b, deltas, out = _inputs(op, base, models, dtype)
@@ -611,10 +626,11 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float, *, base: torch.Tensor | No
     (coefficients from the task vectors' Gram entries; dtype default the base's). mergekit's slerp is
     the form without ``base``, its base_model as ``a``.
     """
-    ref = a if base is None else base
-    _, (da, db), out = _inputs("slerp", ref, [a, b], dtype)
     if base is None:
+        _, _, out = _inputs("slerp", a, [b], dtype)
         da, db = a.detach().reshape(-1).double(), b.detach().reshape(-1).double()
+    else:
+        _, (da, db), out = _inputs("slerp", base, [a, b], dtype)
     s0, s1 = slerp_coefficients(exact_dot(da, da), exact_dot(da, db), exact_dot(db, db), t)
     mixed = da * s0 + db * s1
     if base is not None:
@@ -651,7 +667,8 @@ def model_stock_t(gram: torch.Tensor) -> float:
     return min(1.0, max(0.0, n * c / (1.0 + (n - 1) * c)))
 
 
-def model_stock(base: torch.Tensor, models: Sequence[torch.Tensor], *, dtype: torch.dtype | None = None) -> torch.Tensor:
+def model_stock(base: torch.Tensor, models: Sequence[torch.Tensor], *,
+                dtype: torch.dtype | None = None) -> torch.Tensor:
     """Model Stock (Jang et al. 2024, ECCV, arXiv:2403.19522), per tensor: t from the mean pairwise
     cosine of the task vectors (``model_stock_t`` of their exact Gram matrix, ``exact_dot``), then
     ``t * mean_k theta_k + (1 - t) * base`` (mean: the float64 sum in model order divided by N), float64,
@@ -673,8 +690,9 @@ _METHOD_FUNCTIONS = {
 
 
 def merge_state_dicts(method: str, models: Sequence[Mapping[str, torch.Tensor]],
-                      base: Mapping[str, torch.Tensor] | None = None, *, arguments=None,
-                      dtype: torch.dtype | None = None, **params) -> dict[str, torch.Tensor]:
+                      base: Mapping[str, torch.Tensor] | None = None, *,
+                      arguments: Callable[[str], Mapping] | None = None, dtype: torch.dtype | None = None,
+                      **params) -> dict[str, torch.Tensor]:
     """One method over whole state dicts, tensor by tensor; non-floating tensors are copied from the
     base (slerp: from ``models[0]``).
 

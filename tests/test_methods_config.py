@@ -12,7 +12,14 @@ import torch
 
 import fastsoup
 from fastsoup import _reference as R
-from fastsoup.methods import METHODS, MergeConfig, MergeConfigError, ModelEntry, parse_config, read_config
+from fastsoup.methods import (
+    METHODS,
+    MergeConfig,
+    MergeConfigError,
+    ModelEntry,
+    parse_config,
+    read_config,
+)
 from fastsoup.methods import params as P
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

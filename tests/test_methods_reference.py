@@ -74,7 +74,8 @@ def test_ties_worked_example():
     # means: -2/2, 2/1, 4/2, 3/1
     assert R.ties(base, _t(D1, D2, D3), [1, 2, 1], density=0.5).tolist() == [-1.0, 2.0, 2.0, 3.0]
     # without normalize: the agreeing terms' sum; lambda scales it
-    assert R.ties(base, _t(D1, D2, D3), [1, 2, 1], density=0.5, normalize=False, lam=0.5).tolist() == [-1.0, 1.0, 2.0, 1.5]
+    out = R.ties(base, _t(D1, D2, D3), [1, 2, 1], density=0.5, normalize=False, lam=0.5)
+    assert out.tolist() == [-1.0, 1.0, 2.0, 1.5]
     # base added back, in the output dtype
     out = R.ties(torch.ones(4, dtype=torch.float16), [torch.ones(4, dtype=torch.float16) + torch.tensor(d).half()
                                                         for d in (D1, D2, D3)], density=0.5)
@@ -151,7 +152,8 @@ def test_ties_l1_rescale():
     base = torch.zeros(4, dtype=torch.float64)
     d = torch.tensor([4.0, -1.0, 2.0, 1.0], dtype=torch.float64)
     # trimmed to [4, 0, 2, 0]: L1 8 -> 6, rescaled by 8/6
-    assert torch.equal(R.ties(base, [d], density=0.5, rescale="l1"), torch.tensor([4.0, 0, 2.0, 0], dtype=torch.float64) * (8.0 / 6.0))
+    want = torch.tensor([4.0, 0, 2.0, 0], dtype=torch.float64) * (8.0 / 6.0)
+    assert torch.equal(R.ties(base, [d], density=0.5, rescale="l1"), want)
     assert torch.equal(R.ties(base, [torch.full((4,), 1e-9, dtype=torch.float64)], density=0.5, rescale="l1"),
                        torch.tensor([1e-9, 1e-9, 0, 0], dtype=torch.float64))  # norms below 1e-7: not rescaled
 

@@ -8,7 +8,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from fastsoup import _reference as R
 from fastsoup.methods import rng

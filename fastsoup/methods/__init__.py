@@ -9,5 +9,5 @@ Nothing here imports torch; ``config`` imports PyYAML when it reads YAML.
 from .config import MergeConfig, MergeConfigError, ModelEntry, parse_config, read_config
 from .spec import METHODS, MethodSpec, ParamSpec
 
-__all__ = ["METHODS", "MethodSpec", "ParamSpec", "MergeConfig", "MergeConfigError", "ModelEntry",
+__all__ = ["METHODS", "MergeConfig", "MergeConfigError", "MethodSpec", "ModelEntry", "ParamSpec",
            "parse_config", "read_config"]

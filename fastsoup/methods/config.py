@@ -44,9 +44,9 @@ from typing import Any, NamedTuple
 from .._dtypes import parse_float_dtype
 from .._errors import FastsoupError
 from . import params as P
-from .spec import METHODS, REQUIRED, MethodSpec
+from .spec import METHODS, REQUIRED, MethodSpec, ParamSpec
 
-__all__ = ["MergeConfigError", "ModelEntry", "MergeConfig", "read_config", "parse_config"]
+__all__ = ["MergeConfig", "MergeConfigError", "ModelEntry", "parse_config", "read_config"]
 
 TOP_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source")
 _REFUSED = {
@@ -97,6 +97,7 @@ class MergeConfig:
 
     @property
     def spec(self) -> MethodSpec:
+        """The method's declaration."""
         return METHODS[self.method]
 
     def tensor_parameters(self, name: str, n_layers: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -122,7 +123,8 @@ class MergeConfig:
                     per_model[k][p.name] = self._value(p, [m.parameters, self.parameters], name, t, m.path)
         return out_global, per_model
 
-    def _value(self, p, levels, name: str, t: float, model: str | None) -> Any:
+    def _value(self, p: ParamSpec, levels: list, name: str, t: float, model: str | None) -> Any:
+        """One parameter's value along ``levels``, else its default (a required one: an error)."""
         v = P.lookup(levels, p.name, name, t)
         if v is None:
             if p.default is REQUIRED:
@@ -174,6 +176,8 @@ def read_config(path: str | os.PathLike) -> MergeConfig:
 
 
 def _load_yaml(text: str, source: str) -> Any:
+    """YAML text parsed safely (no tags but the standard ones), a duplicate key an error, YAML 1.2
+    exponent floats read as floats."""
     try:
         import yaml  # lazily: only configs need it
     except ImportError:
@@ -182,7 +186,8 @@ def _load_yaml(text: str, source: str) -> Any:
     class Loader(yaml.SafeLoader):
         pass
 
-    def mapping(loader, node):
+    def mapping(loader: Loader, node: yaml.MappingNode) -> dict:
+        """A mapping, refusing a key given twice (PyYAML keeps the last silently)."""
         seen = set()
         for key_node, _ in node.value:
             key = loader.construct_object(key_node, deep=True)
@@ -194,7 +199,7 @@ def _load_yaml(text: str, source: str) -> Any:
     Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
     Loader.add_implicit_resolver("tag:yaml.org,2002:float", _EXP_FLOAT, list("-+0123456789."))
     try:
-        return yaml.load(text, Loader=Loader)  # noqa: S506 (a SafeLoader subclass)
+        return yaml.load(text, Loader=Loader)  # a SafeLoader subclass
     except yaml.YAMLError as e:
         raise MergeConfigError(f"{source}: not valid YAML: {e}") from None
 
@@ -206,13 +211,17 @@ def parse_config(config: str | Mapping[str, Any], *, source: str = "<config>") -
 
 
 class _Parser:
+    """Checks a parsed config against the subset, section by section; errors name the file and key."""
+
     def __init__(self, source: str):
         self.source = source
 
     def error(self, where: str, message: str) -> MergeConfigError:
+        """The error for the key at ``where`` (``models[1].parameters.density``...)."""
         return MergeConfigError(f"{self.source}: {where}: {message}" if where else f"{self.source}: {message}")
 
     def mapping(self, value: Any, where: str) -> Mapping[str, Any]:
+        """``value`` as a mapping with string keys."""
         if not isinstance(value, Mapping):
             raise self.error(where, f"expected a mapping, got {type(value).__name__}")
         for key in value:
@@ -221,6 +230,7 @@ class _Parser:
         return value
 
     def model_path(self, value: Any, where: str) -> str:
+        """A model reference: a non-empty path, without mergekit's ``+lora`` suffix."""
         if not isinstance(value, str) or not value:
             raise self.error(where, f"expected a model path, got {value!r}")
         if "+" in value:
@@ -228,6 +238,7 @@ class _Parser:
         return value
 
     def parse(self, data: Any) -> MergeConfig:
+        """The whole config."""
         data = self.mapping(data if data is not None else {}, "")
         for key in data:
             if key in _REFUSED:
@@ -272,6 +283,7 @@ class _Parser:
                            tokenizer_source=tok, layer_range=layer_range, source=self.source)
 
     def models(self, raw: Any, spec: MethodSpec) -> list[tuple[str, dict]]:
+        """The ``models`` list: (path, parameter settings) pairs."""
         if not isinstance(raw, list) or not raw:
             raise self.error("models", "expected a non-empty list of {model: PATH, parameters: ...}")
         out = []
@@ -288,6 +300,7 @@ class _Parser:
         return out
 
     def slices(self, raw: Any, spec: MethodSpec) -> tuple[list[tuple[str, dict]], tuple[int, int]]:
+        """The simple ``slices`` form: one slice whose sources all span [0, N): the models and N."""
         if not isinstance(raw, list) or len(raw) != 1:
             n = len(raw) if isinstance(raw, list) else raw
             raise self.error("slices", f"only one slice of whole models is supported, got {n!r} "
@@ -311,9 +324,10 @@ class _Parser:
             if "model" not in src or "layer_range" not in src:
                 raise self.error(where, "a source needs 'model' and 'layer_range'")
             lr = src["layer_range"]
-            if (not isinstance(lr, list) or len(lr) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in lr)
-                    or lr[0] != 0 or lr[1] <= 0):
-                raise self.error(f"{where}.layer_range", f"{lr!r}: only [0, N], every layer of the models, is supported")
+            ints = isinstance(lr, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in lr)
+            if not ints or len(lr) != 2 or lr[0] != 0 or lr[1] <= 0:
+                raise self.error(f"{where}.layer_range",
+                                 f"{lr!r}: only [0, N], every layer of the models, is supported")
             ranges.add(tuple(lr))
             path = self.model_path(src["model"], f"{where}.model")
             out.append((path, self.parameters(src.get("parameters"), spec, f"{where}.parameters", per_model=True)))
@@ -321,7 +335,9 @@ class _Parser:
             raise self.error("slices[0].sources", f"the sources' layer ranges differ: {sorted(ranges)}")
         return out, ranges.pop()
 
-    def place_base(self, method: str, spec: MethodSpec, base: str | None, entries) -> tuple[ModelEntry, ...]:
+    def place_base(self, method: str, spec: MethodSpec, base: str | None,
+                   entries: list[tuple[str, dict]]) -> tuple[ModelEntry, ...]:
+        """The inputs besides the base (slerp: the base first), checked against the method's counts."""
         if spec.base == "none":
             if base is not None:
                 raise self.error("base_model", f"{method} takes no base model")
@@ -336,8 +352,9 @@ class _Parser:
             models = [ModelEntry(p, ps) for p, ps in entries if p != base]
             if method == "slerp":
                 if len(entries) != 2 or len(models) != 1:
+                    listed = "listed" if len(models) < len(entries) else "not listed"
                     raise self.error("models", "slerp takes two models, one of them the base_model "
-                                               f"(got {len(entries)} models, base {'listed' if len(models) < len(entries) else 'not listed'})")
+                                               f"(got {len(entries)} models, base {listed})")
                 models = [ModelEntry(base, {})] + models
         n = len(models) - (1 if method == "slerp" else 0)
         if n < spec.min_models or (spec.max_models is not None and n > spec.max_models):
@@ -346,6 +363,7 @@ class _Parser:
         return tuple(models)
 
     def parameters(self, raw: Any, spec: MethodSpec, where: str, *, per_model: bool) -> dict[str, P.Setting]:
+        """A ``parameters`` mapping (a model's or the global one): known names, valid settings, ranges."""
         if raw is None:
             return {}
         raw = self.mapping(raw, where)

@@ -24,8 +24,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
 
-__all__ = ["Scalar", "Gradient", "Conditional", "Setting", "parse_setting", "layer_index", "num_layers",
-           "layer_position", "gradient_value", "evaluate", "lookup"]
+__all__ = ["Conditional", "Filters", "Gradient", "Scalar", "Setting", "evaluate", "gradient_value",
+           "layer_index", "layer_position", "lookup", "num_layers", "parse_setting", "setting_numbers"]
 
 Scalar = Union[float, int, bool, str]
 LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|blocks|block|h|resblocks)\.(\d+)\.")
@@ -54,10 +54,12 @@ Setting = Union[Scalar, Gradient, Filters]
 
 
 def _is_number(x: Any) -> bool:
+    """An int or float, not a bool."""
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def _parse_value(raw: Any, where: str, numeric: bool) -> Scalar | Gradient:
+    """A plain value: a number or a gradient (``numeric``), else a bool or a string."""
     if isinstance(raw, list):
         if not raw:
             raise ValueError(f"{where}: an empty list")

@@ -49,8 +49,8 @@ MIX_2 = 0x94D049BB133111EB
 FNV_OFFSET = 0xCBF29CE484222325
 FNV_PRIME = 0x100000001B3
 
-__all__ = ["GAMMA", "fnv1a64", "mix64", "splitmix64", "stream_key", "bits", "u53", "uniform",
-           "keep_threshold", "keep_mask"]
+__all__ = ["GAMMA", "bits", "fnv1a64", "keep_mask", "keep_threshold", "mix64", "splitmix64",
+           "stream_key", "u53", "uniform"]
 
 
 def mix64(z: int) -> int:

@@ -39,7 +39,8 @@ NAN_KEY = 0x7FC00000
 NOTHING = 0xFFFFFFFF  # the threshold of k = 0: above every key
 DEFAULT_CHUNK = 1 << 20
 
-__all__ = ["magnitude_keys", "radix_select", "top_k_mask", "trim_count", "breadcrumbs_counts", "band_mask"]
+__all__ = ["band_mask", "breadcrumbs_counts", "magnitude_keys", "radix_select", "top_k_mask",
+           "trim_count"]
 
 
 def magnitude_keys(delta: np.ndarray) -> np.ndarray:
@@ -53,6 +54,7 @@ def magnitude_keys(delta: np.ndarray) -> np.ndarray:
 
 
 def _chunks(keys: np.ndarray, chunk: int) -> Iterable[np.ndarray]:
+    """The keys in consecutive chunks of ``chunk`` (the last may be shorter)."""
     for start in range(0, keys.size, chunk):
         yield keys[start:start + chunk]
 
@@ -117,6 +119,7 @@ def top_k_mask(keys: np.ndarray, k: int, *, chunk: int = DEFAULT_CHUNK) -> np.nd
 
 
 def _check_fraction(value: float, what: str) -> float:
+    """``value`` as a float in [0, 1] (NaN refused), else ValueError naming ``what``."""
     v = float(value)
     if not 0.0 <= v <= 1.0:
         raise ValueError(f"{what} must be in [0, 1], got {value!r}")

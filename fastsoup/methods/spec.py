@@ -12,10 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["REQUIRED", "ParamSpec", "MethodSpec", "METHODS"]
+__all__ = ["METHODS", "REQUIRED", "MethodSpec", "ParamSpec"]
 
 
 class _Required:
+    """The default of a parameter a config must give."""
+
     def __repr__(self) -> str:
         return "REQUIRED"
 
@@ -48,6 +50,7 @@ class MethodSpec:
     max_models: int | None = None
 
     def param(self, name: str) -> ParamSpec | None:
+        """The parameter called ``name``, or None."""
         return next((p for p in self.params if p.name == name), None)
 
 
@@ -60,17 +63,23 @@ _INT8 = ParamSpec("int8_mask", "bool", "global", False,
 
 
 def _normalize(default: bool) -> ParamSpec:
+    """mergekit's ``normalize`` with the method's default."""
     return ParamSpec("normalize", "bool", "global", default,
                      "divide by the sum of the weights (TIES methods: of the agreeing models' weights)")
 
 
 def _rescale(default: bool) -> ParamSpec:
+    """mergekit's ``rescale`` with the method's default."""
     return ParamSpec("rescale", "bool", "global", default,
                      "rescale the sparsified task vector to its L1 norm before sparsification (mergekit's rescale)")
 
 
 def _gta(name: str, title: str, paper: str, extra: tuple, normalize: bool, rescale: bool | None) -> MethodSpec:
-    params = (_WEIGHT, *extra, _LAMBDA, _normalize(normalize), _INT8) + (() if rescale is None else (_rescale(rescale),))
+    """A task-vector method (mergekit's generalized task arithmetic): weight, its extra per-model
+    parameters, lambda, normalize, int8_mask and (unless None) rescale."""
+    params = (_WEIGHT, *extra, _LAMBDA, _normalize(normalize), _INT8)
+    if rescale is not None:
+        params += (_rescale(rescale),)
     return MethodSpec(name, title, paper, params, "required", 1)
 
 
