@@ -257,3 +257,15 @@ def test_dare_ties_example_resolves_the_gradient_and_filter():
     assert cfg.arguments("model.layers.2.self_attn.q_proj.weight", 3)["density"] == [0.8, 0.8]
     assert cfg.arguments("lm_head.weight", 3)["density"] == [0.2, 0.2]
     assert cfg.models == (ModelEntry("./models/math", {"weight": 0.6}), cfg.models[1])
+
+
+def test_methods_import_neither_torch_nor_yaml_until_a_config_is_read():
+    import subprocess
+    import sys
+
+    code = ("import sys, fastsoup.methods, fastsoup.methods.rng, fastsoup.methods.select\n"
+            "assert 'torch' not in sys.modules and 'yaml' not in sys.modules\n"
+            f"fastsoup.methods.read_config({os.path.join(ROOT, 'examples', 'ties.yml')!r})\n"
+            "assert 'yaml' in sys.modules and 'torch' not in sys.modules\n")
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=ROOT)
