@@ -2,6 +2,7 @@
 
     FastsoupError
     ├── ArgumentError (also a ValueError)        a bad value of an argument or option
+    │   └── MergeConfigError                     a merge config (mergekit YAML) fastsoup cannot run
     ├── ArgumentTypeError (also a TypeError)     an argument of the wrong type
     ├── CheckpointError (also a ValueError)      a checkpoint unreadable, or not matching the others
     │   ├── InputChangedError                    an input changed while it was read
@@ -30,6 +31,11 @@ class ArgumentError(FastsoupError, ValueError):
     not one per ingredient), a device, threads, an order, ``reorder``, ``metric``, ``verify``, a
     shard size, a dtype, an ``init``, a key map's pattern, a command line option... The message names
     the argument and what it takes."""
+
+
+class MergeConfigError(ArgumentError):
+    """A merge config cannot be read or asks for something fastsoup does not do. The message names
+    the file and the key."""
 
 
 class ArgumentTypeError(FastsoupError, TypeError):

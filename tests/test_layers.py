@@ -24,6 +24,7 @@ _spec.loader.exec_module(import_graph)
 LAYERS = [
     ("base", ["fastsoup._version", "fastsoup._errors", "fastsoup._dtypes", "fastsoup._native", "fastsoup._core",
               "fastsoup._reference", "fastsoup._torch", "fastsoup.distributed", "fastsoup.distributed.comm"]),
+    ("methods", ["fastsoup.methods", "fastsoup.methods.*"]),  # merge methods: specs, configs, RNG, selection
     ("io", ["fastsoup.io", "fastsoup.io.*"]),
     ("engine", ["fastsoup.engine", "fastsoup.engine.*", "fastsoup.diagnostics"]),
     ("soup", ["fastsoup.soup", "fastsoup.mixing", "fastsoup.distributed.output"]),

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from .._dtypes import parse_float_dtype
-from .._errors import FastsoupError
+from .._errors import MergeConfigError
 from . import params as P
 from .spec import METHODS, REQUIRED, MethodSpec, ParamSpec
 
@@ -57,11 +57,6 @@ _REFUSED = {
 # YAML 1.2 floats with an exponent and no dot (1e-3): PyYAML (YAML 1.1) reads them as strings,
 # mergekit's pydantic models turn such strings into floats. Read them as floats too.
 _EXP_FLOAT = re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$")
-
-
-class MergeConfigError(FastsoupError, ValueError):
-    """A merge config cannot be read or asks for something fastsoup does not do. The message names
-    the file and the key."""
 
 
 class ModelEntry(NamedTuple):
