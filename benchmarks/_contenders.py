@@ -1,17 +1,21 @@
-"""One benchmark contender per process (so each has its own peak RSS), driven by bench_merge.py.
+"""One merge contender per process (so each has its own peak RSS), driven by benchmarks.merge
+(for bench_merge, the suite of benchmarks.run, compare_builds).
 
     python -m benchmarks._contenders NAME OUT IN [IN ...]
 
-Prints one JSON line: {"seconds": time of the timed region, "maxrss_mb": peak RSS of the process}.
+Prints one JSON line: {"seconds": time of the timed region, "cpu_seconds": this process's CPU time in
+it (all threads), "maxrss_mb": peak RSS of the process, "pid"}, and for the fastsoup contenders
+"fastsoup" (the package's file: which tree it came from) and "isa". Only fastsoup's public API.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import resource
 import sys
 import time
+
+from .harness import native_info, peak_rss_mb
 
 
 def load_safetensors(path):
@@ -96,20 +100,14 @@ def main() -> None:
 
         if not all(p.endswith(".safetensors") or os.path.isdir(p) for p in paths):
             import torch  # noqa: F401  (fastsoup reads torch files with torch.load: imported before the clock too)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     fn(paths, out)
-    seconds = time.perf_counter() - t0
-    print(json.dumps({"seconds": seconds, "maxrss_mb": peak_rss_mb(), "pid": os.getpid()}))
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory (VmHWM). Not getrusage's ru_maxrss: Linux carries that
-    across exec, so a child spawned by a big parent would report the parent's size."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    res = {"seconds": seconds, "cpu_seconds": cpu, "maxrss_mb": peak_rss_mb(), "pid": os.getpid()}
+    fs = sys.modules.get("fastsoup")
+    if fs is not None:
+        res.update(fastsoup=fs.__file__, isa=native_info(fs).get("isa"))
+    print(json.dumps(res))
 
 
 if __name__ == "__main__":

@@ -10,132 +10,20 @@ Contenders (hot page cache unless --cold, which drops the page cache before ever
   fastsoup API        fastsoup.average(paths, out=...) (timed inside the process)
   fastsoup CLI        `fastsoup average IN... -o OUT` as a whole process (interpreter start included)
 Also: peak RSS against K (2, 8, 16), the in-memory drop-in against the dict comprehension, and the
-kernel alone against the machine's memory-read bandwidth. Correctness is checked after timing.
+kernel alone against the machine's memory-read bandwidth (through the public fastsoup.weighted_sum,
+which allocates its 128 MB output every call: about half the GB/s of the kernel writing into a
+reused output, measured side by side). Correctness is checked after timing.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import shutil
 import statistics
-import subprocess
-import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-
-
-def warm(paths) -> None:
-    """Reads the inputs once (not timed) so a hot run finds them in the page cache. Needed here:
-    this VM's DAMON pages out page cache idle for about a minute, at up to 128 MB/s."""
-    subprocess.run(["cat", *input_files(paths)], stdout=subprocess.DEVNULL, check=True)
-
-
-def prepare(paths, cold):
-    if cold:
-        drop_caches()
-    else:
-        warm(paths)
-
-
-def drop_caches() -> bool:
-    try:
-        subprocess.run(["sync"], check=True)
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return True
-    except OSError:
-        return False
-
-
-def input_files(paths):
-    out = []
-    for p in paths:
-        if os.path.isdir(p):
-            out += sorted(os.path.join(p, f) for f in os.listdir(p))
-        else:
-            out.append(p)
-    return out
-
-
-def nbytes(paths):
-    return sum(os.path.getsize(f) for f in input_files(paths))
-
-
-def remove(path):
-    if os.path.isdir(path):
-        shutil.rmtree(path)
-    elif os.path.exists(path):
-        os.unlink(path)
-
-
-def run_bound(paths, out, out_size, cold, parallel=False):
-    """Reads every input file (`cat` to /dev/null; one after another, or all at once when parallel)
-    and writes a buffer of the output's size to a new file."""
-    buf = bytearray(b"\x01") * out_size  # real pages (not the shared zero page), touched before the clock
-    remove(out)
-    prepare(paths, cold)
-    t0 = time.perf_counter()
-    if parallel:
-        procs = [subprocess.Popen(["cat", f], stdout=subprocess.DEVNULL) for f in input_files(paths)]
-        for p in procs:
-            p.wait()
-    else:
-        subprocess.run(["cat", *input_files(paths)], stdout=subprocess.DEVNULL, check=True)
-    t1 = time.perf_counter()
-    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    mv = memoryview(buf)
-    for i in range(0, out_size, 16 << 20):
-        os.write(fd, mv[i : i + (16 << 20)])
-    os.close(fd)
-    t2 = time.perf_counter()
-    remove(out)
-    return {"seconds": t2 - t0, "read_seconds": t1 - t0, "write_seconds": t2 - t1}
-
-
-def run_contender(name, paths, out, cold):
-    remove(out)
-    prepare(paths, cold)
-    t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "benchmarks._contenders", name, out, *paths],
-                       capture_output=True, text=True, cwd=ROOT)
-    wall = time.perf_counter() - t0
-    if r.returncode != 0:
-        raise RuntimeError(f"{name} failed:\n{r.stderr}")
-    res = json.loads(r.stdout.strip().splitlines()[-1])
-    res["process_seconds"] = wall
-    return res
-
-
-def run_cli(paths, out, cold):
-    remove(out)
-    prepare(paths, cold)
-    exe = os.path.join(os.path.dirname(sys.executable), "fastsoup")
-    cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "fastsoup"]
-    t0 = time.perf_counter()
-    r = subprocess.run([*cmd, "average", *paths, "-o", out, "--no-progress"], capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if r.returncode != 0:
-        raise RuntimeError(f"fastsoup CLI failed:\n{r.stderr}")
-    return {"seconds": wall, "process_seconds": wall}
-
-
-def rounds(fns, runs):
-    """Runs every contender once per round, `runs` rounds; per contender the median of each figure."""
-    raw = {name: [] for name in fns}
-    for _ in range(runs):
-        for name, fn in fns.items():
-            raw[name].append(fn())
-    out = {}
-    for name, results in raw.items():
-        keys = [k for k, v in results[0].items() if isinstance(v, (int, float)) and k != "pid"]
-        out[name] = {k: statistics.median(r[k] for r in results) for k in keys}
-        out[name]["runs"] = [r["seconds"] for r in results]
-    return out
+from .harness import drop_caches, machine, nbytes, remove, rounds, timed, write_json
+from .merge import max_ulp_diff, run_bound, run_cli, run_contender
 
 
 def add_rows(rows, cache, table, in_bytes):
@@ -149,43 +37,22 @@ def add_rows(rows, cache, table, in_bytes):
                          naive / r["seconds"], r.get("maxrss_mb")))
 
 
-def max_ulp_diff(a_path, b_path):
+def kernel_alone(runs):
+    """K = 8 fp16 tensors of 64 Mi elements in memory through ``fastsoup.weighted_sum`` (the public
+    API: one-tensor state dicts, so the 128 MB output is allocated by each call), against the
+    machine's memory-read bandwidth (``torch.sum`` of 1 GB)."""
     import torch
 
     import fastsoup
 
-    ca, cb = fastsoup.open_checkpoint(a_path), fastsoup.open_checkpoint(b_path)
-    worst = 0
-    for name in ca:
-        x, y = ca.tensor(name), cb.tensor(name)
-        if x.is_floating_point():
-            xi = x.view(torch.int16).int() if x.element_size() == 2 else x.view(torch.int32).long()
-            yi = y.view(torch.int16).int() if y.element_size() == 2 else y.view(torch.int32).long()
-            worst = max(worst, int((xi - yi).abs().max().item()) if x.numel() else 0)
-    return worst
-
-
-def kernel_alone(runs):
-    import torch
-
-    from fastsoup import _torch
-
     n = 64 << 20  # 8 inputs x 128 MB of fp16
     xs = [torch.randn(n, dtype=torch.float32).half() for _ in range(8)]
-    out = torch.empty(n, dtype=torch.float16)
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        _torch.weighted_sum(xs, [0.125] * 8, out=out)
-        times.append(time.perf_counter() - t0)
-    kernel = 8 * n * 2 / statistics.median(times) / 1e9
+    sds = [{"t": x} for x in xs]
+    t_kernel, _ = timed(lambda: fastsoup.weighted_sum(sds, [0.125] * 8, progress=False), runs)
+    kernel = 8 * n * 2 / t_kernel / 1e9
     big = torch.cat([x.view(torch.float32) for x in xs])  # 1 GB, summed: the memory-read bandwidth
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        big.sum()
-        times.append(time.perf_counter() - t0)
-    read = big.numel() * 4 / statistics.median(times) / 1e9
+    t_read, _ = timed(big.sum, runs)
+    read = big.numel() * 4 / t_read / 1e9
     return {"kernel_gbps": kernel, "memory_read_gbps": read}
 
 
@@ -206,7 +73,7 @@ def in_memory(paths, runs):
         return fastsoup.average(sds, progress=False)
 
     t_naive, t_fast = [], []
-    for _ in range(runs):
+    for _ in range(runs):  # interleaved; the last round's results are compared after timing
         t0 = time.perf_counter(); a = naive(); t_naive.append(time.perf_counter() - t0)
         t0 = time.perf_counter(); b = fast(); t_fast.append(time.perf_counter() - t0)
     worst = 0
@@ -236,8 +103,9 @@ def main(argv=None) -> int:
 
     cfg = CONFIGS[args.config]
     kmax = max([args.k, *args.rss_k])
+    mach = machine()
     print(f"# {cfg.name} ({cfg.params / 1e6:.0f}M params, fp16), K={args.k}, median of {args.runs}; machine: "
-          f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs", flush=True)
+          f"{mach['cpu']}, {mach['nproc']} CPUs", flush=True)
     zoo = make_zoo(os.path.join(args.data, f"{args.config}-sharded"), args.config, kmax, torch.float16, "sharded",
                    shard_size=args.shard_size)
     paths = zoo[: args.k]
@@ -247,7 +115,8 @@ def main(argv=None) -> int:
     out = os.path.join(args.data, "out.safetensors")
     in_bytes = nbytes(paths)
     out_size = cfg.params * 2
-    results = {"config": cfg.name, "k": args.k, "input_bytes": in_bytes, "output_bytes": out_size, "runs": args.runs}
+    results = {"config": cfg.name, "k": args.k, "input_bytes": in_bytes, "output_bytes": out_size, "runs": args.runs,
+               "machine": mach}
 
     # Runs are interleaved (one of each contender per round) so that drift in the machine's load
     # affects every contender alike; medians per contender.
@@ -262,8 +131,8 @@ def main(argv=None) -> int:
     if bins:
         hot_fns["naive_torch_load"] = lambda: run_contender("naive_torch_load", bins, out, False)
         hot_fns["naive_torch_load_mmap"] = lambda: run_contender("naive_torch_load_mmap", bins, out, False)
-    hot = rounds(hot_fns, args.runs)
-    hot["import_fastsoup"] = rounds({"i": lambda: run_contender("import_fastsoup", paths, out, False)}, 3)["i"]
+    hot, _ = rounds(hot_fns, args.runs)
+    hot["import_fastsoup"] = rounds({"i": lambda: run_contender("import_fastsoup", paths, out, False)}, 3)[0]["i"]
     # Correctness after timing: fastsoup's file against the naive recipe's.
     remove(fast_out)
     run_contender("fastsoup_api", paths, fast_out, False)
@@ -278,7 +147,7 @@ def main(argv=None) -> int:
         if not drop_caches():
             print("(cannot drop the page cache here: no cold runs)")
         else:
-            cold = rounds({
+            cold, _ = rounds({
                 "bound": lambda: run_bound(paths, out, out_size, True),
                 "bound_parallel": lambda: run_bound(paths, out, out_size, True, parallel=True),
                 "fastsoup_api": lambda: run_contender("fastsoup_api", paths, out, True),
@@ -293,7 +162,7 @@ def main(argv=None) -> int:
         one = nbytes(zoo[:1]) / 1e6
         results["rss"] = {"import_fastsoup_mb": base, "one_ingredient_mb": one, "budget_mb": base + 0.25 * one + 256}
         for k in args.rss_k:
-            r = rounds({"k": lambda: run_contender("fastsoup_api", zoo[:k], out, False)}, 3)["k"]
+            r = rounds({"k": lambda: run_contender("fastsoup_api", zoo[:k], out, False)}, 3)[0]["k"]
             results["rss"][f"k{k}_mb"] = r["maxrss_mb"]
             results["rss"][f"k{k}_seconds"] = r["seconds"]
     if "kernel" not in args.skip:
@@ -314,7 +183,8 @@ def main(argv=None) -> int:
               + f"; budget (import {r['import_fastsoup_mb']:.0f} + 0.25 × {r['one_ingredient_mb']:.0f} + 256) = {r['budget_mb']:.0f}")
     if "kernel" in results:
         k = results["kernel"]
-        print(f"kernel alone (K=8 fp16 in memory): {k['kernel_gbps']:.1f} GB/s of input; memory read (torch sum): "
+        print(f"kernel alone (K=8 fp16 in memory, fastsoup.weighted_sum: output allocation included): "
+              f"{k['kernel_gbps']:.1f} GB/s of input; memory read (torch sum): "
               f"{k['memory_read_gbps']:.1f} GB/s")
     if "in_memory" in results:
         m = results["in_memory"]
@@ -322,9 +192,7 @@ def main(argv=None) -> int:
               f"{m['naive_seconds']:.3f} s: {m['speedup']:.1f}× (max difference {m['max_ulp']} ulp)")
     print(f"fastsoup file output vs naive: max difference {results['max_ulp_vs_naive']} ulp")
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        write_json(args.json, results)
     return 0
 
 

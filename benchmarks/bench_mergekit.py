@@ -16,17 +16,16 @@ compared afterwards.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
-import statistics
 import subprocess
-import sys
-import time
 
 import torch
 
 import fastsoup
+
+from .harness import fastsoup_cli, rounds, run_timed, warm, write_json
+from .merge import max_ulp_diff
 
 LLAMA = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=20, num_attention_heads=16,
              num_key_value_heads=16, vocab_size=32000, max_position_embeddings=2048)
@@ -69,19 +68,6 @@ def make_models(folder, k, mk_python):
     return paths
 
 
-def warm(paths):
-    files = [os.path.join(p, f) for p in paths for f in os.listdir(p)]
-    subprocess.run(["cat", *files], stdout=subprocess.DEVNULL, check=True)
-
-
-def timed(cmd):
-    t0 = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        raise RuntimeError(f"{cmd[0]} failed:\n{r.stderr[-3000:]}")
-    return time.perf_counter() - t0
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mergekit-yaml", default=shutil.which("mergekit-yaml"))
@@ -102,25 +88,23 @@ def main(argv=None) -> int:
         for p in paths:
             f.write(f"  - model: {p}\n    parameters:\n      weight: 1.0\n")
     mk_out, fs_out = os.path.join(args.data, "out-mergekit"), os.path.join(args.data, "out-fastsoup")
-    fs_exe = os.path.join(os.path.dirname(sys.executable), "fastsoup")
-    fs_cmd = [fs_exe if os.path.exists(fs_exe) else sys.executable] + ([] if os.path.exists(fs_exe) else ["-m", "fastsoup"])
-    times = {"mergekit-yaml linear": [], "fastsoup average": []}
-    for _ in range(args.runs):
-        for name in times:
-            shutil.rmtree(mk_out if name.startswith("mergekit") else fs_out, ignore_errors=True)
+
+    def run(cmd, out):
+        def fn():
+            shutil.rmtree(out, ignore_errors=True)
             warm(paths)
-            if name.startswith("mergekit"):
-                times[name].append(timed([args.mergekit_yaml, config, mk_out, "--no-copy-tokenizer", "--quiet",
-                                          "--no-write-model-card"]))
-            else:
-                times[name].append(timed([*fs_cmd, "average", *paths, "-o", fs_out, "--no-progress"]))
+            return {"seconds": run_timed(cmd)}
+        return fn
+
+    table, _ = rounds({
+        "mergekit-yaml linear": run([args.mergekit_yaml, config, mk_out, "--no-copy-tokenizer", "--quiet",
+                                     "--no-write-model-card"], mk_out),
+        "fastsoup average": run([*fastsoup_cli(), "average", *paths, "-o", fs_out, "--no-progress"], fs_out),
+    }, args.runs)
+    times = {k: v["runs"] for k, v in table.items()}
     # Correctness: the two soups, tensor by tensor (mergekit sums in float32 and normalizes the weights).
-    a, b = fastsoup.open_checkpoint(mk_out), fastsoup.open_checkpoint(fs_out)
-    worst = 0
-    for name in b:
-        x, y = a.tensor(name), b.tensor(name)
-        worst = max(worst, int((x.view(torch.int16).int() - y.view(torch.int16).int()).abs().max()))
-    med = {k: statistics.median(v) for k, v in times.items()}
+    worst = max_ulp_diff(fs_out, mk_out)
+    med = {k: v["seconds"] for k, v in table.items()}
     print(f"# {args.k} Llama-style fp16 models, {in_bytes / args.k / 1e9:.2f} GB each; whole processes, hot cache, "
           f"median of {args.runs}")
     print("| tool | seconds (median) | min | GB/s of input | speed-up |")
@@ -130,8 +114,7 @@ def main(argv=None) -> int:
               f"{med['mergekit-yaml linear'] / med[k]:.1f}× |")
     print(f"outputs differ by at most {worst} ulp (fp16)")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"k": args.k, "input_bytes": in_bytes, "times": times, "median": med, "max_ulp": worst}, f, indent=2)
+        write_json(args.json, {"k": args.k, "input_bytes": in_bytes, "times": times, "median": med, "max_ulp": worst})
     for out in (mk_out, fs_out):
         shutil.rmtree(out, ignore_errors=True)
     return 0

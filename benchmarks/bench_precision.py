@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import platform
 import sys
@@ -39,14 +38,19 @@ import time
 import zlib
 from fractions import Fraction
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+from .harness import ROOT, machine, native_info, write_json
+
+ORACLE = os.path.join(ROOT, "fastsoup", "_reference.py")
 KS = list(range(2, 18))
 KINDS = ["independent", "fine-tunes", "spread", "cancel-2^22", "cancel-2^40"]
 
 
 def load_oracle():
-    spec = importlib.util.spec_from_file_location("fastsoup_exact_oracle", os.path.join(ROOT, "fastsoup", "_reference.py"))
+    """This tree's plain-torch oracle (``exact_weighted_mean``, ``ulp_distance``), loaded from its file
+    (not imported from the fastsoup being measured, which may be another tree's)."""
+    if not os.path.exists(ORACLE):
+        raise SystemExit(f"bench_precision: the oracle {ORACLE} is missing from this tree")
+    spec = importlib.util.spec_from_file_location("fastsoup_exact_oracle", ORACLE)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -94,12 +98,14 @@ def main(argv=None) -> int:
 
     import fastsoup
 
+    if args.impl and not os.path.realpath(fastsoup.__file__).startswith(os.path.realpath(args.impl) + os.sep):
+        raise SystemExit(f"bench_precision: --impl {args.impl}, but fastsoup was imported from {fastsoup.__file__}")
     oracle = load_oracle()
     dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
     t0 = time.time()
-    print(f"# fastsoup from {os.path.dirname(fastsoup.__file__)} (isa {fastsoup._core.isa()}); K = {KS[0]}..{KS[-1]}, "
+    print(f"# fastsoup from {os.path.dirname(fastsoup.__file__)} (isa {native_info(fastsoup)['isa']}); K = {KS[0]}..{KS[-1]}, "
           f"n = {args.n} per case; {platform.machine()}, torch {torch.__version__}", flush=True)
-    results = {"fastsoup": os.path.dirname(fastsoup.__file__), "n": args.n, "cases": []}
+    results = {"fastsoup": os.path.dirname(fastsoup.__file__), "n": args.n, "machine": machine(), "cases": []}
     print()
     print("| dtype | weights | data | max ulp | off > 0 (≥ 1) | off > 1 | worst K |")
     print("|---|---|---|---:|---:|---:|---:|")
@@ -173,9 +179,7 @@ def main(argv=None) -> int:
     results["special"] = special
     print(f"\n({time.time() - t0:.0f} s)")
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        write_json(args.json, results)
     return 0
 
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 import mmap
 import os
-import statistics
 import time
+
+from .harness import rounds
 
 
 def main(argv=None) -> int:
@@ -23,30 +24,35 @@ def main(argv=None) -> int:
     chunk = 16 << 20
     buf = bytearray(b"\x01") * chunk
     path = os.path.join(args.dir, f"fastsoup-write-test-{os.getpid()}.bin")
-    results = {"pwrite from a reused 16 MiB buffer": [], "stores into a shared mapping": []}
-    for _ in range(args.runs):
+
+    def pwrite():
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.ftruncate(fd, size)
         t0 = time.perf_counter()
         for off in range(0, size, chunk):
             os.pwrite(fd, buf, off)
-        results["pwrite from a reused 16 MiB buffer"].append(time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
         os.close(fd)
         os.unlink(path)
+        return {"seconds": seconds}
 
+    def mapped():
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         os.ftruncate(fd, size)
         m = mmap.mmap(fd, size)
         t0 = time.perf_counter()
         for off in range(0, size, chunk):
             m[off : off + chunk] = buf
-        results["stores into a shared mapping"].append(time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
         m.close()
         os.close(fd)
         os.unlink(path)
-    for name, times in results.items():
-        print(f"{name:40s} median {size / statistics.median(times) / 1e9:5.2f} GB/s   "
-              f"(runs: {', '.join(f'{size / t / 1e9:.2f}' for t in times)})")
+        return {"seconds": seconds}
+
+    table, _ = rounds({"pwrite from a reused 16 MiB buffer": pwrite, "stores into a shared mapping": mapped}, args.runs)
+    for name, r in table.items():
+        print(f"{name:40s} median {size / r['seconds'] / 1e9:5.2f} GB/s   "
+              f"(runs: {', '.join(f'{size / t / 1e9:.2f}' for t in r['runs'])})")
     return 0
 
 

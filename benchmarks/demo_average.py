@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
-import sys
 import time
 
 import torch
 from safetensors.torch import load_file
 
 from .checkpoints import CONFIGS, make_zoo
+from .harness import fastsoup_cli, run_timed
 
 
 def main(argv=None) -> int:
@@ -32,10 +31,7 @@ def main(argv=None) -> int:
 
     cmd = ["fastsoup", "average", *paths, "-o", soup, "--overwrite"]
     print("2. " + " ".join([cmd[0], cmd[1], f"{args.out}/zoo/*.safetensors", *cmd[-3:]]))
-    exe = os.path.join(os.path.dirname(sys.executable), "fastsoup")
-    t0 = time.perf_counter()
-    subprocess.run([exe if os.path.exists(exe) else sys.executable, *(cmd[1:] if os.path.exists(exe) else ["-m", "fastsoup", *cmd[1:]])], check=True)
-    t_fast = time.perf_counter() - t0
+    t_fast = run_timed([*fastsoup_cli(), *cmd[1:]])
 
     print("3. checking against the naive loop (load_file, acc += t.float(), divide, cast)")
     t0 = time.perf_counter()

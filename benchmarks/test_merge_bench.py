@@ -23,8 +23,9 @@ pytest.importorskip("pytest_benchmark")
 import fastsoup  # noqa: E402
 
 from ._contenders import load_safetensors, naive_average  # noqa: E402
-from .bench_merge import max_ulp_diff, remove  # noqa: E402
 from .checkpoints import make_zoo  # noqa: E402
+from .harness import remove  # noqa: E402
+from .merge import max_ulp_diff  # noqa: E402
 
 K = 4
 CONFIG = "vit-s16"
