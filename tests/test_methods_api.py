@@ -354,3 +354,16 @@ dtype: bfloat16
     assert len(err) == 1 and "modules" in err[0]
     assert cli_main(["merge", str(ta), "--method", "slerp", "-o", str(tmp_path / "c")]) == 1
     assert "config" in capsys.readouterr().err
+
+
+def test_the_torch_free_coefficients_are_the_references():
+    g = torch.Generator().manual_seed(5)
+    for _ in range(50):
+        x = torch.randn(4, 9, generator=g, dtype=torch.float64)
+        gram = x @ x.T
+        assert C.model_stock_t(gram.tolist()) == R.model_stock_t(gram)
+        for t in (0.0, 0.3, 1.0, 1.7):
+            args = (float(gram[0, 0]), float(gram[0, 1]), float(gram[1, 1]), t)
+            assert C.slerp_coefficients(*args) == R.slerp_coefficients(*args)
+    assert C.model_stock_t([[1.0, -1.0], [-1.0, 1.0]]) == 0.0 == R.model_stock_t(torch.tensor([[1.0, -1.0], [-1.0, 1.0]]))
+    assert C.task_arithmetic_coefficients([0.5, 0.5], 1.0) == [0.0, 0.5, 0.5]
