@@ -25,7 +25,7 @@ from ._native import _core
 from ._version import __version__
 from .diagnostics import inspect_checkpoint, similarity
 from .distributed import output as _distributed_output
-from .engine import average, weighted_sum
+from .engine import average, merge, merge_config, model_stock, slerp, task_arithmetic, weighted_sum
 from .io import (
     Checkpoint,
     KeyedPath,
@@ -107,10 +107,15 @@ __all__ = [
     "inspect_checkpoint",
     "interpolate",
     "learned_soup",
+    "merge",
+    "merge_config",
+    "model_stock",
     "native_info",
     "open_checkpoint",
     "save",
     "similarity",
+    "slerp",
+    "task_arithmetic",
     "uniform_soup",
     "weighted_soup",
     "weighted_sum",

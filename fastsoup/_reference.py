@@ -494,7 +494,31 @@ def _combine(op: str, base: torch.Tensor, deltas: list, weights: Sequence[float]
 def task_arithmetic(base: torch.Tensor, models: Sequence[torch.Tensor], weights: Sequence[float] | None = None, *,
                     lam: float = 1.0, normalize: bool = False, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Task arithmetic (Ilharco et al. 2023, arXiv:2212.04089): ``base + lam * sum_k w_k delta_k``
-    (weights default 1; ``normalize`` divides by the weight sum, mergekit's option, off by default)."""
+    (weights default 1; ``normalize`` divides by the weight sum, mergekit's option, off by default),
+    computed as fastsoup's engine defines it: one weighted sum ``c_base * base + sum_k c_k * theta_k``
+    in the kernels' order (``weighted_sum``), ``c_k = lam * w_k`` (``w_k / sum w`` with normalize, the
+    sum replaced by 1 when |sum| < 1e-8) and ``c_base = 1 - fsum(c_k)``; one rounding.
+
+    Mathematically the same as the delta form ``base + lam * sum_k w_k (theta_k - base)``
+    (``task_arithmetic_deltas``); the two float64 computations round differently, so their results
+    differ by at most one rounding of float64 error: 0 or 1 ulp of the output dtype in practice."""
+    _inputs("task_arithmetic", base, models, dtype)
+    ws = _per_model(1.0 if weights is None else weights, len(models), "task_arithmetic: weights")
+    if normalize:
+        total = 0.0
+        for w in ws:
+            total += w
+        total = 1.0 if abs(total) < 1e-8 else total
+        ws = [w / total for w in ws]
+    cs = [float(lam) * w for w in ws]
+    return weighted_sum([base, *models], [1.0 - math.fsum(cs), *cs], dtype or base.dtype).reshape(base.shape)
+
+
+def task_arithmetic_deltas(base: torch.Tensor, models: Sequence[torch.Tensor], weights: Sequence[float] | None = None,
+                           *, lam: float = 1.0, normalize: bool = False,
+                           dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Task arithmetic in the delta form (mergekit's order): float64 task vectors, ``base + lam * sum_k
+    w_k delta_k`` (``_combine``), one rounding. Within one rounding of ``task_arithmetic``."""
     b, deltas, out = _inputs("task_arithmetic", base, models, dtype)
     return _combine("task_arithmetic", b, deltas, weights, consensus=False, normalize=normalize, lam=lam,
                     dtype=out, shape=base.shape)
@@ -617,25 +641,29 @@ def slerp_coefficients(g_aa: float, g_ab: float, g_bb: float, t: float) -> tuple
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: float, *, base: torch.Tensor | None = None,
-          dtype: torch.dtype | None = None) -> torch.Tensor:
+          dtype: torch.dtype | None = None, gram: Sequence[float] | None = None) -> torch.Tensor:
     """Spherical linear interpolation of two tensors, flattened (Shoemake 1985; mergekit's slerp):
-    ``s0 * a + s1 * b`` with ``slerp_coefficients`` of their exact Gram entries (``exact_dot``), float64
-    (two products, one sum), rounded once to ``dtype`` (default a's). t = 0 gives a, t = 1 gives b.
+    ``s0 * a + s1 * b`` with ``slerp_coefficients`` of their exact Gram entries (``exact_dot``), one
+    weighted sum in the kernels' order (``weighted_sum``), rounded once to ``dtype`` (default a's).
+    t = 0 gives a, t = 1 gives b.
 
     With ``base``: the interpolation of the task vectors, ``base + s0 * (a - base) + s1 * (b - base)``
-    (coefficients from the task vectors' Gram entries; dtype default the base's). mergekit's slerp is
-    the form without ``base``, its base_model as ``a``.
+    with coefficients from the task vectors' Gram entries, computed as the engine does:
+    ``c_base * base + s0 * a + s1 * b``, ``c_base = 1 - fsum(s0, s1)`` (dtype default the base's).
+    mergekit's slerp is the form without ``base``, its base_model as ``a``.
+
+    ``gram``: ``(g_aa, g_ab, g_bb)`` to use instead of the exact ones (e.g. the native gram pass's).
     """
     if base is None:
         _, _, out = _inputs("slerp", a, [b], dtype)
         da, db = a.detach().reshape(-1).double(), b.detach().reshape(-1).double()
     else:
         _, (da, db), out = _inputs("slerp", base, [a, b], dtype)
-    s0, s1 = slerp_coefficients(exact_dot(da, da), exact_dot(da, db), exact_dot(db, db), t)
-    mixed = da * s0 + db * s1
-    if base is not None:
-        mixed = base.detach().reshape(-1).double() + mixed
-    return _round_to(mixed, out).reshape(a.shape)
+    g = gram if gram is not None else (exact_dot(da, da), exact_dot(da, db), exact_dot(db, db))
+    s0, s1 = slerp_coefficients(*g, t)
+    if base is None:
+        return weighted_sum([a, b], [s0, s1], out).reshape(a.shape)
+    return weighted_sum([base, a, b], [1.0 - math.fsum([s0, s1]), s0, s1], out).reshape(a.shape)
 
 
 def model_stock_t(gram: torch.Tensor) -> float:
@@ -668,19 +696,19 @@ def model_stock_t(gram: torch.Tensor) -> float:
 
 
 def model_stock(base: torch.Tensor, models: Sequence[torch.Tensor], *,
-                dtype: torch.dtype | None = None) -> torch.Tensor:
+                dtype: torch.dtype | None = None, gram: torch.Tensor | None = None) -> torch.Tensor:
     """Model Stock (Jang et al. 2024, ECCV, arXiv:2403.19522), per tensor: t from the mean pairwise
-    cosine of the task vectors (``model_stock_t`` of their exact Gram matrix, ``exact_dot``), then
-    ``t * mean_k theta_k + (1 - t) * base`` (mean: the float64 sum in model order divided by N), float64,
+    cosine of the task vectors (``model_stock_t`` of their exact Gram matrix, ``exact_dot``; or of
+    ``gram`` when given), then ``t * mean_k theta_k + (1 - t) * base`` as the engine computes it: one
+    weighted sum ``(1 - t) * base + sum_k (t / N) * theta_k`` in the kernels' order (``weighted_sum``),
     rounded once."""
     b, deltas, out = _inputs("model_stock", base, models, dtype)
     n = len(deltas)
-    g = torch.tensor([[exact_dot(deltas[i], deltas[j]) for j in range(n)] for i in range(n)], dtype=torch.float64)
-    t = model_stock_t(g)
-    total = torch.zeros_like(b)
-    for m in models:
-        total = total + m.detach().reshape(-1).double()
-    return _round_to((total / n) * t + b * (1.0 - t), out).reshape(base.shape)
+    if gram is None:
+        gram = torch.tensor([[exact_dot(deltas[i], deltas[j]) for j in range(n)] for i in range(n)],
+                            dtype=torch.float64)
+    t = model_stock_t(gram)
+    return weighted_sum([base, *models], [1.0 - t] + [t / n] * n, out).reshape(base.shape)
 
 
 _METHOD_FUNCTIONS = {
@@ -706,7 +734,7 @@ def merge_state_dicts(method: str, models: Sequence[Mapping[str, torch.Tensor]],
     """
     if method != "slerp" and method not in _METHOD_FUNCTIONS:
         raise ValueError(f"merge_state_dicts: unknown method {method!r}")
-    first = models[0] if method == "slerp" else base
+    first = models[0] if method == "slerp" and base is None else base
     if first is None:
         raise ValueError(f"merge_state_dicts: {method} needs a base")
     out = {}

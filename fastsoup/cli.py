@@ -3,6 +3,9 @@
     fastsoup average IN [IN ...] -o OUT [--weights W ...] [--dtype {fp16,bf16,fp32}] [--key KEY]
                      [--shard-size 5GB] [--threads N] [--no-progress] [--overwrite] [--fsync] [--config-from PATH]
                      [--strip-prefix PREFIX] [--rename REGEX=REPLACEMENT ...]
+    fastsoup merge --method {task_arithmetic,slerp,model_stock,linear} [--base BASE] IN [IN ...] -o OUT
+                   [--weights W ...] [--lambda L] [--t T] [--normalize] [--density D] [--seed S] [average's options]
+    fastsoup merge CONFIG.yml -o OUT [average's options]
     fastsoup greedy CKPT [CKPT ...] --model MOD:FACTORY --heldout MOD:LOADER [--eval NAME=MOD:LOADER ...]
                     -o OUT [--cache DIR] [--verify-cache] [--strict] [--device DEV] [--results PATH] [--key KEY]
                     [--overwrite] [--config-from PATH] [--strip-prefix PREFIX] [--rename REGEX=REPLACEMENT ...]
@@ -75,6 +78,32 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--key", metavar="KEY", help=KEY_HELP)
     a.add_argument("--config-from", metavar="PATH", help=_CONFIG_FROM_HELP)
     _name_options(a)
+
+    m = sub.add_parser("merge", help="merge with a method (task arithmetic, SLERP, Model Stock) or a mergekit config",
+                       description="Merge checkpoints with a merge method, or run a mergekit YAML config "
+                                   "(fastsoup merge CONFIG.yml -o OUT). TIES, DARE and breadcrumbs come next.")
+    if hasattr(m, "_negative_number_matcher"):
+        m._negative_number_matcher = a._negative_number_matcher
+    m.add_argument("inputs", nargs="+", metavar="IN", help="the models (not the base), or one CONFIG.yml")
+    m.add_argument("-o", "--out", required=True, metavar="OUT", help="output, as for average")
+    m.add_argument("--method", help="task_arithmetic, slerp, model_stock or linear")
+    m.add_argument("--base", metavar="BASE", help="the base model (task_arithmetic, model_stock; slerp: optional, "
+                                                  "interpolates the task vectors)")
+    m.add_argument("--weights", nargs="+", type=float, metavar="W", help="one weight per input")
+    m.add_argument("--lambda", dest="lam", type=float, metavar="L", help="task arithmetic's scale (default 1)")
+    m.add_argument("--t", type=float, metavar="T", help="slerp's position (0: the first input)")
+    m.add_argument("--normalize", action="store_true", default=None, help="divide by the sum of the weights")
+    m.add_argument("--density", type=float, metavar="D", help="the sparse methods' density (not available yet)")
+    m.add_argument("--seed", type=int, metavar="S", help="DARE's seed (not available yet)")
+    m.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="output dtype (default: as the base)")
+    m.add_argument("--shard-size", metavar="SIZE", help="largest output shard, e.g. 5GB")
+    m.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: all)")
+    m.add_argument("--no-progress", action="store_true", help="no progress bar")
+    m.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    m.add_argument("--fsync", action="store_true", help="flush OUT to disk before it appears (durable, slower)")
+    m.add_argument("--key", metavar="KEY", help=KEY_HELP)
+    m.add_argument("--config-from", metavar="PATH", help=_CONFIG_FROM_HELP)
+    _name_options(m)
 
     g = sub.add_parser(
         "greedy", help="greedy soup (paper's Recipe 1) with cached logits, plus uniform soup and ensembles",
@@ -335,6 +364,32 @@ def _average(args) -> int:
     return 0
 
 
+def _merge(args) -> int:
+    from .engine import merge, merge_config
+
+    start = time.perf_counter()
+    options = dict(out=args.out, dtype=args.dtype, threads=args.threads, shard_size=args.shard_size,
+                   progress=False if args.no_progress else None, overwrite=args.overwrite, fsync=args.fsync,
+                   config_from=args.config_from, key_map=_key_map(args), strip_prefix=args.strip_prefix, key=args.key)
+    method_args = {"--method": args.method, "--base": args.base, "--weights": args.weights, "--lambda": args.lam,
+                   "--t": args.t, "--normalize": args.normalize, "--density": args.density, "--seed": args.seed}
+    if len(args.inputs) == 1 and args.inputs[0].endswith((".yml", ".yaml")):
+        given = [k for k, v in method_args.items() if v is not None]
+        if given:
+            raise ArgumentError(f"merge: the config gives the method and its parameters; drop {', '.join(given)}")
+        path = merge_config(args.inputs[0], **options)
+        what = f"config {args.inputs[0]}"
+    else:
+        if args.method is None:
+            raise ArgumentError("merge: give --method METHOD (task_arithmetic, slerp, model_stock, linear) "
+                                "or one CONFIG.yml")
+        path = merge(args.inputs, args.method, base=args.base, weights=args.weights, lam=args.lam, t=args.t,
+                     normalize=args.normalize, density=args.density, seed=args.seed, **options)
+        what = f"{len(args.inputs)} checkpoints ({args.method})"
+    _note(f"wrote {path} from {what} in {time.perf_counter() - start:.2f} s")
+    return 0
+
+
 def _note(msg: str) -> None:
     """A status line on stderr (under torchrun: from rank 0 only)."""
     from .distributed import is_main_process
@@ -561,6 +616,8 @@ def _main(args) -> int:
                 return _inspect(args)
             if args.command == "similarity":
                 return _similarity(args)
+            if args.command == "merge":
+                return _merge(args)
             if args.command == "demo":
                 from .demo import main as demo_main
 

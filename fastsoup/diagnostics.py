@@ -19,7 +19,9 @@ from ._errors import ArgumentError
 from ._native import _core
 from .io.checkpoint import Checkpoint, check_compatible, open_checkpoint, with_key
 
-CHUNK = 1 << 20  # elements per task-vector block (K float32 rows of it are kept)
+CHUNK = 1 << 20  # elements per task-vector block (K float32 rows of it are kept) ...
+SCRATCH_BYTES = 64 << 20  # ... and at most this many bytes of them (fewer elements per block for large K)
+MIN_CHUNK = 1 << 14
 
 
 @dataclass
@@ -93,6 +95,56 @@ class Similarity:
         return out
 
 
+class TensorGram:
+    """The Gram matrix of one tensor across K checkpoints, or of its task vectors ``theta_k - base``:
+    ``TensorGram(ckpts, base)(name)`` -> K x K floats (nested lists). One streaming pass over the
+    tensor (the fused ``gram`` kernel: float32 products, summed in float32 within fixed blocks and in
+    float64 across them). Task vectors are formed block by block in float32, in a scratch of K rows
+    of at most ``CHUNK`` elements and ``SCRATCH_BYTES`` in all (the only memory it holds)."""
+
+    def __init__(self, ckpts: Sequence[Checkpoint], base: Checkpoint | None = None, *, threads: int = 0):
+        self.ckpts, self.base, self.threads = list(ckpts), base, threads
+        K = len(self.ckpts)
+        self.chunk = max(MIN_CHUNK, min(CHUNK, SCRATCH_BYTES // (4 * max(K, 1))))
+        self._scratch = None
+        self._keep: list = []
+
+    def _addr(self, ck: Checkpoint, name: str) -> tuple[int, int]:
+        a, mapped, obj = ck.buffer(ck[name])
+        if not mapped:
+            self._keep.append(obj)
+        return a, dtype_info(ck[name].dtype).code
+
+    def __call__(self, name: str) -> list[list[float]]:
+        ckpts, K, t = self.ckpts, len(self.ckpts), self.threads
+        gram = [[0.0] * K for _ in range(K)]
+        numel = ckpts[0][name].numel
+        self._keep = []
+        ins = [self._addr(ck, name) for ck in ckpts]
+        if self.base is None:
+            return [list(row) for row in _core.gram([a for a, _ in ins], [c for _, c in ins], numel, t)]
+        b_addr, b_code = self._addr(self.base, name)
+        if self._scratch is None:
+            import numpy as np
+
+            self._scratch = np.empty((K, self.chunk), dtype=np.float32)
+        rows = [self._scratch[k].ctypes.data for k in range(K)]
+        f32 = BY_NAME["float32"].code
+        size_b = dtype_info(self.base[name].dtype).itemsize
+        for start in range(0, numel, self.chunk):
+            n = min(self.chunk, numel - start)
+            for k, (a, c) in enumerate(ins):
+                size_k = dtype_info(ckpts[k][name].dtype).itemsize
+                _core.weighted_sum([a + start * size_k, b_addr + start * size_b], [c, b_code], [1.0, -1.0], n,
+                                   rows[k], f32, False, t)
+            g = _core.gram(rows, [f32] * K, n, t)
+            for i in range(K):
+                for j in range(K):
+                    gram[i][j] += g[i][j]
+        self._keep = []
+        return gram
+
+
 def similarity(ingredients: Sequence[Any], base: Any = None, *, threads: int | None = None,
                key: str | None = None) -> Similarity:
     """Cosine similarities and angles between K checkpoints over all their float tensors, or between
@@ -114,45 +166,15 @@ def similarity(ingredients: Sequence[Any], base: Any = None, *, threads: int | N
     base_ck = open_checkpoint(with_key([base], key)[0]) if base is not None else None
     check_compatible(ckpts + ([base_ck] if base_ck is not None else []))
     K = len(ckpts)
-    t = threads or 0
     gram = [[0.0] * K for _ in range(K)]
-    first = ckpts[0]
-    keep: list = []
-
-    def addr(ck: Checkpoint, name: str):
-        a, mapped, obj = ck.buffer(ck[name])
-        if not mapped:
-            keep.append(obj)
-        return a, dtype_info(ck[name].dtype).code
-
-    f32 = BY_NAME["float32"]
-    scratch = None
-    for name, ref in first.items():
+    grams = TensorGram(ckpts, base_ck, threads=threads or 0)
+    for name, ref in ckpts[0].items():
         if dtype_info(ref.dtype).kind != "float" or ref.numel == 0:
             continue
-        ins = [addr(ck, name) for ck in ckpts]
-        if base_ck is None:
-            g = _core.gram([a for a, _ in ins], [c for _, c in ins], ref.numel, t)
-            for i in range(K):
-                for j in range(K):
-                    gram[i][j] += g[i][j]
-            continue
-        b_addr, b_code = addr(base_ck, name)
-        if scratch is None:
-            import numpy as np
-
-            scratch = np.empty((K, CHUNK), dtype=np.float32)
-        rows = [scratch[k].ctypes.data for k in range(K)]
-        for start in range(0, ref.numel, CHUNK):
-            n = min(CHUNK, ref.numel - start)
-            for k, (a, c) in enumerate(ins):
-                size_k, size_b = dtype_info(ckpts[k][name].dtype).itemsize, dtype_info(base_ck[name].dtype).itemsize
-                _core.weighted_sum([a + start * size_k, b_addr + start * size_b], [c, b_code], [1.0, -1.0], n,
-                                   rows[k], f32.code, False, t)
-            g = _core.gram(rows, [f32.code] * K, n, t)
-            for i in range(K):
-                for j in range(K):
-                    gram[i][j] += g[i][j]
+        g = grams(name)
+        for i in range(K):
+            for j in range(K):
+                gram[i][j] += g[i][j]
     for ck in ckpts + ([base_ck] if base_ck is not None else []):
         ck.verify("the similarity pass")  # numbers from a file changed under the read are not reported
     names = [os.fspath(s) if isinstance(s, (str, os.PathLike)) else f"<ingredient {i}>" for i, s in enumerate(srcs)]
@@ -209,4 +231,4 @@ def inspect_checkpoint(src: Any, *, key: str | None = None, tensors: bool = Fals
     return info
 
 
-__all__ = ["Similarity", "inspect_checkpoint", "similarity"]
+__all__ = ["Similarity", "TensorGram", "inspect_checkpoint", "similarity"]

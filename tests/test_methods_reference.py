@@ -41,15 +41,31 @@ def test_task_arithmetic_is_one_rounding_of_the_float64_sum(dtype):
     for wk, m in zip(w, models):
         s = s + (m.double() - b) * wk
     want = b + lam * s
-    assert torch.equal(R.task_arithmetic(base, models, w, lam=lam, dtype=torch.float64), want)
-    assert torch.equal(R.task_arithmetic(base, models, w, lam=lam), R._round_to(want, dtype))
+    assert torch.equal(R.task_arithmetic_deltas(base, models, w, lam=lam, dtype=torch.float64), want)
+    assert torch.equal(R.task_arithmetic_deltas(base, models, w, lam=lam), R._round_to(want, dtype))
     total = 0.0
     for wk in w:
         total += wk
-    norm = R.task_arithmetic(base, models, w, lam=lam, normalize=True, dtype=torch.float64)
+    norm = R.task_arithmetic_deltas(base, models, w, lam=lam, normalize=True, dtype=torch.float64)
     assert torch.equal(norm, b + lam * (s / total))
-    assert torch.equal(R.task_arithmetic(base, models, [1.0, -1.0, 0, 0, 0], normalize=True, dtype=torch.float64),
+    assert torch.equal(R.task_arithmetic_deltas(base, models, [1.0, -1.0, 0, 0, 0], normalize=True,
+                                                dtype=torch.float64),
                        b + ((models[0].double() - b) + (models[1].double() - b) * -1.0))  # weights sum to 0: not divided
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+def test_task_arithmetic_is_one_weighted_sum_within_one_ulp_of_the_delta_form(dtype):
+    """The engine's definition: c_base * base + sum_k (lam w_k) theta_k, c_base = 1 - fsum(lam w_k)."""
+    base, models = _zoo(5, dtype=dtype)
+    w, lam = [0.5, -0.25, 1.0, 0.3, 2.0], 0.7
+    cs = [lam * wk for wk in w]
+    want = R.weighted_sum([base, *models], [1.0 - math.fsum(cs), *cs], dtype)
+    out = R.task_arithmetic(base, models, w, lam=lam)
+    assert torch.equal(out, want)
+    bound = 16 if dtype == torch.float64 else 1  # float64 output: no coarser rounding absorbs the float64 error
+    assert int(R.ulp_distance(out, R.task_arithmetic_deltas(base, models, w, lam=lam)).max()) <= bound
+    normed = R.task_arithmetic(base, models, w, lam=lam, normalize=True)
+    assert int(R.ulp_distance(normed, R.task_arithmetic_deltas(base, models, w, lam=lam, normalize=True)).max()) <= bound
 
 
 def test_task_arithmetic_defaults_and_mixed_dtypes():
@@ -272,7 +288,9 @@ def test_slerp_with_a_base_interpolates_task_vectors():
     out = R.slerp(a, b, 0.4, base=base, dtype=torch.float64)
     da, db = a.double() - base.double(), b.double() - base.double()
     s0, s1 = R.slerp_coefficients(R.exact_dot(da, da), R.exact_dot(da, db), R.exact_dot(db, db), 0.4)
-    assert torch.equal(out, base.double() + (da * s0 + db * s1))
+    want = R.weighted_sum([base, a, b], [1.0 - math.fsum([s0, s1]), s0, s1], torch.float64)  # the engine's form
+    assert torch.equal(out, want)
+    torch.testing.assert_close(out, base.double() + (da * s0 + db * s1), rtol=1e-15, atol=1e-15)  # the delta form
 
 
 # --- Model Stock ---------------------------------------------------------------------------------------
@@ -311,8 +329,10 @@ def test_model_stock_rounds_once(dtype):
     total = torch.zeros(base.shape, dtype=torch.float64)
     for m in models:
         total = total + m.double()
-    want = (total / 4) * t + base.double() * (1 - t)
-    assert torch.equal(R.model_stock(base, models), R._round_to(want.reshape(-1), dtype).reshape(base.shape))
+    want = R.weighted_sum([base, *models], [1 - t] + [t / 4] * 4, dtype)  # the engine's form: one weighted sum
+    assert torch.equal(R.model_stock(base, models), want)
+    mean_form = R._round_to(((total / 4) * t + base.double() * (1 - t)).reshape(-1), dtype).reshape(base.shape)
+    assert int(R.ulp_distance(R.model_stock(base, models), mean_form).max()) <= (16 if dtype == torch.float64 else 1)
 
 
 # --- state dicts, errors -------------------------------------------------------------------------------

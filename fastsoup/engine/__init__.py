@@ -11,7 +11,8 @@ what was read, and a writer thread for file output.
 Modules: :mod:`~fastsoup.engine.device` (where it computes), :mod:`~fastsoup.engine.plan` (the
 native plan: :class:`Segments`), :mod:`~fastsoup.engine.driver` (one merge, :func:`run`, into an
 :class:`OutputSink`; the :class:`Collective` plug-in), :mod:`~fastsoup.engine.linear` (``average``,
-``weighted_sum``).
+``weighted_sum``), :mod:`~fastsoup.engine.methods` (``merge``: task arithmetic, SLERP, Model Stock,
+mergekit configs).
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ from .driver import (
            verify_inputs,
 )
 from .linear import average, check_weights, normalization, weighted_sum
+from .methods import merge, merge_config, model_stock, slerp, task_arithmetic
 from .plan import Segments, source
 
 __all__ = ["CPU", "Collective", "Device", "MergeSpec", "OutputSink", "Segments", "average", "check_weights", "collective",
-           "normalization", "progress_summary", "resolve_device", "run", "source", "use_collective", "verify_inputs",
-           "weighted_sum"]
+           "merge", "merge_config", "model_stock", "normalization", "progress_summary", "resolve_device", "run",
+           "slerp", "source", "task_arithmetic", "use_collective", "verify_inputs", "weighted_sum"]

@@ -113,16 +113,20 @@ class SoupInfo:
     recipe: str  # "uniform_soup", "weighted_soup", "weighted_sum", "soup", "greedy_soup", "learned_soup", ...
     ingredients: list[str]
     weights: list[float] | dict[str, list[float]]  # K weights, or (layer-wise) tensor name -> K weights
+    parameters: dict | None = None  # a merge method's parameters as given (fastsoup.merge), JSON-able
 
     def metadata(self) -> dict[str, str]:
         from .._version import __version__
 
-        return {
+        meta = {
             "fastsoup.recipe": self.recipe,
             "fastsoup.ingredients": json.dumps(self.ingredients),
             "fastsoup.weights": json.dumps(self.weights),
             "fastsoup.version": __version__,
         }
+        if self.parameters is not None:
+            meta["fastsoup.parameters"] = json.dumps(self.parameters)
+        return meta
 
 
 def ingredient_names(sources: Sequence[Any]) -> list[str]:

@@ -6,6 +6,7 @@
     greedy_soup(ingredients, model, heldout, ...)    the paper's Recipe 1, a cached-logit search (recipes.greedy)
     greedy_ensemble(ingredients, model, heldout, ...) the paper's greedy ensemble baseline
     learned_soup(ingredients, model, heldout, ...)   learned coefficients (also layer-wise), O(P) memory
+    model_stock(ingredients, base, ...)              Model Stock (the soups paper's follow-up), engine.methods
 
 Recipes that evaluate models import torch when they are first used, not when this module is imported.
 """
@@ -74,6 +75,10 @@ RECIPES: dict[str, Recipe] = {
         Recipe("interpolate", "Wortsman et al., Robust fine-tuning of zero-shot models (WiSE-FT), CVPR 2022",
                "(1 - alpha) * theta_0 + alpha * theta_1, and a sweep over alpha", ("theta_0", "theta_1", "alpha"),
                "fastsoup.recipes.interpolate:interpolate"),
+        Recipe("model_stock", "Jang et al., Model Stock: all we need is just a few fine-tuned models, ECCV 2024",
+               "per tensor, t * mean of the fine-tunes + (1 - t) * the base, t from their task vectors' mean "
+               "cosine (clamped to [0, 1])", ("ingredients", "base", "out", "dtype"),
+               "fastsoup.engine.methods:model_stock"),
         Recipe("greedy_ensemble", PAPER + ", appendix baseline",
                "greedy soup's procedure over logit ensembles, from cached logits",
                ("ingredients", "model", "heldout", "metric", "strict", "cache_dir", "device"),
