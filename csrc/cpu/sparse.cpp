@@ -183,7 +183,7 @@ void select(const SparseMergeParams& p, int64_t k, const Tasks& tasks, int threa
     }
   }
   if (!any) return;
-  const size_t per_task = 2 * static_cast<size_t>(kBins);
+  const size_t per_task = static_cast<size_t>(need[0] && need[1] ? 2 : 1) * kBins;
   hist.assign(per_task * tasks.count, 0u);
   // Pass 1: the high 16 bits.
   cpu::parallel_for(tasks.count, threads, [&](int64_t t) {
@@ -214,7 +214,9 @@ void select(const SparseMergeParams& p, int64_t k, const Tasks& tasks, int threa
   cpu::parallel_for(tasks.count, threads, [&](int64_t t) {
     uint32_t* h0 = hist.data() + per_task * t;
     uint32_t* h1 = h0 + kBins;
-    const uint32_t b0 = need[0] ? bin[0] : 0x10000u, b1 = (need[1] && !shared) ? bin[1] : 0x10000u;
+    // Cut j's histogram: the first one of the task's (the second when both cuts have their own).
+    const uint32_t b0 = need[0] ? bin[0] : (need[1] ? bin[1] : 0x10000u);
+    const uint32_t b1 = (need[0] && need[1] && !shared) ? bin[1] : 0x10000u;
     double b[kBlock], d[kBlock];
     for (int64_t i = tasks.begin(t); i < tasks.end(t); i += kBlock) {
       const int64_t cnt = std::min(kBlock, tasks.end(t) - i);
@@ -229,7 +231,7 @@ void select(const SparseMergeParams& p, int64_t k, const Tasks& tasks, int threa
   });
   for (int j = 0; j < R; ++j) {
     if (!need[j]) continue;
-    const size_t off = (j == 1 && !shared) ? kBins : 0;
+    const size_t off = (j == 1 && need[0] && !shared) ? kBins : 0;
     std::fill(total.begin(), total.end(), 0);
     for (int64_t t = 0; t < tasks.count; ++t) {
       const uint32_t* h = hist.data() + per_task * t + off;
