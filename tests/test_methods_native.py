@@ -199,3 +199,16 @@ def test_errors():
         sparse_merge("dare_ties", base, models, out, density=0.5)
     with pytest.raises(ValueError, match="dtype int32"):
         sparse_merge("ties", base, [models[0], torch.zeros(10, dtype=torch.int32)], out, density=0.5)
+
+
+@pytest.mark.parametrize("isa", _core.supported_isas())
+def test_isas_agree(isa):
+    base, models = _data(3003, 4, torch.float16, seed=9, ties=True)
+    before = _core.isa()
+    try:
+        _core.set_isa(isa)
+        for method in METHODS:
+            _check(method, base, models, [1.0, -1.0, 0.5, 2.0], torch.float16, runs=[(2, 0), (7, 100)],
+                   **_kwargs(method, 0.3, 0.1, "default"))
+    finally:
+        _core.set_isa(before)

@@ -12,6 +12,8 @@
 #include <string>
 #include <vector>
 
+#include <immintrin.h>
+
 #include "fastsoup/sparse.h"
 #include "threadpool.h"
 
@@ -110,9 +112,26 @@ bool is_consensus(SparseMethod m) {
 }
 bool uses_density(SparseMethod m) { return m != SparseMethod::kTaskArithmetic; }
 
+// float16 -> binary64 with F16C (exact, as half_to_float; used unless set_isa chose scalar).
+__attribute__((target("avx2,f16c"))) void half_block_f16c(const uint16_t* s, int64_t count, double* dst) {
+  int64_t j = 0;
+  for (; j + 8 <= count; j += 8) {
+    const __m256 f = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + j)));
+    _mm256_storeu_pd(dst + j, _mm256_cvtps_pd(_mm256_castps256_ps128(f)));
+    _mm256_storeu_pd(dst + j + 4, _mm256_cvtps_pd(_mm256_extractf128_ps(f, 1)));
+  }
+  for (; j < count; ++j) dst[j] = static_cast<double>(half_to_float(s[j]));
+}
+
+bool use_f16c() { return current_isa() != Isa::kScalar; }  // AVX2 and AVX-512 machines have F16C
+
 void load_block(const void* src, DType d, int64_t begin, int64_t count, double* dst) {
   switch (d) {
     case DType::kFloat16: {
+      if (use_f16c()) {
+        half_block_f16c(static_cast<const uint16_t*>(src) + begin, count, dst);
+        return;
+      }
       const uint16_t* s = static_cast<const uint16_t*>(src) + begin;
       for (int64_t j = 0; j < count; ++j) dst[j] = static_cast<double>(half_to_float(s[j]));
       return;
@@ -130,6 +149,40 @@ void load_block(const void* src, DType d, int64_t begin, int64_t count, double* 
     case DType::kFloat64: {
       const double* s = static_cast<const double*>(src) + begin;
       for (int64_t j = 0; j < count; ++j) dst[j] = s[j];
+      return;
+    }
+  }
+}
+
+// x where mask is all ones, +0.0 where it is 0.
+inline double masked(double x, uint64_t mask) {
+  uint64_t u;
+  std::memcpy(&u, &x, sizeof u);
+  u &= mask;
+  std::memcpy(&x, &u, sizeof u);
+  return x;
+}
+
+void store_block(void* dst, DType d, int64_t begin, int64_t count, const double* v) {
+  switch (d) {
+    case DType::kFloat16: {
+      uint16_t* o = static_cast<uint16_t*>(dst) + begin;
+      for (int64_t j = 0; j < count; ++j) o[j] = float_to_half(double_to_float_odd(v[j]));
+      return;
+    }
+    case DType::kBFloat16: {
+      uint16_t* o = static_cast<uint16_t*>(dst) + begin;
+      for (int64_t j = 0; j < count; ++j) o[j] = float_to_bf16(double_to_float_odd(v[j]));
+      return;
+    }
+    case DType::kFloat32: {
+      float* o = static_cast<float*>(dst) + begin;
+      for (int64_t j = 0; j < count; ++j) o[j] = static_cast<float>(v[j]);
+      return;
+    }
+    case DType::kFloat64: {
+      double* o = static_cast<double*>(dst) + begin;
+      for (int64_t j = 0; j < count; ++j) o[j] = v[j];
       return;
     }
   }
@@ -192,7 +245,9 @@ void select(const SparseMergeParams& p, int64_t k, const Tasks& tasks, int threa
     for (int64_t i = tasks.begin(t); i < tasks.end(t); i += kBlock) {
       const int64_t cnt = std::min(kBlock, tasks.end(t) - i);
       deltas(p, k, i, cnt, b, d);
-      for (int64_t j = 0; j < cnt; ++j) ++h[sparse::magnitude_key(d[j]) >> 16];
+      uint32_t keys[kBlock];
+      for (int64_t j = 0; j < cnt; ++j) keys[j] = sparse::magnitude_key(d[j]);
+      for (int64_t j = 0; j < cnt; ++j) ++h[keys[j] >> 16];
     }
   });
   std::vector<uint64_t> total(kBins, 0);
@@ -221,8 +276,10 @@ void select(const SparseMergeParams& p, int64_t k, const Tasks& tasks, int threa
     for (int64_t i = tasks.begin(t); i < tasks.end(t); i += kBlock) {
       const int64_t cnt = std::min(kBlock, tasks.end(t) - i);
       deltas(p, k, i, cnt, b, d);
+      uint32_t keys[kBlock];
+      for (int64_t j = 0; j < cnt; ++j) keys[j] = sparse::magnitude_key(d[j]);
       for (int64_t j = 0; j < cnt; ++j) {
-        const uint32_t key = sparse::magnitude_key(d[j]);
+        const uint32_t key = keys[j];
         const uint32_t hi = key >> 16;
         if (hi == b0) ++h0[key & 0xFFFF];
         if (hi == b1) ++h1[key & 0xFFFF];
@@ -269,14 +326,29 @@ void kept_block(const ModelMask& mk, const double* d, int64_t begin, int64_t cnt
     case ModelMask::kAll:
       for (int64_t j = 0; j < cnt; ++j) kept[j] = d[j];
       return;
-    case ModelMask::kTop:
-      for (int64_t j = 0; j < cnt; ++j) {
-        const uint32_t key = sparse::magnitude_key(d[j]);
-        bool keep = sparse::top_keep(key, mk.keep.T, mk.keep.m, seen[0]);
-        if (mk.band && sparse::top_keep(key, mk.drop.T, mk.drop.m, seen[1])) keep = false;
-        kept[j] = keep ? d[j] : 0.0;
+    case ModelMask::kTop: {
+      uint32_t keys[kBlock];
+      for (int64_t j = 0; j < cnt; ++j) keys[j] = sparse::magnitude_key(d[j]);
+      // Locals, so the running counts stay in registers (no aliasing with kept).
+      const uint32_t T0 = mk.keep.T, T1 = mk.drop.T;
+      const int64_t m0 = mk.keep.m, m1 = mk.drop.m;
+      int64_t s0 = seen[0], s1 = seen[1];
+      if (!mk.band) {
+        for (int64_t j = 0; j < cnt; ++j) {
+          const bool keep = sparse::top_keep(keys[j], T0, m0, s0);
+          kept[j] = masked(d[j], uint64_t(0) - static_cast<uint64_t>(keep));
+        }
+      } else {
+        for (int64_t j = 0; j < cnt; ++j) {
+          const bool keep = sparse::top_keep(keys[j], T0, m0, s0);
+          const bool drop = sparse::top_keep(keys[j], T1, m1, s1);
+          kept[j] = masked(d[j], uint64_t(0) - static_cast<uint64_t>(keep && !drop));
+        }
       }
+      seen[0] = s0;
+      seen[1] = s1;
       return;
+    }
     case ModelMask::kDare:
       for (int64_t j = 0; j < cnt; ++j)
         kept[j] = sparse::dare_u53(mk.key, static_cast<uint64_t>(begin + j)) < mk.threshold ? d[j] : 0.0;
@@ -445,7 +517,7 @@ Status sparse_merge_cpu(const SparseMergeParams& p) {
       seen[2 * k] = masks[k].keep.before.empty() ? 0 : masks[k].keep.before[t];
       seen[2 * k + 1] = masks[k].drop.before.empty() ? 0 : masks[k].drop.before[t];
     }
-    std::vector<double> terms(static_cast<size_t>(K) * kBlock), col(K);
+    std::vector<double> terms(static_cast<size_t>(K) * kBlock);
     double b[kBlock], d[kBlock];
     for (int64_t i = tasks.begin(t); i < tasks.end(t); i += kBlock) {
       const int64_t cnt = std::min(kBlock, tasks.end(t) - i);
@@ -462,12 +534,41 @@ Status sparse_merge_cpu(const SparseMergeParams& p) {
         const double w = p.weights[k];
         for (int64_t j = 0; j < cnt; ++j) tk[j] = fs_mul(tk[j], w);
       }
-      for (int64_t j = 0; j < cnt; ++j) {
-        for (int64_t k = 0; k < K; ++k) col[k] = terms[k * kBlock + j];
-        const double mixed = consensus ? sparse::combine_consensus(col.data(), p.weights, K, p.normalize)
-                                       : sparse::combine_plain(col.data(), K, p.normalize, weight_total);
-        store_double(p.out, i + j, p.out_dtype, fs_add(b[j], fs_mul(p.lam, mixed)));
+      // sparse.h's combines, model by model over the block (the same operations in the same order
+      // for every element, so they vectorize): a select adds +0.0, which changes no partial sum
+      // here (num and den start at +0.0 and only gain nonzero terms, so they are never -0.0).
+      double s[kBlock], num[kBlock], den[kBlock], res[kBlock];
+      for (int64_t j = 0; j < cnt; ++j) s[j] = 0.0;
+      for (int64_t k = 0; k < K; ++k) {
+        const double* tk = terms.data() + k * kBlock;
+        for (int64_t j = 0; j < cnt; ++j) s[j] = fs_add(s[j], tk[j]);
       }
+      if (consensus) {
+        for (int64_t j = 0; j < cnt; ++j) num[j] = den[j] = 0.0;
+        for (int64_t k = 0; k < K; ++k) {
+          const double* tk = terms.data() + k * kBlock;
+          const double w = p.weights[k];
+          for (int64_t j = 0; j < cnt; ++j) {
+            const bool plus = s[j] >= 0;  // NaN: minus, as the reference
+            const bool agree = (plus & (tk[j] > 0)) | (!plus & (tk[j] < 0));
+            const uint64_t mask = uint64_t(0) - static_cast<uint64_t>(agree);  // no branch: it vectorizes
+            num[j] = fs_add(num[j], masked(tk[j], mask));
+            den[j] = fs_add(den[j], masked(w, mask));
+          }
+        }
+        if (p.normalize) {
+          for (int64_t j = 0; j < cnt; ++j) res[j] = fs_div(num[j], den[j] == 0 ? 1.0 : den[j]);
+        } else {
+          for (int64_t j = 0; j < cnt; ++j) res[j] = num[j];
+        }
+      } else if (p.normalize) {
+        const double div = (weight_total < sparse::kNormEps && weight_total > -sparse::kNormEps) ? 1.0 : weight_total;
+        for (int64_t j = 0; j < cnt; ++j) res[j] = fs_div(s[j], div);
+      } else {
+        for (int64_t j = 0; j < cnt; ++j) res[j] = s[j];
+      }
+      for (int64_t j = 0; j < cnt; ++j) res[j] = fs_add(b[j], fs_mul(p.lam, res[j]));
+      store_block(p.out, p.out_dtype, i, cnt, res);
     }
   });
   return Status::Ok();

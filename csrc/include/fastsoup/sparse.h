@@ -79,9 +79,12 @@ constexpr double kNormEps = 1e-8;
 
 // The selection key of a task vector entry: the bits of float32(|d|), every NaN 0x7FC00000.
 FS_HD uint32_t magnitude_key(double d) {
-  const float f = static_cast<float>(d < 0 ? -d : d);  // nearest even, overflow to inf
-  if (f != f) return kNanKey;
-  return float_bits(f);
+#if defined(__CUDA_ARCH__)
+  const float f = static_cast<float>(fabs(d));  // nearest even, overflow to inf
+#else
+  const float f = static_cast<float>(std::fabs(d));
+#endif
+  return f != f ? kNanKey : float_bits(f);
 }
 
 FS_HD uint64_t mix64(uint64_t z) {
