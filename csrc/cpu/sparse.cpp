@@ -350,8 +350,10 @@ void kept_block(const ModelMask& mk, const double* d, int64_t begin, int64_t cnt
       return;
     }
     case ModelMask::kDare:
-      for (int64_t j = 0; j < cnt; ++j)
-        kept[j] = sparse::dare_u53(mk.key, static_cast<uint64_t>(begin + j)) < mk.threshold ? d[j] : 0.0;
+      for (int64_t j = 0; j < cnt; ++j) {
+        const bool keep = sparse::dare_u53(mk.key, static_cast<uint64_t>(begin + j)) < mk.threshold;
+        kept[j] = masked(d[j], uint64_t(0) - static_cast<uint64_t>(keep));  // random: no branch
+      }
       return;
   }
 }
