@@ -4,6 +4,9 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <optional>
+#include <utility>
+
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -14,6 +17,7 @@
 #include "fastsoup/io.h"
 #include "fastsoup/kernels.h"
 #include "fastsoup/plan.h"
+#include "fastsoup/sparse.h"
 #ifdef FASTSOUP_WITH_CUDA
 #include "fastsoup/cuda.h"
 #endif
@@ -107,6 +111,33 @@ std::vector<std::vector<double>> square(const std::vector<double>& flat, size_t 
   for (size_t a = 0; a < K; ++a)
     for (size_t b = 0; b < K; ++b) out[a][b] = flat[a * K + b];
   return out;
+}
+
+// sparse_merge's per-model list: one value per model, or empty when the method takes none.
+std::vector<double> per_model(const char* what, const std::vector<double>& v, size_t K) {
+  if (!v.empty() && v.size() != K)
+    throw std::invalid_argument(std::string("sparse_merge: ") + what + " has " + std::to_string(v.size()) +
+                                " values for " + std::to_string(K) + " models");
+  return v;
+}
+
+SparseMethod sparse_method(const std::string& name) {
+  if (name == "task_arithmetic") return SparseMethod::kTaskArithmetic;
+  if (name == "ties") return SparseMethod::kTies;
+  if (name == "breadcrumbs") return SparseMethod::kBreadcrumbs;
+  if (name == "breadcrumbs_ties") return SparseMethod::kBreadcrumbsTies;
+  if (name == "dare_linear") return SparseMethod::kDareLinear;
+  if (name == "dare_ties") return SparseMethod::kDareTies;
+  throw std::invalid_argument("sparse_merge: unknown method '" + name +
+                              "', expected task_arithmetic, ties, breadcrumbs, breadcrumbs_ties, dare_linear or "
+                              "dare_ties");
+}
+
+Rescale sparse_rescale(const std::optional<std::string>& r) {
+  if (!r) return Rescale::kNone;
+  if (*r == "density") return Rescale::kDensity;
+  if (*r == "l1") return Rescale::kL1;
+  throw std::invalid_argument("sparse_merge: rescale must be None, 'density' or 'l1', got '" + *r + "'");
 }
 
 void check_threads(const char* op, int threads) {
@@ -249,6 +280,86 @@ PYBIND11_MODULE(_core, m) {
       py::call_guard<py::gil_scoped_release>(),
       "out[i] = round(sum_k weights[k] * inputs[k][i] / divisor) over n elements at raw addresses (binary64 "
       "arithmetic, one rounding; see csrc/include/fastsoup/kernels.h).");
+
+  m.def(
+      "sparse_merge",
+      [](const std::string& method, int64_t n, const std::vector<std::pair<uintptr_t, int>>& inputs,
+         std::pair<uintptr_t, int> base, std::pair<uintptr_t, int> out, const std::vector<double>& weights,
+         const std::vector<double>& density, const std::vector<double>& gamma, double lam, bool normalize,
+         const std::optional<std::string>& rescale, uint64_t seed, uint64_t name_hash, int threads, int64_t chunk) {
+        const size_t K = inputs.size();
+        SparseMergeParams p;
+        p.method = sparse_method(method);
+        p.n = n;
+        std::vector<const void*> ptrs;
+        std::vector<DType> dtypes;
+        for (size_t k = 0; k < K; ++k) {
+          ptrs.push_back(reinterpret_cast<const void*>(inputs[k].first));
+          dtypes.push_back(to_dtype("sparse_merge", "inputs[" + std::to_string(k) + "]", inputs[k].second));
+        }
+        p.num_inputs = static_cast<int64_t>(K);
+        p.inputs = ptrs.data();
+        p.input_dtypes = dtypes.data();
+        p.base = reinterpret_cast<const void*>(base.first);
+        p.base_dtype = to_dtype("sparse_merge", "base", base.second);
+        p.out = reinterpret_cast<void*>(out.first);
+        p.out_dtype = to_dtype("sparse_merge", "out", out.second);
+        if (weights.size() != K)
+          throw std::invalid_argument("sparse_merge: got " + std::to_string(K) + " inputs and " +
+                                      std::to_string(weights.size()) + " weights");
+        const std::vector<double> dens = per_model("density", density, K), gams = per_model("gamma", gamma, K);
+        const bool is_ta = p.method == SparseMethod::kTaskArithmetic;
+        const bool is_band = p.method == SparseMethod::kBreadcrumbs || p.method == SparseMethod::kBreadcrumbsTies;
+        if (is_ta && !dens.empty()) throw std::invalid_argument("sparse_merge: task_arithmetic takes no density");
+        if (!is_ta && dens.empty()) throw std::invalid_argument("sparse_merge: " + method + " needs a density per model");
+        if (is_band && gams.empty()) throw std::invalid_argument("sparse_merge: " + method + " needs a gamma per model");
+        if (!is_band && !gams.empty()) throw std::invalid_argument("sparse_merge: " + method + " takes no gamma");
+        p.weights = weights.data();
+        p.density = dens.empty() ? nullptr : dens.data();
+        p.gamma = gams.empty() ? nullptr : gams.data();
+        p.lam = lam;
+        p.normalize = normalize;
+        p.rescale = sparse_rescale(rescale);
+        p.seed = seed;
+        p.name_hash = name_hash;
+        p.threads = threads;
+        p.chunk = chunk;
+        check(sparse_merge_cpu(p));
+      },
+      py::arg("method"), py::arg("n"), py::arg("inputs"), py::arg("base"), py::arg("out"), py::arg("weights"),
+      py::kw_only(), py::arg("density") = std::vector<double>(), py::arg("gamma") = std::vector<double>(),
+      py::arg("lam") = 1.0, py::arg("normalize") = false, py::arg("rescale") = py::none(), py::arg("seed") = 0,
+      py::arg("name_hash") = 0, py::arg("threads") = 0, py::arg("chunk") = 0,
+      py::call_guard<py::gil_scoped_release>(),
+      R"doc(sparse_merge(method, n, inputs, base, out, weights, *, density=[], gamma=[], lam=1.0, normalize=False,
+rescale=None, seed=0, name_hash=0, threads=0, chunk=0)
+
+One tensor of a task-vector merge over host memory, bit for bit fastsoup._reference's method of the
+same name (csrc/include/fastsoup/sparse.h gives the order of operations).
+
+method: "task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "dare_linear" or "dare_ties".
+n: elements of every tensor. inputs: K >= 1 (address, dtype code) of the models' tensors; base and
+out: (address, dtype code); dtype codes 0 float16, 1 bfloat16, 2 float32, 3 float64; out overlaps
+nothing. weights: K floats. density: K floats in [0, 1] (every method but task_arithmetic: TIES and
+breadcrumbs keep floor(density * n) entries, DARE keeps each with probability density). gamma: K
+floats in [0, 1] (breadcrumbs only: drop the floor(gamma * n) largest). lam: the scale of the merged
+task vector. normalize: divide by the weight total (TIES-like methods: the agreeing weights).
+rescale: None, "density" (DARE: kept / density) or "l1" (kept * |delta|_1 / |kept|_1, both sums
+exactly rounded). seed, name_hash: DARE's counter-based RNG (fastsoup/methods/rng.py; name_hash =
+fnv1a64(tensor name)); model k's stream is its position in inputs. threads: 0 = all cores. chunk:
+elements per task (0: automatic); the results do not depend on it nor on threads.
+
+Selection: exact top-k by |delta| (ties at the threshold: lower flat index first) with two 2^16-bin
+histogram passes per model (no sort). Memory: 512 KiB per task for the histograms (tasks = one per
+thread, at least 65536 elements each) plus K * 4 KiB per task; nothing proportional to n. Reads each
+model's tensor and the base twice per selection (TIES, breadcrumbs), once more for rescale="l1",
+and once in the fused combine pass.)doc");
+  m.def(
+      "fnv1a64", [](const py::bytes& data) {
+        const std::string s = data;
+        return fnv1a64(s.data(), s.size());
+      },
+      py::arg("data"), "FNV-1a 64 of bytes (fastsoup.methods.rng.fnv1a64 of name.encode()).");
 
   m.def(
       "multi_dot",
