@@ -3,9 +3,11 @@
     fastsoup average IN [IN ...] -o OUT [--weights W ...] [--dtype {fp16,bf16,fp32}] [--key KEY]
                      [--shard-size 5GB] [--threads N] [--no-progress] [--overwrite] [--fsync] [--config-from PATH]
                      [--strip-prefix PREFIX] [--rename REGEX=REPLACEMENT ...]
-    fastsoup merge --method {task_arithmetic,slerp,model_stock,linear} [--base BASE] IN [IN ...] -o OUT
-                   [--weights W ...] [--lambda L] [--t T] [--normalize] [--density D] [--seed S] [average's options]
-    fastsoup merge CONFIG.yml -o OUT [average's options]
+    fastsoup merge --method {task_arithmetic,ties,dare_linear,dare_ties,breadcrumbs,breadcrumbs_ties,slerp,
+                             model_stock,linear} [--base BASE] IN [IN ...] -o OUT
+                   [--weights W ...] [--lambda L] [--t T] [--normalize] [--density D] [--gamma G]
+                   [--rescale {none,l1,density}] [--seed S] [average's options]
+    fastsoup merge CONFIG.yml -o OUT [--seed S] [average's options]
     fastsoup greedy CKPT [CKPT ...] --model MOD:FACTORY --heldout MOD:LOADER [--eval NAME=MOD:LOADER ...]
                     -o OUT [--cache DIR] [--verify-cache] [--strict] [--device DEV] [--results PATH] [--key KEY]
                     [--overwrite] [--config-from PATH] [--strip-prefix PREFIX] [--rename REGEX=REPLACEMENT ...]
@@ -79,22 +81,27 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--config-from", metavar="PATH", help=_CONFIG_FROM_HELP)
     _name_options(a)
 
-    m = sub.add_parser("merge", help="merge with a method (task arithmetic, SLERP, Model Stock) or a mergekit config",
+    m = sub.add_parser("merge", help="merge with a method (task arithmetic, TIES, DARE, breadcrumbs, SLERP, Model "
+                                     "Stock) or a mergekit config",
                        description="Merge checkpoints with a merge method, or run a mergekit YAML config "
-                                   "(fastsoup merge CONFIG.yml -o OUT). TIES, DARE and breadcrumbs come next.")
+                                   "(fastsoup merge CONFIG.yml -o OUT [--seed S]).")
     if hasattr(m, "_negative_number_matcher"):
         m._negative_number_matcher = a._negative_number_matcher
     m.add_argument("inputs", nargs="+", metavar="IN", help="the models (not the base), or one CONFIG.yml")
     m.add_argument("-o", "--out", required=True, metavar="OUT", help="output, as for average")
-    m.add_argument("--method", help="task_arithmetic, slerp, model_stock or linear")
-    m.add_argument("--base", metavar="BASE", help="the base model (task_arithmetic, model_stock; slerp: optional, "
+    m.add_argument("--method", help="task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties, "
+                                    "slerp, model_stock or linear")
+    m.add_argument("--base", metavar="BASE", help="the base model (all but linear; slerp: optional, "
                                                   "interpolates the task vectors)")
     m.add_argument("--weights", nargs="+", type=float, metavar="W", help="one weight per input")
     m.add_argument("--lambda", dest="lam", type=float, metavar="L", help="task arithmetic's scale (default 1)")
     m.add_argument("--t", type=float, metavar="T", help="slerp's position (0: the first input)")
     m.add_argument("--normalize", action="store_true", default=None, help="divide by the sum of the weights")
-    m.add_argument("--density", type=float, metavar="D", help="the sparse methods' density (not available yet)")
-    m.add_argument("--seed", type=int, metavar="S", help="DARE's seed (not available yet)")
+    m.add_argument("--density", type=float, metavar="D", help="the sparse methods' density (default 1)")
+    m.add_argument("--gamma", type=float, metavar="G", help="breadcrumbs' top fraction dropped (default 0.01)")
+    m.add_argument("--rescale", choices=["none", "l1", "density"],
+                   help="the sparse methods' rescale of the kept entries (default: density for DARE, none else)")
+    m.add_argument("--seed", type=int, metavar="S", help="DARE's seed (default 0; also with a CONFIG.yml)")
     m.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="output dtype (default: as the base)")
     m.add_argument("--shard-size", metavar="SIZE", help="largest output shard, e.g. 5GB")
     m.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: all)")
@@ -372,19 +379,22 @@ def _merge(args) -> int:
                    progress=False if args.no_progress else None, overwrite=args.overwrite, fsync=args.fsync,
                    config_from=args.config_from, key_map=_key_map(args), strip_prefix=args.strip_prefix, key=args.key)
     method_args = {"--method": args.method, "--base": args.base, "--weights": args.weights, "--lambda": args.lam,
-                   "--t": args.t, "--normalize": args.normalize, "--density": args.density, "--seed": args.seed}
+                   "--t": args.t, "--normalize": args.normalize, "--density": args.density, "--gamma": args.gamma,
+                   "--rescale": args.rescale}
     if len(args.inputs) == 1 and args.inputs[0].endswith((".yml", ".yaml")):
         given = [k for k, v in method_args.items() if v is not None]
         if given:
             raise ArgumentError(f"merge: the config gives the method and its parameters; drop {', '.join(given)}")
-        path = merge_config(args.inputs[0], **options)
+        path = merge_config(args.inputs[0], seed=args.seed, **options)
         what = f"config {args.inputs[0]}"
     else:
         if args.method is None:
-            raise ArgumentError("merge: give --method METHOD (task_arithmetic, slerp, model_stock, linear) "
-                                "or one CONFIG.yml")
+            raise ArgumentError("merge: give --method METHOD (task_arithmetic, ties, dare_ties, dare_linear, "
+                                "breadcrumbs, breadcrumbs_ties, slerp, model_stock, linear) or one CONFIG.yml")
+        rescale = "default" if args.rescale is None else None if args.rescale == "none" else args.rescale
         path = merge(args.inputs, args.method, base=args.base, weights=args.weights, lam=args.lam, t=args.t,
-                     normalize=args.normalize, density=args.density, seed=args.seed, **options)
+                     normalize=args.normalize, density=args.density, gamma=args.gamma, seed=args.seed,
+                     rescale=rescale, **options)
         what = f"{len(args.inputs)} checkpoints ({args.method})"
     _note(f"wrote {path} from {what} in {time.perf_counter() - start:.2f} s")
     return 0

@@ -135,11 +135,8 @@ def test_per_tensor_parameters_gradients_and_filters():
 
 def test_merge_errors_name_what_is_available():
     base, models = _zoo(2, torch.float32)
-    for m in ("ties", "dare_ties", "breadcrumbs"):
-        with pytest.raises(fastsoup.ArgumentError, match=f"'{m}' is not available yet.*available: linear, "
-                                                         "task_arithmetic, slerp, model_stock"):
-            fastsoup.merge(models, m, base=base)
-    with pytest.raises(fastsoup.ArgumentError, match="unknown merge method 'tie'.*available"):
+    with pytest.raises(fastsoup.ArgumentError, match="unknown merge method 'tie'.*available: linear, task_arithmetic, "
+                                                     "slerp, model_stock, ties, dare_linear, dare_ties"):
         fastsoup.merge(models, "tie", base=base)
     with pytest.raises(fastsoup.ArgumentError, match="needs a base"):
         fastsoup.merge(models, "task_arithmetic")
@@ -271,11 +268,13 @@ def test_cli_merge_methods(tmp_path, capsys):
     out = str(tmp_path / "sl.safetensors")
     assert cli_main(["merge", "--method", "slerp", *paths[:2], "-o", out, "--t", "0.3", "--dtype", "bf16"]) == 0
     _equal(_read(out), R.merge_state_dicts("slerp", models[:2], t=0.3, dtype=torch.bfloat16))
+    out = str(tmp_path / "ties.safetensors")  # the sparse methods: tests/test_methods_sparse_api.py
+    assert cli_main(["merge", "--method", "ties", "--base", bpath, *paths, "-o", out, "--density", "0.5"]) == 0
+    _equal(_read(out), R.merge_state_dicts("ties", models, base, density=0.5))
     capsys.readouterr()
-    assert cli_main(["merge", "--method", "ties", "--base", bpath, *paths, "-o", str(tmp_path / "x"),
-                     "--density", "0.5"]) == 1
+    assert cli_main(["merge", "--method", "tie", "--base", bpath, *paths, "-o", str(tmp_path / "x")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "'ties' is not available yet" in err[0] and "task_arithmetic" in err[0]
+    assert len(err) == 1 and "unknown merge method 'tie'" in err[0] and "task_arithmetic" in err[0]
     assert not os.path.exists(tmp_path / "x")
     assert cli_main(["merge", *paths, "-o", str(tmp_path / "y")]) == 1  # no --method
     assert "--method" in capsys.readouterr().err
@@ -343,10 +342,12 @@ dtype: bfloat16
     ties = tmp_path / "ties.yml"
     ties.write_text(f"merge_method: ties\nbase_model: {bpath}\nmodels:\n"
                     + "".join(f"  - model: {p}\n    parameters: {{weight: 1, density: 0.5}}\n" for p in paths))
+    out = str(tmp_path / "t.safetensors")
+    assert cli_main(["merge", str(ties), "-o", out]) == 0
+    _equal(_read(out), R.merge_state_dicts("ties", models, base, weights=[1, 1, 1], density=0.5))
     capsys.readouterr()
-    assert cli_main(["merge", str(ties), "-o", str(tmp_path / "t.safetensors")]) == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "'ties' is not available yet" in err[0]
+    assert cli_main(["merge", str(ties), "--seed", "1", "-o", str(tmp_path / "t2.safetensors")]) == 1
+    assert "takes no seed" in capsys.readouterr().err
     bad = tmp_path / "bad.yml"
     bad.write_text("merge_method: slerp\nmodules: {}\n")
     assert cli_main(["merge", str(bad), "-o", str(tmp_path / "b.safetensors")]) == 1

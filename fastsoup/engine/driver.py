@@ -103,7 +103,12 @@ class MergeSpec:
     metadata; ``dtype`` overrides the float dtype; ``divisor`` is ``(high part, low part)``;
     ``extras`` are files written into a folder output with it (name -> bytes: a sidecar); ``aliases``
     tied names of an in-memory result (alias -> name); ``info`` what the soup is made of (metadata,
-    model card); ``donor`` the side files of a folder output (read by the caller before any work)."""
+    model card); ``donor`` the side files of a folder output (read by the caller before any work).
+
+    ``kernel``: instead of the weighted sum, ``kernel(name, address)`` computes each float tensor
+    into host memory at ``address`` (its output dtype, contiguous: the sparse methods' native
+    ``sparse_merge``); the other tensors are copied from the first input. ``weights`` is then only
+    what the ranks of a collective merge compare (a dict name -> numbers)."""
 
     inputs: list
     weights: list
@@ -122,6 +127,59 @@ class MergeSpec:
     aliases: dict | None = None
     info: SoupInfo | None = None
     donor: Donor | None = None
+    kernel: Any = None
+
+
+def _write_all(fd: int, view: memoryview, offset: int, name: str) -> None:
+    """``view`` into ``fd`` at ``offset`` (``os.pwrite`` until all is written)."""
+    while len(view):
+        n = os.pwrite(fd, view, offset)
+        if n <= 0:  # pragma: no cover -- pwrite raises on errors
+            raise OSError(f"{name}: short write")
+        view, offset = view[n:], offset + n
+
+
+def _run_kernel(spec: MergeSpec, first: Checkpoint, names: list, dests: list, out_dtypes: dict, fds: list,
+                fd_names: list, callback) -> None:
+    """The per-tensor execution of ``spec.kernel`` (see :class:`MergeSpec`): each float tensor computed
+    by ``kernel(name, address)`` straight into an in-memory output, or into one reused host scratch of
+    the largest output tensor's bytes and then ``os.pwrite`` into its shard at its offset; every other
+    tensor copied from the first input (the base). Memory: one output tensor's bytes (file outputs)
+    plus the kernel's own, whatever K."""
+    import ctypes
+
+    ckpts = spec.inputs
+    sizes = [first[n].numel * dtype_info(out_dtypes[n][0]).itemsize for n, (f, _) in zip(names, dests)
+             if f >= 0 and out_dtypes[n][1]]
+    scratch = bytearray(max(sizes, default=0))
+    scratch_addr = ctypes.addressof((ctypes.c_char * len(scratch)).from_buffer(scratch)) if scratch else 0
+    view = memoryview(scratch)
+    done = 0
+    try:
+        for name, (dfile, doff) in zip(names, dests):
+            ref0 = first[name]
+            od, is_float = out_dtypes[name]
+            if ref0.nbytes == 0:
+                continue
+            if is_float:
+                nbytes = ref0.numel * dtype_info(od).itemsize
+                spec.kernel(name, scratch_addr if dfile >= 0 else doff)
+                if dfile >= 0:
+                    _write_all(fds[dfile], view[:nbytes], doff, fd_names[dfile])
+                done += sum(ck[name].nbytes for ck in ckpts)
+            else:
+                addr, _loc, obj = ckpts[0].buffer(ckpts[0][name])
+                if dfile >= 0:
+                    _write_all(fds[dfile], memoryview((ctypes.c_char * ref0.nbytes).from_address(addr)).cast("B"),
+                               doff, fd_names[dfile])
+                else:
+                    ctypes.memmove(doff, addr, ref0.nbytes)
+                del obj
+                done += ref0.nbytes
+            if callback is not None:
+                callback(done, done)
+    finally:
+        view.release()
 
 
 def run(spec: MergeSpec):
@@ -186,7 +244,7 @@ def run(spec: MergeSpec):
     # Segments, fused where contiguous in every input and in the output.
     per_tensor = isinstance(weights, dict)
     segs = Segments(K, per_segment=per_tensor)
-    for name, (dfile, doff) in zip(names, dests):
+    for name, (dfile, doff) in zip(names, dests if spec.kernel is None else []):
         ref0 = first[name]
         od, is_float = out_dtypes[name]
         if ref0.nbytes == 0:
@@ -200,6 +258,8 @@ def run(spec: MergeSpec):
                 keep.append(obj)
             segs.copy(ref0.nbytes, dfile, doff, addr, loc)
     total_in = segs.total_in
+    if spec.kernel is not None:  # per tensor (the sparse methods): inputs of the float tensors, copies
+        total_in = sum(sum(ck[n].nbytes for ck in ckpts) if out_dtypes[n][1] else first[n].nbytes for n in names)
 
     bar = _progress_bar(spec.progress, total_in, desc)
     callback = None
@@ -214,8 +274,12 @@ def run(spec: MergeSpec):
             writer.open()
         try:
             files = writer is not None and not torch_out
-            segs.run(None if per_tensor else weights, fds=writer.fds if files else [], threads=threads, progress=callback,
-                     device=device, fd_names=writer.names if files else (), divisor=divisor)
+            if spec.kernel is not None:
+                _run_kernel(spec, first, names, dests, out_dtypes, writer.fds if files else [],
+                            writer.names if files else [], callback)
+            else:
+                segs.run(None if per_tensor else weights, fds=writer.fds if files else [], threads=threads,
+                         progress=callback, device=device, fd_names=writer.names if files else (), divisor=divisor)
             verify_inputs(ckpts)  # truncated or rewritten meanwhile: nothing is installed or returned
             if result is not None:
                 for alias, canon in (spec.aliases or {}).items():  # tied weights: both names, one tensor

@@ -9,8 +9,12 @@ Model Stock, from its Gram matrix, computed by a first streaming pass over that 
 (:class:`~fastsoup.diagnostics.TensorGram`: the native ``gram`` kernel; for task vectors a scratch of
 at most 64 MiB, whatever K and the tensor's size).
 
-TIES, DARE and breadcrumbs need a native sparse kernel (the next step of issue 22); they are not
-dispatched here yet.
+TIES, DARE and breadcrumbs (and breadcrumbs with TIES) run per tensor on the native
+``_core.sparse_merge`` (:mod:`fastsoup.methods.native`, bit for bit ``fastsoup._reference``): each float
+tensor is merged from the mapped inputs straight into an in-memory output, or into one reused host
+scratch of that tensor's output bytes, then written into its shard at its offset (``os.pwrite``).
+Their memory: one output tensor's bytes plus the kernel's (its selection histograms and per-tensor
+scratch, see ``csrc/cpu/sparse.cpp``), independent of K. Non-float tensors are copied from the base.
 """
 
 from __future__ import annotations
@@ -29,14 +33,17 @@ from ..io.checkpoint import check_compatible, open_checkpoint, with_key
 from ..io.names import NameMap
 from ..methods import MergeConfig, parse_config, read_config
 from ..methods import coefficients as C
+from ..methods import native as _native
 from ..methods import params as P
 from ..methods.spec import METHODS
 from .device import resolve_device
 from .driver import MergeSpec, collective, run
 from .linear import normalization
 
-AVAILABLE = ("linear", "task_arithmetic", "slerp", "model_stock")
-NEXT = ("ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties")  # the native sparse kernel's
+SPARSE = ("ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties")  # the native sparse kernel's
+AVAILABLE = ("linear", "task_arithmetic", "slerp", "model_stock", *SPARSE)
+NEXT: tuple = ()
+_RESCALES = (None, "l1", "density")
 
 
 def check_method(method: Any) -> str:
@@ -45,8 +52,7 @@ def check_method(method: Any) -> str:
         return method
     avail = ", ".join(AVAILABLE)
     if method in METHODS:
-        raise ArgumentError(f"merge method {method!r} is not available yet (TIES, DARE and breadcrumbs come next, "
-                            f"issue 22); available: {avail}")
+        raise ArgumentError(f"merge method {method!r} is not available yet; available: {avail}")
     raise ArgumentError(f"unknown merge method {method!r}; available: {avail}")
 
 
@@ -62,6 +68,7 @@ def merge(
     gamma: Any = None,
     seed: int | None = None,
     normalize: bool | None = None,
+    rescale: Any = "default",
     out: str | os.PathLike | None = None,
     dtype: Any = None,
     device: Any = "cpu",
@@ -77,7 +84,7 @@ def merge(
 ):
     """Merges checkpoints with a merge method (README, "Merge methods").
 
-    Methods available now (TIES, DARE and breadcrumbs are the next step of issue 22):
+    Methods:
 
     * ``"task_arithmetic"``: ``base + lam * sum_k w_k (theta_k - base)`` (weights default 1, lam 1;
       ``normalize`` divides by the weight sum);
@@ -86,10 +93,22 @@ def merge(
     * ``"model_stock"``: ``t * mean_k theta_k + (1 - t) * base`` with t from the task vectors' mean
       pairwise cosine, per tensor (clamped to [0, 1]);
     * ``"linear"``: mergekit's linear merge, ``sum_k w_k theta_k / sum_k w_k`` (``normalize=False``: the
-      raw sum).
+      raw sum);
+    * ``"ties"``: each task vector trimmed to its top ``density`` fraction by magnitude (exact; ties at
+      the threshold: lower index first), the sign elected, the disjoint mean (``normalize``, on by
+      default), ``base + lam * that``;
+    * ``"dare_linear"``, ``"dare_ties"``: each task-vector entry kept with probability ``density`` by the
+      counter RNG of (``seed``, model index, tensor name, element index), the kept ones rescaled
+      (``rescale="density"``: divided by the density, the default; ``"l1"``: mergekit's L1-norm
+      rescale; None), then summed (dare_linear) or TIES's election and sum (dare_ties);
+    * ``"breadcrumbs"``, ``"breadcrumbs_ties"``: each task vector keeps the entries below its top
+      ``gamma`` fraction, the next ``density`` fraction by magnitude; then summed, or elected as TIES.
 
-    Each is one rounding of a float64 weighted sum per tensor (the coefficients and their exact
-    definition: :mod:`fastsoup.methods.coefficients`).
+    The first four are one rounding of a float64 weighted sum per tensor (the coefficients and their
+    exact definition: :mod:`fastsoup.methods.coefficients`); the last five run per tensor on the native
+    ``sparse_merge`` (:mod:`fastsoup.methods.native`), bit for bit ``fastsoup._reference``'s function of
+    the same name and defaults. The DARE masks depend on the seed and the tensor's name in the output
+    (after ``strip_prefix`` and ``key_map``), not on ``threads``.
 
     Args:
         ingredients: the models, as :func:`~fastsoup.average` takes them (not the base); or a mergekit
@@ -102,8 +121,13 @@ def merge(
             "value": ...}`` matched against tensor names (:mod:`fastsoup.methods.params`).
         lam: task arithmetic's scale (mergekit's ``lambda``).
         t: SLERP's position.
-        density, gamma, seed: the sparse methods' parameters (refused by the methods above).
-        normalize: mergekit's option (task arithmetic: off by default; linear: on).
+        density, gamma: the sparse methods' fractions for every ingredient (defaults: density 1, gamma
+            0.01): a number, a gradient or filters as ``lam`` (per-ingredient values: a config).
+        seed: DARE's seed (default 0).
+        normalize: mergekit's option (task arithmetic: off by default; linear, ties: on; the other
+            sparse methods: off).
+        rescale: the sparse methods' rescale of the kept entries: None, ``"l1"`` or (DARE) ``"density"``;
+            default: ``"density"`` for DARE, None for the others (as ``fastsoup._reference``).
         out, dtype, device, threads, shard_size, progress, overwrite, fsync, key_map, strip_prefix,
         key, config_from: as :func:`~fastsoup.average`; the output dtype defaults to each tensor's in
         the base (SLERP without a base: the first ingredient). Metadata records the method
@@ -127,16 +151,25 @@ def merge(
     if isinstance(ingredients, MergeConfig) or (isinstance(ingredients, (str, os.PathLike))
                                                 and os.fspath(ingredients).endswith((".yml", ".yaml"))):
         given = [n for n, v in (("base", base), ("weights", weights), ("lam", lam), ("t", t), ("density", density),
-                                ("gamma", gamma), ("seed", seed), ("normalize", normalize)) if v is not None]
+                                ("gamma", gamma), ("normalize", normalize)) if v is not None]
+        if rescale != "default":
+            given.append("rescale")
         if given:
             raise ArgumentError(f"merge: a config gives the method's parameters; got {', '.join(given)} as well")
-        return merge_config(ingredients, **options)
+        return merge_config(ingredients, seed=seed, **options)
     if isinstance(ingredients, (str, os.PathLike)) or isinstance(ingredients, Mapping):
         raise ArgumentError("merge: ingredients is a list of models (or a .yml config path)")
     srcs = list(ingredients)
     check_method(method)
-    if seed is not None:
+    if seed is not None and not method.startswith("dare"):
         raise ArgumentError(f"{method} takes no seed (only the DARE methods draw random numbers)")
+    _check_seed(seed)
+    if rescale != "default":
+        if method not in SPARSE:
+            raise ArgumentError(f"{method} takes no rescale (only ties, DARE and breadcrumbs do)")
+        if rescale not in _RESCALES or (rescale == "density" and not method.startswith("dare")):
+            allowed = "None, 'l1' or 'density'" if method.startswith("dare") else "None or 'l1'"
+            raise ArgumentError(f"{method}: rescale must be {allowed}, got {rescale!r}")
     spec = METHODS[method]
     params = {k: v for k, v in (("lambda", lam), ("t", t), ("density", density), ("gamma", gamma),
                                 ("normalize", normalize)) if v is not None}
@@ -171,19 +204,27 @@ def merge(
         raw["base_model"] = "#0"
         sources["#0"] = base
     cfg = parse_config(raw, source=f"fastsoup.merge({method})")
+    sparse: dict[str, Any] = {}
+    if method in SPARSE:
+        sparse["rescale"] = _native.DEFAULTS[method]["rescale"] if rescale == "default" else rescale
+        if method.startswith("dare"):
+            sparse["seed"] = 0 if seed is None else seed
     record = {"method": method, **({"weights": list(weights)} if weights is not None else {}),
-              **params, **({"base": _name(base, "<base>")} if base is not None else {})}
+              **{k: _jsonable(v) if k in ("density", "gamma") else v for k, v in params.items()}, **sparse,
+              **({"base": _name(base, "<base>")} if base is not None else {})}
     task_base = base if method == "slerp" else None
     return collective(out, overwrite, "fastsoup.merge", lambda: _run(
-        cfg, sources.__getitem__, record=record, task_base=task_base, **options))
+        cfg, sources.__getitem__, record=record, task_base=task_base, sparse=sparse, **options))
 
 
-def merge_config(config: Any, *, out: str | os.PathLike | None = None, dtype: Any = None, device: Any = "cpu",
+def merge_config(config: Any, *, seed: int | None = None, out: str | os.PathLike | None = None, dtype: Any = None,
+                 device: Any = "cpu",
                  threads: int | None = None, shard_size: int | str | None = None, progress: bool | None = None,
                  overwrite: bool = False, fsync: bool = False, key_map: Any = None, strip_prefix: str | None = None,
                  key: str | None = None, config_from: Any = None):
     """Runs a mergekit config (``fastsoup.methods.read_config``'s subset): the paths as written,
-    ``dtype`` (if given) over the config's. Other options as :func:`merge`.
+    ``dtype`` (if given) over the config's; ``seed``: DARE's (default 0; mergekit configs hold none).
+    Other options as :func:`merge`.
 
     Example:
         >>> fastsoup.merge_config("examples/slerp.yml", out="merged")  # doctest: +SKIP
@@ -194,12 +235,18 @@ def merge_config(config: Any, *, out: str | os.PathLike | None = None, dtype: An
     """
     cfg = config if isinstance(config, MergeConfig) else read_config(config)
     check_method(cfg.method)
+    if seed is not None and not cfg.method.startswith("dare"):
+        raise ArgumentError(f"{cfg.method} takes no seed (only the DARE methods draw random numbers)")
+    _check_seed(seed)
+    sparse: dict[str, Any] = {}
+    if cfg.method.startswith("dare"):
+        sparse["seed"] = 0 if seed is None else seed
     record = {"config": cfg.source, "method": cfg.method, "base": cfg.base,
               "models": [{"model": m.path, "parameters": {k: _jsonable(v) for k, v in m.parameters.items()}}
                          for m in cfg.models],
-              "parameters": {k: _jsonable(v) for k, v in cfg.parameters.items()}}
+              "parameters": {k: _jsonable(v) for k, v in cfg.parameters.items()}, **sparse}
     return collective(out, overwrite, "fastsoup.merge", lambda: _run(
-        cfg, lambda path: path, record=record, out=out, dtype=dtype if dtype is not None else cfg.dtype,
+        cfg, lambda path: path, record=record, sparse=sparse, out=out, dtype=dtype if dtype is not None else cfg.dtype,
         device=device, threads=threads, shard_size=shard_size, progress=progress, overwrite=overwrite, fsync=fsync,
         key_map=key_map, strip_prefix=strip_prefix, key=key, config_from=config_from))
 
@@ -238,6 +285,35 @@ def model_stock(ingredients: Sequence[Any], base: Any, **options: Any):
     return merge(ingredients, "model_stock", base=base, **options)
 
 
+def ties(ingredients: Sequence[Any], base: Any, weights: Sequence[Any] | None = None, *, density: Any = 1.0,
+         lam: Any = None, normalize: bool | None = None, **options: Any):
+    """TIES-Merging: :func:`merge` with ``method="ties"``.
+
+    Example:
+        >>> fastsoup.ties(["a.safetensors", "b.safetensors"], "base.safetensors", density=0.5,
+        ...               out="ties.safetensors")  # doctest: +SKIP
+    """
+    return merge(ingredients, "ties", base=base, weights=weights, density=density, lam=lam, normalize=normalize,
+                 **options)
+
+
+def dare(ingredients: Sequence[Any], base: Any, weights: Sequence[Any] | None = None, *, density: Any = 1.0,
+         seed: int = 0, ties: bool = True, **options: Any):
+    """DARE: :func:`merge` with ``method="dare_ties"`` (``ties=False``: ``"dare_linear"``).
+
+    Example:
+        >>> fastsoup.dare(["a.safetensors", "b.safetensors"], "base.safetensors", density=0.3, seed=0,
+        ...               out="dare.safetensors")  # doctest: +SKIP
+    """
+    return merge(ingredients, "dare_ties" if ties else "dare_linear", base=base, weights=weights, density=density,
+                 seed=seed, **options)
+
+
+def _check_seed(seed: Any) -> None:
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 1 << 64):
+        raise ArgumentError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+
+
 def _name(src: Any, default: str) -> str:
     return os.fspath(src) if isinstance(src, (str, os.PathLike)) else default
 
@@ -251,8 +327,9 @@ def _jsonable(setting: Any) -> Any:
     return setting
 
 
-def _run(cfg: MergeConfig, resolve: Callable[[str], Any], *, record: dict, task_base: Any = None, out, dtype, device,
-         threads, shard_size, progress, overwrite, fsync, key_map, strip_prefix, key, config_from):
+def _run(cfg: MergeConfig, resolve: Callable[[str], Any], *, record: dict, task_base: Any = None,
+         sparse: dict | None = None, out, dtype, device, threads, shard_size, progress, overwrite, fsync, key_map,
+         strip_prefix, key, config_from):
     method = cfg.method
     dev = resolve_device(device)
     if threads is not None and (not isinstance(threads, int) or threads < 1):
@@ -281,6 +358,14 @@ def _run(cfg: MergeConfig, resolve: Callable[[str], Any], *, record: dict, task_
             raise ArgumentError(f"{cfg.source}: layer_range {list(cfg.layer_range)} does not cover the models' "
                                 f"{n_layers} layers (fastsoup merges whole models)")
         floats = [n for n, ref in layout.items() if dtype_info(ref.dtype).kind == "float"]
+        if method in SPARSE:
+            if dev.is_cuda:
+                raise ArgumentError(f"{method} runs on the CPU only for now (device={device!r})")
+            kernel, per = _sparse_kernel(cfg, mapped, n_layers, out_override, sparse or {}, threads or 0)
+            info = SoupInfo(method, _sidefiles.ingredient_names(srcs), per, parameters=record)
+            return run(MergeSpec(mapped, per, out, dtype=out_override, device=dev, threads=threads or 0,
+                                 shard_size=shard_size, progress=progress, overwrite=overwrite, fsync=fsync,
+                                 desc=method, aliases=name_map.aliases, info=info, donor=donor, kernel=kernel))
         weights, divisor = _coefficients(cfg, mapped, floats, n_layers, task_base is not None, threads or 0)
         info = SoupInfo(method, _sidefiles.ingredient_names(srcs), weights if isinstance(weights, dict)
                         else [w / divisor[0] for w in weights], parameters=record)
@@ -291,6 +376,37 @@ def _run(cfg: MergeConfig, resolve: Callable[[str], Any], *, record: dict, task_
         for src, ck in zip(srcs, opened):
             if ck is not src:
                 ck.close()
+
+
+def _sparse_kernel(cfg: MergeConfig, ckpts: list, n_layers: int, override: str | None, sparse: dict, threads: int):
+    """The per-tensor kernel of a sparse method (``MergeSpec.kernel``) over ``ckpts`` (the base first),
+    and every float tensor's per-model weights (the metadata's ``fastsoup.weights``)."""
+    method = cfg.method
+    first = ckpts[0]
+    args = {n: cfg.arguments(n, n_layers) for n, ref in first.items() if dtype_info(ref.dtype).kind == "float"}
+    per = {n: [float(w) for w in a["weights"]] for n, a in args.items()}
+
+    def kernel(name: str, address: int) -> None:
+        a = dict(args[name])
+        a.update(sparse)  # the Python API's rescale and DARE's seed
+        if not method.startswith("dare"):
+            a.pop("seed", None)
+        keep = []
+        refs = []
+        for ck in ckpts:
+            ref = ck[name]
+            addr, _loc, obj = ck.buffer(ref)
+            keep.append(obj)
+            refs.append((addr, ref.dtype))
+        ref0 = first[name]
+        try:
+            _native.sparse_merge(method, refs[0], refs[1:], (address, override or ref0.dtype), n=ref0.numel,
+                                 name=name if method.startswith("dare") else None, threads=threads, **a)
+        except ValueError as e:
+            raise ArgumentError(f"{first.where(name)}: {e}") from None
+        del keep
+
+    return kernel, per
 
 
 def _coefficients(cfg: MergeConfig, ckpts: list, floats: list[str], n_layers: int, with_base: bool, threads: int):
@@ -341,4 +457,5 @@ def _coefficients(cfg: MergeConfig, ckpts: list, floats: list[str], n_layers: in
     return per, (1.0, 0.0)
 
 
-__all__ = ["AVAILABLE", "NEXT", "check_method", "merge", "merge_config", "model_stock", "slerp", "task_arithmetic"]
+__all__ = ["AVAILABLE", "NEXT", "SPARSE", "check_method", "dare", "merge", "merge_config", "model_stock", "slerp",
+           "task_arithmetic", "ties"]
