@@ -208,3 +208,48 @@ dtype: float16
     assert cli_main(["merge", "--method", "breadcrumbs", "--base", bpath, *paths, "-o", out, "--density", "0.5",
                      "--gamma", "0.1", "--no-progress"]) == 0
     _equal(_read(out), R.merge_state_dicts("breadcrumbs", models, base, density=0.5, gamma=0.1))
+
+
+def _saved(tmp_path, k, dtype=torch.float32):
+    base, models = _zoo(k, dtype)
+    bpath = str(tmp_path / "base.safetensors")
+    fastsoup.save(base, bpath)
+    paths = []
+    for i, m in enumerate(models):
+        paths.append(str(tmp_path / f"m{i}.safetensors"))
+        fastsoup.save(m, paths[-1])
+    return base, models, bpath, paths
+
+
+def test_progress_bar_and_a_changed_input(tmp_path, monkeypatch, capsys):
+    import fastsoup.methods.native as native
+
+    base, models, bpath, paths = _saved(tmp_path, 2)
+    out = str(tmp_path / "p.safetensors")
+    fastsoup.merge(paths, "ties", base=bpath, density=0.5, out=out, progress=True)
+    assert "ties:" in capsys.readouterr().err
+    real = native.sparse_merge
+    calls = []
+
+    def changing(*a, **k):
+        if not calls:
+            with open(paths[1], "r+b") as f:
+                f.seek(os.path.getsize(paths[1]) - 8)
+                f.write(b"\x00" * 8)
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(native, "sparse_merge", changing)
+    bad = tmp_path / "bad.safetensors"
+    with pytest.raises(fastsoup.InputChangedError, match="changed during the merge"):
+        fastsoup.merge(paths, "dare_ties", base=bpath, density=0.5, out=str(bad))
+    assert not bad.exists()
+    calls.clear()
+    with pytest.raises(fastsoup.InputChangedError):  # an in-memory result is not returned either
+        fastsoup.merge(paths, "ties", base=bpath, density=0.5)
+
+
+def test_the_example_configs_parse():
+    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+    for name, method in (("ties.yml", "ties"), ("dare_ties.yml", "dare_ties")):
+        assert read_config(os.path.join(here, name)).method == method
