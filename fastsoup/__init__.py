@@ -25,7 +25,7 @@ from ._native import _core
 from ._version import __version__
 from .diagnostics import inspect_checkpoint, similarity
 from .distributed import output as _distributed_output
-from .engine import average, merge, merge_config, model_stock, slerp, task_arithmetic, weighted_sum
+from .engine import average, dare, merge, merge_config, model_stock, slerp, task_arithmetic, ties, weighted_sum
 from .io import (
     Checkpoint,
     KeyedPath,
@@ -102,6 +102,7 @@ __all__ = [
     "__version__",
     "average",
     "check_compatible",
+    "dare",
     "greedy_ensemble",
     "greedy_soup",
     "inspect_checkpoint",
@@ -116,6 +117,7 @@ __all__ = [
     "similarity",
     "slerp",
     "task_arithmetic",
+    "ties",
     "uniform_soup",
     "weighted_soup",
     "weighted_sum",

@@ -253,3 +253,12 @@ def test_the_example_configs_parse():
     here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
     for name, method in (("ties.yml", "ties"), ("dare_ties.yml", "dare_ties")):
         assert read_config(os.path.join(here, name)).method == method
+
+
+def test_the_per_method_functions():
+    base, models = _zoo(2, torch.float32)
+    _equal(fastsoup.ties(models, base, density=0.5), R.merge_state_dicts("ties", models, base, density=0.5))
+    _equal(fastsoup.dare(models, base, density=0.5, seed=3),
+           R.merge_state_dicts("dare_ties", models, base, density=0.5, seed=3))
+    _equal(fastsoup.dare(models, base, density=0.5, seed=3, ties=False),
+           R.merge_state_dicts("dare_linear", models, base, density=0.5, seed=3))

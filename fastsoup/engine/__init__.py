@@ -29,9 +29,9 @@ from .driver import (
            verify_inputs,
 )
 from .linear import average, check_weights, normalization, weighted_sum
-from .methods import merge, merge_config, model_stock, slerp, task_arithmetic
+from .methods import dare, merge, merge_config, model_stock, slerp, task_arithmetic, ties
 from .plan import Segments, source
 
 __all__ = ["CPU", "Collective", "Device", "MergeSpec", "OutputSink", "Segments", "average", "check_weights", "collective",
            "merge", "merge_config", "model_stock", "normalization", "progress_summary", "resolve_device", "run",
-           "slerp", "source", "task_arithmetic", "use_collective", "verify_inputs", "weighted_sum"]
+           "slerp", "source", "task_arithmetic", "ties", "dare", "use_collective", "verify_inputs", "weighted_sum"]
