@@ -262,3 +262,11 @@ def test_the_per_method_functions():
            R.merge_state_dicts("dare_ties", models, base, density=0.5, seed=3))
     _equal(fastsoup.dare(models, base, density=0.5, seed=3, ties=False),
            R.merge_state_dicts("dare_linear", models, base, density=0.5, seed=3))
+
+
+def test_dare_keys_its_masks_by_the_output_names():
+    # strip_prefix: the masks follow the names the output stores (those the reference is given)
+    base, models = _zoo(2, torch.float32)
+    pre = [{f"module.{n}": t for n, t in sd.items()} for sd in [base, *models]]
+    got = fastsoup.merge(pre[1:], "dare_linear", base=pre[0], density=0.5, seed=9, strip_prefix="module.")
+    _equal(got, R.merge_state_dicts("dare_linear", models, base, density=0.5, seed=9))

@@ -145,7 +145,7 @@ def _run_kernel(spec: MergeSpec, first: Checkpoint, names: list, dests: list, ou
     by ``kernel(name, address)`` straight into an in-memory output, or into one reused host scratch of
     the largest output tensor's bytes and then ``os.pwrite`` into its shard at its offset; every other
     tensor copied from the first input (the base). Memory: one output tensor's bytes (file outputs)
-    plus the kernel's own, whatever K."""
+    plus the kernel's own; never K tensors."""
     import ctypes
 
     ckpts = spec.inputs

@@ -13,8 +13,9 @@ TIES, DARE and breadcrumbs (and breadcrumbs with TIES) run per tensor on the nat
 ``_core.sparse_merge`` (:mod:`fastsoup.methods.native`, bit for bit ``fastsoup._reference``): each float
 tensor is merged from the mapped inputs straight into an in-memory output, or into one reused host
 scratch of that tensor's output bytes, then written into its shard at its offset (``os.pwrite``).
-Their memory: one output tensor's bytes plus the kernel's (its selection histograms and per-tensor
-scratch, see ``csrc/cpu/sparse.cpp``), independent of K. Non-float tensors are copied from the base.
+Their memory: one output tensor's bytes (file outputs) plus the kernel's (``csrc/cpu/sparse.cpp``):
+2·2^16 histogram counters per parallel task and 4 KiB of float64 terms per model per task, whatever
+the tensor's size; nothing that holds K tensors. Non-float tensors are copied from the base.
 """
 
 from __future__ import annotations
