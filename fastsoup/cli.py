@@ -5,7 +5,7 @@
                      [--strip-prefix PREFIX] [--rename REGEX=REPLACEMENT ...]
     fastsoup merge --method {task_arithmetic,ties,dare_linear,dare_ties,breadcrumbs,breadcrumbs_ties,slerp,
                              model_stock,linear} [--base BASE] IN [IN ...] -o OUT
-                   [--weights W ...] [--lambda L] [--t T] [--normalize] [--density D] [--gamma G]
+                   [--weights W ...] [--lambda L] [--t T] [--[no-]normalize] [--density D] [--gamma G]
                    [--rescale {none,l1,density}] [--seed S] [average's options]
     fastsoup merge CONFIG.yml -o OUT [--seed S] [average's options]
     fastsoup greedy CKPT [CKPT ...] --model MOD:FACTORY --heldout MOD:LOADER [--eval NAME=MOD:LOADER ...]
@@ -96,7 +96,8 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--weights", nargs="+", type=float, metavar="W", help="one weight per input")
     m.add_argument("--lambda", dest="lam", type=float, metavar="L", help="task arithmetic's scale (default 1)")
     m.add_argument("--t", type=float, metavar="T", help="slerp's position (0: the first input)")
-    m.add_argument("--normalize", action="store_true", default=None, help="divide by the sum of the weights")
+    m.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
+                   help="divide by the sum of the weights (default: the method's; --no-normalize for ties' sum)")
     m.add_argument("--density", type=float, metavar="D", help="the sparse methods' density (default 1)")
     m.add_argument("--gamma", type=float, metavar="G", help="breadcrumbs' top fraction dropped (default 0.01)")
     m.add_argument("--rescale", choices=["none", "l1", "density"],

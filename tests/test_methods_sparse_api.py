@@ -208,6 +208,10 @@ dtype: float16
     assert cli_main(["merge", "--method", "breadcrumbs", "--base", bpath, *paths, "-o", out, "--density", "0.5",
                      "--gamma", "0.1", "--no-progress"]) == 0
     _equal(_read(out), R.merge_state_dicts("breadcrumbs", models, base, density=0.5, gamma=0.1))
+    out = str(tmp_path / "tn.safetensors")
+    assert cli_main(["merge", "--method", "ties", "--base", bpath, *paths, "-o", out, "--density", "0.5",
+                     "--no-normalize", "--rescale", "l1", "--lambda", "0.5", "--no-progress"]) == 0
+    _equal(_read(out), R.merge_state_dicts("ties", models, base, density=0.5, normalize=False, rescale="l1", lam=0.5))
 
 
 def _saved(tmp_path, k, dtype=torch.float32):
