@@ -71,15 +71,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="output: a path ending in .safetensors for one file, .pt/.pth/.bin/.ckpt for one torch file, "
                         "else a folder (a model folder like the first input's)")
     a.add_argument("--weights", nargs="+", type=float, metavar="W", help="one weight per input (default: uniform)")
-    a.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="output dtype (default: as the first input)")
-    a.add_argument("--shard-size", metavar="SIZE", help="largest output shard, e.g. 5GB (default: as the first input)")
-    a.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: all)")
-    a.add_argument("--no-progress", action="store_true", help="no progress bar")
-    a.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    a.add_argument("--fsync", action="store_true", help="flush OUT to disk before it appears (durable, slower)")
-    a.add_argument("--key", metavar="KEY", help=KEY_HELP)
-    a.add_argument("--config-from", metavar="PATH", help=_CONFIG_FROM_HELP)
-    _name_options(a)
+    _output_options(a, "as the first input")
 
     m = sub.add_parser("merge", help="merge with a method (task arithmetic, TIES, DARE, breadcrumbs, SLERP, Model "
                                      "Stock) or a mergekit config",
@@ -103,15 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--rescale", choices=["none", "l1", "density"],
                    help="the sparse methods' rescale of the kept entries (default: density for DARE, none else)")
     m.add_argument("--seed", type=int, metavar="S", help="DARE's seed (default 0; also with a CONFIG.yml)")
-    m.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="output dtype (default: as the base)")
-    m.add_argument("--shard-size", metavar="SIZE", help="largest output shard, e.g. 5GB")
-    m.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: all)")
-    m.add_argument("--no-progress", action="store_true", help="no progress bar")
-    m.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    m.add_argument("--fsync", action="store_true", help="flush OUT to disk before it appears (durable, slower)")
-    m.add_argument("--key", metavar="KEY", help=KEY_HELP)
-    m.add_argument("--config-from", metavar="PATH", help=_CONFIG_FROM_HELP)
-    _name_options(m)
+    _output_options(m, "as the base")
 
     g = sub.add_parser(
         "greedy", help="greedy soup (paper's Recipe 1) with cached logits, plus uniform soup and ensembles",
@@ -213,6 +197,20 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("info", help="what the native core uses on this machine")
     return p
+
+
+def _output_options(p: argparse.ArgumentParser, layout: str) -> None:
+    """The options of a merge's output and inputs, shared by ``average`` and ``merge``; ``layout``: whose
+    dtype and shards the output takes by default."""
+    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help=f"output dtype (default: {layout})")
+    p.add_argument("--shard-size", metavar="SIZE", help=f"largest output shard, e.g. 5GB (default: {layout})")
+    p.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: all)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--fsync", action="store_true", help="flush OUT to disk before it appears (durable, slower)")
+    p.add_argument("--key", metavar="KEY", help=KEY_HELP)
+    p.add_argument("--config-from", metavar="PATH", help=_CONFIG_FROM_HELP)
+    _name_options(p)
 
 
 def _name_options(p: argparse.ArgumentParser) -> None:

@@ -50,10 +50,6 @@ class EnsembleResult:
         return self.indices
 
 
-
-
-# ---------------------------------------------------------------------------------------------------
-
 def greedy_ensemble(
     ingredients: Sequence[Any],
     model: torch.nn.Module,
@@ -109,7 +105,6 @@ def ensemble_logits(logits: Sequence[torch.Tensor]) -> torch.Tensor:
     for t in logits:
         total += t.double()
     return (total / len(logits)).float()
-
 
 
 __all__ = ["EnsembleResult", "ensemble_logits", "greedy_ensemble", "run_greedy_ensemble"]

@@ -132,7 +132,6 @@ class GreedyResult:
         }
 
 
-
 def greedy_soup(
     ingredients: Sequence[Any],
     model: torch.nn.Module,
@@ -227,7 +226,6 @@ def greedy_soup(
 
 
 REORDERS = ("examples", "batches", "none")
-
 
 
 def run_greedy(s: Search, *, strict: bool = False, order: Sequence[int] | None = None,
