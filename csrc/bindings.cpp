@@ -189,6 +189,66 @@ MergeProgress progress_callback(const py::object& progress) {
   };
 }
 
+// sparse_merge's arguments -> SparseMergeParams (the vectors it points into live in the struct).
+struct SparseArgs {
+  SparseMergeParams p;
+  std::vector<const void*> ptrs;
+  std::vector<DType> dtypes;
+  std::vector<double> weights, dens, gams;
+};
+
+std::unique_ptr<SparseArgs> sparse_args(const std::string& method, int64_t n,
+                                        const std::vector<std::pair<uintptr_t, int>>& inputs,
+                                        std::pair<uintptr_t, int> base, std::pair<uintptr_t, int> out,
+                                        const std::vector<double>& weights, const std::vector<double>& density,
+                                        const std::vector<double>& gamma, double lam, bool normalize,
+                                        const std::optional<std::string>& rescale, uint64_t seed, uint64_t name_hash,
+                                        int threads, int64_t chunk) {
+  auto a = std::make_unique<SparseArgs>();
+  SparseMergeParams& p = a->p;
+  std::vector<const void*>& ptrs = a->ptrs;
+  std::vector<DType>& dtypes = a->dtypes;
+  const size_t K = inputs.size();
+  p.method = sparse_method(method);
+  p.n = n;
+  for (size_t k = 0; k < K; ++k) {
+    ptrs.push_back(reinterpret_cast<const void*>(inputs[k].first));
+    dtypes.push_back(to_dtype("sparse_merge", "inputs[" + std::to_string(k) + "]", inputs[k].second));
+  }
+  p.num_inputs = static_cast<int64_t>(K);
+  p.inputs = ptrs.data();
+  p.input_dtypes = dtypes.data();
+  p.base = reinterpret_cast<const void*>(base.first);
+  p.base_dtype = to_dtype("sparse_merge", "base", base.second);
+  p.out = reinterpret_cast<void*>(out.first);
+  p.out_dtype = to_dtype("sparse_merge", "out", out.second);
+  if (weights.size() != K)
+    throw std::invalid_argument("sparse_merge: got " + std::to_string(K) + " inputs and " +
+                                std::to_string(weights.size()) + " weights");
+  a->dens = per_model("density", density, K);
+  a->gams = per_model("gamma", gamma, K);
+  a->weights = weights;
+  const std::vector<double>& dens = a->dens;
+  const std::vector<double>& gams = a->gams;
+  const bool is_ta = p.method == SparseMethod::kTaskArithmetic;
+  const bool is_band = p.method == SparseMethod::kBreadcrumbs || p.method == SparseMethod::kBreadcrumbsTies;
+  if (is_ta && !dens.empty()) throw std::invalid_argument("sparse_merge: task_arithmetic takes no density");
+  if (!is_ta && dens.empty()) throw std::invalid_argument("sparse_merge: " + method + " needs a density per model");
+  if (is_band && gams.empty()) throw std::invalid_argument("sparse_merge: " + method + " needs a gamma per model");
+  if (!is_band && !gams.empty()) throw std::invalid_argument("sparse_merge: " + method + " takes no gamma");
+  p.weights = a->weights.data();
+  p.density = dens.empty() ? nullptr : dens.data();
+  p.gamma = gams.empty() ? nullptr : gams.data();
+  p.lam = lam;
+  p.normalize = normalize;
+  p.rescale = sparse_rescale(rescale);
+  p.seed = seed;
+  p.name_hash = name_hash;
+  p.threads = threads;
+  p.chunk = chunk;
+  return a;
+}
+
 [[noreturn]] void no_cuda(const char* op) {
   throw std::runtime_error(std::string(op) + ": this build of fastsoup has no CUDA (rebuild where nvcc is found, "
                            "with FASTSOUP_CUDA=ON)");
@@ -287,44 +347,8 @@ PYBIND11_MODULE(_core, m) {
          std::pair<uintptr_t, int> base, std::pair<uintptr_t, int> out, const std::vector<double>& weights,
          const std::vector<double>& density, const std::vector<double>& gamma, double lam, bool normalize,
          const std::optional<std::string>& rescale, uint64_t seed, uint64_t name_hash, int threads, int64_t chunk) {
-        const size_t K = inputs.size();
-        SparseMergeParams p;
-        p.method = sparse_method(method);
-        p.n = n;
-        std::vector<const void*> ptrs;
-        std::vector<DType> dtypes;
-        for (size_t k = 0; k < K; ++k) {
-          ptrs.push_back(reinterpret_cast<const void*>(inputs[k].first));
-          dtypes.push_back(to_dtype("sparse_merge", "inputs[" + std::to_string(k) + "]", inputs[k].second));
-        }
-        p.num_inputs = static_cast<int64_t>(K);
-        p.inputs = ptrs.data();
-        p.input_dtypes = dtypes.data();
-        p.base = reinterpret_cast<const void*>(base.first);
-        p.base_dtype = to_dtype("sparse_merge", "base", base.second);
-        p.out = reinterpret_cast<void*>(out.first);
-        p.out_dtype = to_dtype("sparse_merge", "out", out.second);
-        if (weights.size() != K)
-          throw std::invalid_argument("sparse_merge: got " + std::to_string(K) + " inputs and " +
-                                      std::to_string(weights.size()) + " weights");
-        const std::vector<double> dens = per_model("density", density, K), gams = per_model("gamma", gamma, K);
-        const bool is_ta = p.method == SparseMethod::kTaskArithmetic;
-        const bool is_band = p.method == SparseMethod::kBreadcrumbs || p.method == SparseMethod::kBreadcrumbsTies;
-        if (is_ta && !dens.empty()) throw std::invalid_argument("sparse_merge: task_arithmetic takes no density");
-        if (!is_ta && dens.empty()) throw std::invalid_argument("sparse_merge: " + method + " needs a density per model");
-        if (is_band && gams.empty()) throw std::invalid_argument("sparse_merge: " + method + " needs a gamma per model");
-        if (!is_band && !gams.empty()) throw std::invalid_argument("sparse_merge: " + method + " takes no gamma");
-        p.weights = weights.data();
-        p.density = dens.empty() ? nullptr : dens.data();
-        p.gamma = gams.empty() ? nullptr : gams.data();
-        p.lam = lam;
-        p.normalize = normalize;
-        p.rescale = sparse_rescale(rescale);
-        p.seed = seed;
-        p.name_hash = name_hash;
-        p.threads = threads;
-        p.chunk = chunk;
-        check(sparse_merge_cpu(p));
+        check(sparse_merge_cpu(sparse_args(method, n, inputs, base, out, weights, density, gamma, lam, normalize,
+                                           rescale, seed, name_hash, threads, chunk)->p));
       },
       py::arg("method"), py::arg("n"), py::arg("inputs"), py::arg("base"), py::arg("out"), py::arg("weights"),
       py::kw_only(), py::arg("density") = std::vector<double>(), py::arg("gamma") = std::vector<double>(),
@@ -533,6 +557,24 @@ and once in the fused combine pass.)doc");
       py::arg("inputs"), py::arg("dtypes"), py::arg("g"), py::arg("g_dtype"), py::arg("n"), py::arg("device"),
       py::arg("stream"), py::call_guard<py::gil_scoped_release>(), "multi_dot over device addresses (synchronizes).");
   m.def(
+      "sparse_merge_cuda",
+      [](const std::string& method, int64_t n, const std::vector<std::pair<uintptr_t, int>>& inputs,
+         std::pair<uintptr_t, int> base, std::pair<uintptr_t, int> out, const std::vector<double>& weights,
+         const std::vector<double>& density, const std::vector<double>& gamma, double lam, bool normalize,
+         const std::optional<std::string>& rescale, uint64_t seed, uint64_t name_hash, int device, uintptr_t stream) {
+        check(cuda::sparse_merge(sparse_args(method, n, inputs, base, out, weights, density, gamma, lam, normalize,
+                                             rescale, seed, name_hash, 0, 0)->p,
+                                 device, stream));
+      },
+      py::arg("method"), py::arg("n"), py::arg("inputs"), py::arg("base"), py::arg("out"), py::arg("weights"),
+      py::kw_only(), py::arg("density") = std::vector<double>(), py::arg("gamma") = std::vector<double>(),
+      py::arg("lam") = 1.0, py::arg("normalize") = false, py::arg("rescale") = py::none(), py::arg("seed") = 0,
+      py::arg("name_hash") = 0, py::arg("device") = 0, py::arg("stream") = 0,
+      py::call_guard<py::gil_scoped_release>(),
+      "sparse_merge on the GPU `device`, launched on `stream` (synchronized before it returns): the same "
+      "arguments (no threads, chunk) and the same bits. Addresses may be device or host memory (host "
+      "tensors are copied in, model by model). GPU memory: see csrc/include/fastsoup/cuda.h.");
+  m.def(
       "gram_cuda",
       [](const std::vector<uintptr_t>& inputs, const std::vector<int>& dtypes, int64_t n, int device, uintptr_t stream) {
         Inputs in = make_inputs("gram_cuda", inputs, dtypes);
@@ -574,8 +616,8 @@ and once in the fused combine pass.)doc");
 #else
   m.attr("cuda_compiled") = false;
   m.def("cuda_device_count", [] { return 0; }, "CUDA devices present (this build has no CUDA: always 0).");
-  for (const char* name : {"weighted_sum_cuda", "multi_dot_cuda", "gram_cuda", "cuda_device_name",
-                           "cuda_is_device_pointer"}) {
+  for (const char* name : {"weighted_sum_cuda", "multi_dot_cuda", "gram_cuda", "sparse_merge_cuda",
+                           "cuda_device_name", "cuda_is_device_pointer"}) {
     m.def(name, [name](py::args, py::kwargs) { no_cuda(name); });
   }
   merge_plan.def("run_cuda", [](const MergePlan&, py::args, py::kwargs) { no_cuda("MergePlan.run_cuda"); });

@@ -189,6 +189,14 @@ def tensor_from_address(addr: int, dtype: str, shape: Sequence[int]) -> torch.Te
     return out
 
 
+def copy_bytes_into(dst: torch.Tensor, addr: int, nbytes: int) -> None:
+    """Copies ``nbytes`` of host memory at ``addr`` into the contiguous tensor ``dst`` (on any device)."""
+    src = torch.empty(nbytes, dtype=torch.uint8)
+    if nbytes:
+        _core.copy(src.data_ptr(), addr, nbytes)
+    dst.reshape(-1).view(torch.uint8).copy_(src)
+
+
 def staging_like(t: torch.Tensor, device: str = "cpu") -> torch.Tensor:
     """A contiguous tensor shaped like t on ``device``; on the host it is pinned when t is on a GPU
     (for async copies)."""

@@ -269,3 +269,96 @@ def test_an_input_truncated_under_the_cuda_pipeline_is_an_error(tmp_path, out_na
     assert r.returncode == 0 and paths[1] in r.stdout, (r.returncode, r.stderr[-2000:])
     if out is not None:
         assert not os.path.exists(out)
+
+
+# --- merge methods on the GPU ----------------------------------------------------------------------
+
+SPARSE_METHODS = ["task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "dare_linear", "dare_ties"]
+
+
+def _sparse_kw(method, density, gamma=0.05, rescale="default"):
+    kw = {}
+    if method != "task_arithmetic":
+        kw["density"] = density
+    if method.startswith("breadcrumbs"):
+        kw["gamma"] = gamma
+    if method.startswith("dare"):
+        kw.update(seed=11, name="model.layers.2.mlp.down_proj.weight")
+    if rescale != "default":
+        kw["rescale"] = rescale
+    return kw
+
+
+def _sparse_data(n, k, dtype, seed, ties):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, generator=g).to(dtype)
+    models = []
+    for j in range(k):
+        d = (torch.randint(-2, 3, (n,), generator=g).float() * 0.25 if ties
+             else torch.randn(n, generator=g) * (0.01 * (j + 1)))
+        models.append((base.float() + d).to(dtype))
+    return base, models
+
+
+@pytest.mark.skipif(not _core.cuda_compiled, reason="this build has no CUDA")
+def test_sparse_merge_cuda_entry_point_exists():
+    assert callable(_core.sparse_merge_cuda)
+
+
+@pytest.mark.skipif(HAS_GPU, reason="checks the errors of a machine without a GPU")
+def test_merge_methods_on_cuda_without_gpu_are_a_clear_error():
+    sd = {"w": torch.ones(4)}
+    with pytest.raises(ValueError, match="cuda"):
+        fastsoup.merge([sd, sd], "ties", base=sd, density=0.5, device="cuda")
+
+
+@needs_gpu
+@pytest.mark.parametrize("method", SPARSE_METHODS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
+@pytest.mark.parametrize("n,k,ties", [(1, 2, False), (4097, 3, True), (100_003, 5, False), (70_001, 17, True)])
+@pytest.mark.parametrize("rescale", ["default", "l1", None])
+def test_sparse_merge_cuda_is_the_cpu_kernel(method, dtype, n, k, ties, rescale):
+    """Host tensors and device tensors, every method, ties at the threshold: the CPU kernel's bits."""
+    from fastsoup.methods.native import sparse_merge
+
+    if method == "task_arithmetic" and rescale is not None and rescale != "default":
+        pytest.skip("task_arithmetic takes no rescale")
+    base, models = _sparse_data(n, k, dtype, seed=n + k, ties=ties)
+    weights = [(-1.0) ** j * (0.5 + j / 8) for j in range(k)]
+    kw = _sparse_kw(method, [j / (k - 1) for j in range(k)] if k > 2 else 0.4, rescale=rescale)
+    want = torch.empty(n, dtype=dtype)
+    sparse_merge(method, base, models, want, weights=weights, **kw)
+    got = torch.empty(n, dtype=dtype)
+    sparse_merge(method, base, models, got, weights=weights, device=0, **kw)  # host memory, copied in
+    assert bits_equal(got, want)
+    dev = torch.empty(n, dtype=dtype, device="cuda")
+    sparse_merge(method, base.cuda(), [m.cuda() for m in models], dev, weights=weights, device=0,
+                 stream=_torch.cuda_stream(0), **kw)
+    torch.cuda.synchronize()
+    assert bits_equal(dev.cpu(), want)
+
+
+@needs_gpu
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties", "breadcrumbs", "slerp", "model_stock",
+                                    "linear"])
+def test_merge_methods_on_cuda_equal_cpu(tmp_path, method):
+    paths, _ = _zoo(tmp_path, 4, torch.float16, shards=True)
+    base, models = paths[0], paths[1:]
+    kw = {"slerp": {"t": 0.3}, "ties": {"density": 0.4}, "dare_ties": {"density": 0.4, "seed": 3},
+          "breadcrumbs": {"density": 0.5, "gamma": 0.05}}.get(method, {})
+    if method == "slerp":
+        args = (models[:2], method)
+    elif method == "linear":
+        args = (models, method)
+    else:
+        args = (models, method)
+        kw["base"] = base
+    cpu = fastsoup.merge(*args, **kw)
+    gpu = fastsoup.merge(*args, device="cuda", **kw)
+    for name, t in cpu.items():
+        assert gpu[name].device.type == "cuda", name
+        assert bits_equal(gpu[name].cpu(), t), name
+    out_cpu = fastsoup.merge(*args, out=str(tmp_path / "cpu"), **kw)
+    fastsoup.merge(*args, out=str(tmp_path / "gpu"), device="cuda", **kw)
+    for f in sorted(os.listdir(out_cpu)):
+        assert (tmp_path / "cpu" / f).read_bytes() == (tmp_path / "gpu" / f).read_bytes(), f

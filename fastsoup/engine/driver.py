@@ -140,12 +140,12 @@ def _write_all(fd: int, view: memoryview, offset: int, name: str) -> None:
 
 
 def _run_kernel(spec: MergeSpec, first: Checkpoint, names: list, dests: list, out_dtypes: dict, fds: list,
-                fd_names: list, callback) -> None:
+                fd_names: list, callback, result: dict | None = None) -> None:
     """The per-tensor execution of ``spec.kernel`` (see :class:`MergeSpec`): each float tensor computed
     by ``kernel(name, address)`` straight into an in-memory output, or into one reused host scratch of
     the largest output tensor's bytes and then ``os.pwrite`` into its shard at its offset; every other
-    tensor copied from the first input (the base). Memory: one output tensor's bytes (file outputs)
-    plus the kernel's own; never K tensors."""
+    tensor copied from the first input (the base), into ``result``'s tensor when that is on a GPU.
+    Memory: one output tensor's bytes (file outputs) plus the kernel's own; never K tensors."""
     import ctypes
 
     ckpts = spec.inputs
@@ -172,6 +172,10 @@ def _run_kernel(spec: MergeSpec, first: Checkpoint, names: list, dests: list, ou
                 if dfile >= 0:
                     _write_all(fds[dfile], memoryview((ctypes.c_char * ref0.nbytes).from_address(addr)).cast("B"),
                                doff, fd_names[dfile])
+                elif result is not None and spec.device.is_cuda:  # an in-memory result on the GPU
+                    from .. import _torch
+
+                    _torch.copy_bytes_into(result[name], addr, ref0.nbytes)
                 else:
                     ctypes.memmove(doff, addr, ref0.nbytes)
                 del obj
@@ -276,7 +280,7 @@ def run(spec: MergeSpec):
             files = writer is not None and not torch_out
             if spec.kernel is not None:
                 _run_kernel(spec, first, names, dests, out_dtypes, writer.fds if files else [],
-                            writer.names if files else [], callback)
+                            writer.names if files else [], callback, result)
             else:
                 segs.run(None if per_tensor else weights, fds=writer.fds if files else [], threads=threads,
                          progress=callback, device=device, fd_names=writer.names if files else (), divisor=divisor)

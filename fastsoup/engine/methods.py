@@ -37,7 +37,7 @@ from ..methods import coefficients as C
 from ..methods import native as _native
 from ..methods import params as P
 from ..methods.spec import METHODS
-from .device import resolve_device
+from .device import CPU, Device, resolve_device
 from .driver import MergeSpec, collective, run
 from .linear import normalization
 
@@ -360,9 +360,7 @@ def _run(cfg: MergeConfig, resolve: Callable[[str], Any], *, record: dict, task_
                                 f"{n_layers} layers (fastsoup merges whole models)")
         floats = [n for n, ref in layout.items() if dtype_info(ref.dtype).kind == "float"]
         if method in SPARSE:
-            if dev.is_cuda:
-                raise ArgumentError(f"{method} runs on the CPU only for now (device={device!r})")
-            kernel, per = _sparse_kernel(cfg, mapped, n_layers, out_override, sparse or {}, threads or 0)
+            kernel, per = _sparse_kernel(cfg, mapped, n_layers, out_override, sparse or {}, threads or 0, dev)
             info = SoupInfo(method, _sidefiles.ingredient_names(srcs), per, parameters=record)
             return run(MergeSpec(mapped, per, out, dtype=out_override, device=dev, threads=threads or 0,
                                  shard_size=shard_size, progress=progress, overwrite=overwrite, fsync=fsync,
@@ -379,9 +377,13 @@ def _run(cfg: MergeConfig, resolve: Callable[[str], Any], *, record: dict, task_
                 ck.close()
 
 
-def _sparse_kernel(cfg: MergeConfig, ckpts: list, n_layers: int, override: str | None, sparse: dict, threads: int):
+def _sparse_kernel(cfg: MergeConfig, ckpts: list, n_layers: int, override: str | None, sparse: dict, threads: int,
+                   device: Device = CPU):
     """The per-tensor kernel of a sparse method (``MergeSpec.kernel``) over ``ckpts`` (the base first),
-    and every float tensor's per-model weights (the metadata's ``fastsoup.weights``)."""
+    and every float tensor's per-model weights (the metadata's ``fastsoup.weights``). On a CUDA
+    ``device`` the kernel is ``sparse_merge_cuda`` (tensors on that GPU used in place, the others
+    copied in tensor by tensor; the output address is the GPU's for an in-memory result)."""
+    cuda = device.index if device.is_cuda else None
     method = cfg.method
     first = ckpts[0]
     args = {n: cfg.arguments(n, n_layers) for n, ref in first.items() if dtype_info(ref.dtype).kind == "float"}
@@ -396,13 +398,14 @@ def _sparse_kernel(cfg: MergeConfig, ckpts: list, n_layers: int, override: str |
         refs = []
         for ck in ckpts:
             ref = ck[name]
-            addr, _loc, obj = ck.buffer(ref)
+            addr, _loc, obj = ck.buffer(ref, device)
             keep.append(obj)
             refs.append((addr, ref.dtype))
         ref0 = first[name]
         try:
             _native.sparse_merge(method, refs[0], refs[1:], (address, override or ref0.dtype), n=ref0.numel,
-                                 name=name if method.startswith("dare") else None, threads=threads, **a)
+                                 name=name if method.startswith("dare") else None, threads=threads, device=cuda,
+                                 **a)
         except ValueError as e:
             raise ArgumentError(f"{first.where(name)}: {e}") from None
         del keep

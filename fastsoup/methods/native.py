@@ -38,11 +38,14 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 _UNSET: Any = object()
 
 
-def _ref(x: Any, what: str) -> tuple[tuple[int, int], int]:
-    """``(address, dtype code)`` and numel (-1 when unknown) of a torch tensor or an (address, dtype) pair."""
+def _ref(x: Any, what: str, device: int | None = None) -> tuple[tuple[int, int], int]:
+    """``(address, dtype code)`` and numel (-1 when unknown) of a torch tensor or an (address, dtype) pair;
+    with ``device`` (a CUDA index), tensors may also be on that GPU."""
     if hasattr(x, "data_ptr"):  # a torch tensor
-        if x.device.type != "cpu":
-            raise ValueError(f"sparse_merge: {what} is on {x.device}, expected a CPU tensor")
+        if x.device.type != "cpu" and not (device is not None and x.device.type == "cuda"
+                                           and x.device.index == device):
+            where = "a CPU tensor" if device is None else f"a CPU tensor or one on cuda:{device}"
+            raise ValueError(f"sparse_merge: {what} is on {x.device}, expected {where}")
         if not x.is_contiguous():
             raise ValueError(f"sparse_merge: {what} is not contiguous")
         name = str(x.dtype).replace("torch.", "")
@@ -74,7 +77,7 @@ def sparse_merge(method: str, base: Any, models: Sequence[Any], out: Any, *, n: 
                  weights: float | Sequence[float] | None = None, density: float | Sequence[float] = _UNSET,
                  gamma: float | Sequence[float] = _UNSET, lam: float = 1.0, normalize: bool = _UNSET,
                  rescale: str | None = _UNSET, seed: int = 0, name: str | None = None, threads: int = 0,
-                 chunk: int = 0) -> None:
+                 chunk: int = 0, device: int | None = None, stream: int = 0) -> None:
     """Merges one tensor into ``out`` with ``method`` (one of ``METHODS``), natively.
 
     Args:
@@ -87,6 +90,10 @@ def sparse_merge(method: str, base: Any, models: Sequence[Any], out: Any, *, n: 
         seed, name: DARE's RNG: the seed and the tensor's name (required for DARE).
         threads: 0 uses every core; the result does not depend on it.
         chunk: elements per parallel task (0: automatic; the result does not depend on it).
+        device: a CUDA device index: merge on that GPU (``_core.sparse_merge_cuda``, the same bits;
+            tensors may be on it or in host memory; ``threads`` and ``chunk`` do not apply). None: the CPU.
+        stream: with ``device``, the ``cudaStream_t`` (as an integer) to run on; 0 the default stream.
+            Torch tensors on the GPU: pass ``torch.cuda.current_stream().cuda_stream``.
 
     Raises:
         ValueError: an unknown method, a bad dtype, size, or parameter (named in the message).
@@ -95,9 +102,9 @@ def sparse_merge(method: str, base: Any, models: Sequence[Any], out: Any, *, n: 
         raise ValueError(f"sparse_merge: unknown method {method!r}, expected one of {', '.join(METHODS)}")
     defaults = DEFAULTS[method]
     k = len(models)
-    base_ref, nb = _ref(base, "base")
-    out_ref, no = _ref(out, "out")
-    ins = [_ref(m, f"models[{j}]") for j, m in enumerate(models)]
+    base_ref, nb = _ref(base, "base", device)
+    out_ref, no = _ref(out, "out", device)
+    ins = [_ref(m, f"models[{j}]", device) for j, m in enumerate(models)]
     sizes = {s for s in [nb, no, *(s for _, s in ins)] if s >= 0}
     if n is None:
         if not sizes:
@@ -120,7 +127,11 @@ def sparse_merge(method: str, base: Any, models: Sequence[Any], out: Any, *, n: 
         name_hash = fnv1a64(name)
     if not math.isfinite(float(lam)):
         raise ValueError(f"sparse_merge: lam must be finite, got {lam!r}")
-    _core.sparse_merge(method, n, [r for r, _ in ins], base_ref, out_ref, ws, density=dens, gamma=gams,
-                       lam=float(lam), normalize=bool(defaults["normalize"] if normalize is _UNSET else normalize),
-                       rescale=defaults["rescale"] if rescale is _UNSET else rescale, seed=int(seed),
-                       name_hash=name_hash, threads=threads, chunk=chunk)
+    common = dict(density=dens, gamma=gams, lam=float(lam),
+                  normalize=bool(defaults["normalize"] if normalize is _UNSET else normalize),
+                  rescale=defaults["rescale"] if rescale is _UNSET else rescale, seed=int(seed), name_hash=name_hash)
+    if device is None:
+        _core.sparse_merge(method, n, [r for r, _ in ins], base_ref, out_ref, ws, threads=threads, chunk=chunk, **common)
+    else:
+        _core.sparse_merge_cuda(method, n, [r for r, _ in ins], base_ref, out_ref, ws, device=int(device),
+                                stream=int(stream), **common)

@@ -14,6 +14,7 @@
 #include "fastsoup/io.h"
 #include "fastsoup/kernels.h"
 #include "fastsoup/plan.h"
+#include "fastsoup/sparse.h"
 
 namespace fastsoup {
 namespace cuda {
@@ -39,6 +40,13 @@ Status multi_dot(const MultiDotParams& p, int device, uintptr_t stream);
 
 // The K x K Gram matrix (K multi_dot passes over the inputs).
 Status gram(const GramParams& p, int device, uintptr_t stream);
+
+// sparse_merge_cpu's merge of one tensor (sparse.h), bit for bit, on `device`, launched on `stream`;
+// synchronizes it before returning. Inputs, base and out may be device or host memory (host
+// tensors are copied in; model by model, so GPU memory is the base, one model's tensor, one float64
+// array of n (three for the TIES-like methods), a 2^16-bin histogram and 8 bytes per 4096 elements
+// per model, whatever K). The implementation and its passes: csrc/cuda/sparse.cu.
+Status sparse_merge(const SparseMergeParams& p, int device, uintptr_t stream);
 
 // Runs a merge plan (plan.h) through the GPU, on options.device and options.stream. Inputs: device
 // memory is used in place; host inputs (memory or file mappings) go through a ring of pinned slots:
