@@ -72,6 +72,12 @@ def scenario(name, cfg, rank):
     if name == "merge_single":
         fastsoup.average(paths, out=out + ".safetensors")
         return {"out": out + ".safetensors"}
+    if name == "merge_ties":  # a sparse method: the per-tensor kernel path, each rank its shards
+        fastsoup.merge(paths[1:5], "ties", base=cfg["init"], density=0.4, out=out, shard_size="1KB")
+        return {"out": out}
+    if name == "merge_dare":
+        fastsoup.merge(paths[1:4], "dare_ties", base=cfg["init"], density=0.5, seed=9, out=out, shard_size="1KB")
+        return {"out": out}
     if name == "merge_none":
         return {"digest": digest(fastsoup.average(paths[:5]))}
     if name == "fail_ready":  # a damaged input that only rank 1 sees

@@ -30,7 +30,7 @@ import _tiny  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TIMEOUT = 180  # seconds for one torchrun launch: a hang fails the test instead of hanging CI
-SCENARIOS = ["merge_files", "merge_bf16", "merge_memory", "merge_single", "merge_none", "fail_ready", "fail_work",
+SCENARIOS = ["merge_files", "merge_bf16", "merge_memory", "merge_single", "merge_ties", "merge_dare", "merge_none", "fail_ready", "fail_work",
              "exists", "foreign", "local", "greedy", "greedy_rerun", "greedy_metric", "learned"]
 
 
@@ -117,7 +117,8 @@ def single(tmp_path, name):
 
 
 @pytest.mark.slow  # the module's torchrun launches (the setup fixture)
-@pytest.mark.parametrize("name", ["merge_files", "merge_bf16", "merge_memory", "merge_single"])
+@pytest.mark.parametrize("name", ["merge_files", "merge_bf16", "merge_memory", "merge_single", "merge_ties",
+                                  "merge_dare"])
 def test_sharded_merge_is_bit_identical_to_one_process(setup, tmp_path, name):
     zoo, cfg, ranks, _ = setup
     got = ok(ranks, name)
@@ -132,6 +133,12 @@ def test_sharded_merge_is_bit_identical_to_one_process(setup, tmp_path, name):
     elif name == "merge_bf16":
         ref = fastsoup.weighted_sum(paths[:3], [0.5, -1.25, 2.0], out=single(tmp_path, "ref"), shard_size="1KB",
                                     dtype="bf16")
+    elif name == "merge_ties":
+        ref = fastsoup.merge(paths[1:5], "ties", base=cfg["init"], density=0.4, out=single(tmp_path, "ref"),
+                             shard_size="1KB")
+    elif name == "merge_dare":
+        ref = fastsoup.merge(paths[1:4], "dare_ties", base=cfg["init"], density=0.5, seed=9,
+                             out=single(tmp_path, "ref"), shard_size="1KB")
     elif name == "merge_memory":
         from safetensors.torch import load_file
 
