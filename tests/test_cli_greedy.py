@@ -222,3 +222,26 @@ def test_greedy_results_never_replace_a_users_file(zoo, tmp_path, capsys):
     assert rc == 0, err
     rc, _, err = _run(argv + ["--results", str(tmp_path / "rows.jsonl"), "--overwrite"], capsys)  # its own rows
     assert rc == 0, err
+
+
+def test_a_rerun_without_eval_keeps_the_eval_scores_and_plot_still_works(zoo, tmp_path, capsys):
+    # Issue 23 §3: a rerun without --eval replaced results.jsonl by held-out-only rows, after which
+    # `fastsoup plot` failed. The rows are merged by (model, data set): each run updates its own scores.
+    pytest.importorskip("matplotlib")
+    root, mod, paths = zoo
+    cache = tmp_path / "cache"
+    base = ["greedy", *paths, "--model", f"{mod}:net", "--heldout", f"{mod}:heldout", "-o", str(tmp_path / "g"),
+            "--cache", str(cache), "--no-progress", "--overwrite"]
+    rc, _, err = _run(base + ["--eval", f"shift={mod}:shifted"], capsys)
+    assert rc == 0, err
+    results = cache / "results.jsonl"
+    first = [json.loads(line) for line in results.read_text().splitlines()]
+    rc, _, err = _run(base, capsys)  # no --eval
+    assert rc == 0, err
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [(r["name"], r["kind"]) for r in rows] == [(r["name"], r["kind"]) for r in first]
+    assert [(r["heldout"], r["shift"]) for r in rows] == [(r["heldout"], r["shift"]) for r in first]
+    fig = tmp_path / "fig.png"
+    rc, _, err = _run(["plot", str(results), "-o", str(fig)], capsys)
+    assert rc == 0, err
+    assert fig.read_bytes()[:4] == b"\x89PNG"
