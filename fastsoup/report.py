@@ -3,6 +3,7 @@ held-out set and each eval set) and the ``fastsoup plot`` figure."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import json
@@ -136,7 +137,9 @@ def run_report(
 ) -> Report:
     """Runs the greedy search and scores every recipe (each ingredient, uniform and greedy soup, uniform
     and greedy logit ensembles) on the held-out set and every eval set; writes the greedy soup to
-    ``out`` and the rows to ``results`` (JSONL). ``verify``: how the cache fingerprints the
+    ``out`` and the rows to ``results`` (JSONL), merged into the rows a run wrote there before: a row
+    of the same model (or soup of the same checkpoints) keeps its scores on the data sets this run
+    does not score, rows of other models are kept (:func:`_merge_rows`). ``verify``: how the cache fingerprints the
     ingredients (``"sample"`` or ``"full"``, see :func:`~fastsoup.greedy_soup`); ``config_from``: the
     side files of a folder ``out`` (see :func:`~fastsoup.average`)."""
     from .recipes.ensemble import ensemble_logits, run_greedy_ensemble
@@ -160,17 +163,22 @@ def run_report(
     def scores(logits_by_set: dict) -> dict:
         return {d: score_logits(logits_by_set[d], s.data[d].labels, s.metric) for d in sets}
 
-    rows = []
-    for i in range(n):
-        rows.append({"name": s.names[i], "kind": "individual", **scores({d: s.individual_logits(d)[i] for d in sets})})
-    rows.append({"name": "uniform soup", "kind": "uniform_soup", "members": list(range(n)),
-                 **scores(s.soup_logits(list(range(n)), sets))})
-    rows.append({"name": "greedy soup", "kind": "greedy_soup", "members": g.indices,
-                 **scores(s.soup_logits(g.indices, sets))})
-    rows.append({"name": "uniform ensemble", "kind": "uniform_ensemble", "members": list(range(n)),
-                 **scores({d: ensemble_logits(s.individual_logits(d)) for d in sets})})
-    rows.append({"name": "greedy ensemble", "kind": "greedy_ensemble", "members": e.indices,
-                 **scores({d: ensemble_logits([s.individual_logits(d)[i] for i in e.indices]) for d in sets})})
+    def row(name: str, kind: str, members: list[int], values: dict, individual: bool = False) -> dict:
+        # "fingerprint": what the scores are of (the model, the checkpoints in their order), so that a
+        # later run merges its scores into this row only when it scored the same thing (_merge_rows).
+        fp = _row_fingerprint(s.model_fp, kind, [s.fps[i] for i in members])
+        return {"name": name, "kind": kind, **({} if individual else {"members": members}), "fingerprint": fp,
+                **scores(values)}
+
+    everyone = list(range(n))
+    rows = [row(s.names[i], "individual", [i], {d: s.individual_logits(d)[i] for d in sets}, individual=True)
+            for i in everyone]
+    rows.append(row("uniform soup", "uniform_soup", everyone, s.soup_logits(everyone, sets)))
+    rows.append(row("greedy soup", "greedy_soup", g.indices, s.soup_logits(g.indices, sets)))
+    rows.append(row("uniform ensemble", "uniform_ensemble", everyone,
+                    {d: ensemble_logits(s.individual_logits(d)) for d in sets}))
+    rows.append(row("greedy ensemble", "greedy_ensemble", e.indices,
+                    {d: ensemble_logits([s.individual_logits(d)[i] for i in e.indices]) for d in sets}))
     path = g.save(out, overwrite=overwrite, progress=progress, config_from=config_from)
     _comm.rank0(_write_rows, results, rows, share=False)  # rank 0 under torch.distributed
     return Report(rows, sets, path, results, time.perf_counter() - start, greedy=g, ensemble=e)
@@ -192,7 +200,61 @@ def _check_results(results: str) -> None:
                                 "it away or give another path (--results PATH)")
 
 
-def _write_rows(results: str, rows: list[dict]) -> None:
+def _row_fingerprint(model_fp: str, kind: str, checkpoint_fps: Sequence[str]) -> str:
+    h = hashlib.sha256(json.dumps([model_fp, kind, list(checkpoint_fps)]).encode())
+    return h.hexdigest()[:24]
+
+
+# The fields of a results row that are not scores; every other field holding a number is a data set's score.
+_ROW_FIELDS = ("name", "kind", "members", "fingerprint")
+
+
+def row_sets(rows: Sequence[dict]) -> list[str]:
+    """The data sets scored in ``rows`` (a results.jsonl's), in the order they first appear."""
+    sets: dict[str, None] = {}
+    for r in rows:
+        for k, v in r.items():
+            if k not in _ROW_FIELDS and isinstance(v, (int, float)) and not isinstance(v, bool):
+                sets.setdefault(k, None)
+    return list(sets)
+
+
+def read_results(results: str) -> list[dict]:
+    """The rows of a results.jsonl (``fastsoup greedy``, ``fastsoup demo``)."""
+    try:
+        with open(results, encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise FastsoupError(f"cannot read {results}: {e}") from None
+    if not all(isinstance(r, dict) and "name" in r and "kind" in r for r in rows):
+        raise FastsoupError(f"{results}: not a results file of fastsoup (each line a JSON object with a name and a kind)")
+    return rows
+
+
+def _merge_rows(old: Sequence[dict], new: Sequence[dict]) -> list[dict]:
+    """The rows of a results file after a run: the run's rows (in its order), each merged with the earlier
+    row of the same model (kind and name) when that row scored the same thing (same fingerprint: model,
+    checkpoints, and for a soup or ensemble its members), keeping that row's scores on the data sets the
+    run did not score; an earlier row of another thing (say the greedy soup of other ingredients) is
+    replaced. Then the earlier rows of models the run did not score, as they were."""
+    keys = {(r["kind"], r["name"]) for r in new}
+    earlier = {(r.get("kind"), r.get("name")): r for r in old}
+    rows = []
+    for r in new:
+        o = earlier.get((r["kind"], r["name"]))
+        if o is not None and o.get("fingerprint") is not None and o.get("fingerprint") == r.get("fingerprint"):
+            kept = {k: v for k, v in o.items() if k not in r and k in row_sets([o])}
+            r = {**r, **kept}
+        rows.append(r)
+    rows.extend(r for r in old if (r.get("kind"), r.get("name")) not in keys)
+    return rows
+
+
+def _write_rows(results: str, rows: list[dict], merge: bool = True) -> None:
+    """Writes ``rows`` to ``results``; ``merge``: into the rows already there (:func:`_merge_rows`),
+    else replacing them. A file that is not fastsoup's was refused before (:func:`_check_results`)."""
+    if merge and os.path.isfile(results):
+        rows = _merge_rows(read_results(results), rows)
     _tempfiles.reap(os.path.dirname(os.path.abspath(results)), os.path.basename(results))  # killed runs' leftovers
     with _tempfiles.replacing(results, text=True) as f:  # whole or not at all; removed when interrupted
         for r in rows:
@@ -208,14 +270,10 @@ def plot_results(results: str, out: str, *, x: str = "heldout", y: str | None = 
         import matplotlib.pyplot as plt
     except ImportError:
         raise FastsoupError("fastsoup plot needs matplotlib: pip install matplotlib") from None
-    try:
-        with open(results) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-    except (OSError, ValueError) as e:
-        raise FastsoupError(f"cannot read {results}: {e}") from None
+    rows = read_results(results)
     if not rows:
         raise FastsoupError(f"{results} has no results")
-    sets = [k for k in rows[0] if k not in ("name", "kind", "members")]
+    sets = row_sets(rows)
     if x not in sets:
         raise ArgumentError(f"{results} has no data set {x!r} (it has {', '.join(sets)})")
     if y is None:
@@ -225,6 +283,7 @@ def plot_results(results: str, out: str, *, x: str = "heldout", y: str | None = 
         y = others[0]
     if y not in sets:
         raise ArgumentError(f"{results} has no data set {y!r} (it has {', '.join(sets)})")
+    rows = [r for r in rows if isinstance(r.get(x), (int, float)) and isinstance(r.get(y), (int, float))]
     fig, ax = plt.subplots(figsize=(6, 5))
     ind = [r for r in rows if r["kind"] == "individual"]
     ax.scatter([100 * r[x] for r in ind], [100 * r[y] for r in ind], c="tab:gray", s=30, label="individual models")

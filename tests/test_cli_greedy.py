@@ -245,3 +245,24 @@ def test_a_rerun_without_eval_keeps_the_eval_scores_and_plot_still_works(zoo, tm
     rc, _, err = _run(["plot", str(results), "-o", str(fig)], capsys)
     assert rc == 0, err
     assert fig.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_results_rows_merge_only_scores_of_the_same_thing():
+    from fastsoup.report import _merge_rows, row_sets
+
+    old = [{"name": "a", "kind": "individual", "fingerprint": "fa", "heldout": 0.5, "shift": 0.4},
+           {"name": "b", "kind": "individual", "fingerprint": "fb", "heldout": 0.6, "shift": 0.3},
+           {"name": "greedy soup", "kind": "greedy_soup", "members": [0, 1], "fingerprint": "g01", "heldout": 0.7,
+            "shift": 0.5},
+           {"name": "c", "kind": "individual", "heldout": 0.1, "shift": 0.2}]  # no fingerprint: never merged
+    new = [{"name": "a", "kind": "individual", "fingerprint": "fa", "heldout": 0.55},
+           {"name": "b", "kind": "individual", "fingerprint": "fb2", "heldout": 0.65},  # retrained: its own scores only
+           {"name": "greedy soup", "kind": "greedy_soup", "members": [0], "fingerprint": "g0", "heldout": 0.55},
+           {"name": "c", "kind": "individual", "fingerprint": "fc", "heldout": 0.15, "test": 0.3}]
+    rows = _merge_rows(old, new)
+    assert rows[0] == {"name": "a", "kind": "individual", "fingerprint": "fa", "heldout": 0.55, "shift": 0.4}
+    assert rows[1] == new[1] and rows[2] == new[2] and rows[3] == new[3]
+    assert len(rows) == 4
+    extra = {"name": "d", "kind": "individual", "fingerprint": "fd", "heldout": 0.2, "shift": 0.1}
+    assert _merge_rows([*old, extra], new)[-1] == extra  # a model the run did not score is kept as it was
+    assert row_sets(rows) == ["heldout", "shift", "test"]
