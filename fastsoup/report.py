@@ -71,12 +71,9 @@ class Report:
     extra: dict = field(default_factory=dict)
 
     def table(self) -> str:
-        """The rows as a text table, accuracies in %; ingredient paths relative to their common folder."""
-        names = [r["name"] for r in self.rows]
-        paths = [n for r, n in zip(self.rows, names) if r["kind"] == "individual" and not n.startswith("<")]
-        if len(paths) > 1:
-            common = os.path.commonpath([os.path.abspath(p) for p in paths])
-            names = [os.path.relpath(os.path.abspath(n), common) if n in paths else n for n in names]
+        """The rows as a text table, accuracies in %; ingredient paths relative to their common folder.
+        Then the greedy search (:meth:`steps`) and its counts."""
+        names = _display_names([r["name"] for r in self.rows], [r["kind"] == "individual" for r in self.rows])
         width = max(len(n) for n in names)
         kw = max(len(r["kind"]) for r in self.rows)
         head = f"{'model':<{width}}  {'kind':<{kw}}" + "".join(f"  {s:>10}" for s in self.sets)
@@ -84,12 +81,45 @@ class Report:
         for r, name in zip(self.rows, names):
             lines.append(f"{name:<{width}}  {r['kind']:<{kw}}" + "".join(f"  {_fmt(r.get(s)):>10}" for s in self.sets))
         g = self.greedy
+        lines += ["", self.steps(), ""]
         lines.append(
             f"greedy soup: {len(g.indices)} of {len(g.individual_scores)} ingredients "
             f"({'>' if g.strict else '>='} rule); {g.stats.evaluations} evaluations, {g.stats.cached} from the cache, "
             f"{g.stats.batches_saved} batches skipped by early rejection"
         )
         return "\n".join(lines)
+
+    def steps(self, most: int = 12) -> str:
+        """The greedy search as a person reads it: each checkpoint kept, in the order tried (its rank by
+        held-out score), with the soup's held-out score once it is in; then the rejected ones, by name
+        (the first ``most``; every step's score is in the soup's JSON sidecar, "history")."""
+        g = self.greedy
+        names = _display_names(g.names, [True] * len(g.names))
+        rule = "kept if it improves the soup's score" if g.strict else "kept unless it lowers the soup's score"
+        lines = [f"greedy search: the checkpoints kept, numbered in the order tried (best held-out first), with "
+                 f"the soup's held-out {g.metric} after each ({rule}):"]
+        width = max(len(names[h["index"]]) for h in g.history)
+        rejected = []
+        for h in g.history:
+            if not h["accepted"]:
+                rejected.append(names[h["index"]])
+                continue
+            why = "  (the best individual: the start)" if h["step"] == 0 else ""
+            lines.append(f"  {h['step'] + 1:>3}. {names[h['index']]:<{width}}  {_fmt(h['score']):>6}{why}")
+        if rejected:
+            shown = ", ".join(rejected[:most]) + (f", ... ({len(rejected) - most} more)" if len(rejected) > most else "")
+            lines.append(f"  rejected {len(rejected)}, in the order tried: {shown}")
+        return "\n".join(lines)
+
+
+def _display_names(names: Sequence[str], paths: Sequence[bool]) -> list[str]:
+    """Names for the tables: checkpoint paths (where ``paths``) relative to their common folder."""
+    files = [n for n, p in zip(names, paths) if p and not n.startswith("<")]
+    if len(files) < 2:
+        return list(names)
+    common = os.path.commonpath([os.path.abspath(n) for n in files])
+    return [os.path.relpath(os.path.abspath(n), common) if p and not n.startswith("<") else n
+            for n, p in zip(names, paths)]
 
 
 def _fmt(v) -> str:

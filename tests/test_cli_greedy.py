@@ -266,3 +266,25 @@ def test_results_rows_merge_only_scores_of_the_same_thing():
     extra = {"name": "d", "kind": "individual", "fingerprint": "fd", "heldout": 0.2, "shift": 0.1}
     assert _merge_rows([*old, extra], new)[-1] == extra  # a model the run did not score is kept as it was
     assert row_sets(rows) == ["heldout", "shift", "test"]
+
+
+def test_greedy_cli_says_which_checkpoints_it_kept_in_order_with_the_score_after_each(zoo, tmp_path, capsys):
+    root, mod, paths = zoo
+    out = tmp_path / "greedy.safetensors"
+    rc, stdout, err = _run(["greedy", *paths, "--model", f"{mod}:net", "--heldout", f"{mod}:heldout", "-o", str(out),
+                            "--no-progress"], capsys)
+    assert rc == 0, err
+    side = json.loads((tmp_path / "greedy.json").read_text())
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("greedy search: the checkpoints kept"))
+    kept = [line.split() for line in lines[start + 1:start + 1 + len(side["ingredients"])]]
+    assert [k[1] for k in kept] == [os.path.basename(p) for p in side["ingredients"]]  # in the order added
+    steps = {h["index"]: h for h in side["history"]}
+    for k, i in zip(kept, side["indices"]):
+        assert k[0] == f"{steps[i]['step'] + 1}." and k[2] == f"{100 * steps[i]['score']:.2f}"
+    assert "the best individual" in lines[start + 1]
+    rejected = [h for h in side["history"] if not h["accepted"]]
+    if rejected:
+        line = lines[start + 1 + len(kept)]
+        assert line.startswith(f"  rejected {len(rejected)}, in the order tried: ")
+        assert line.split(": ", 1)[1].split(", ") == [os.path.basename(h["name"]) for h in rejected]
