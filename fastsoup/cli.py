@@ -11,7 +11,7 @@
     fastsoup greedy CKPT [CKPT ...] --model MOD:FACTORY --heldout MOD:LOADER [--eval NAME=MOD:LOADER ...]
                     -o OUT [--cache DIR] [--verify-cache] [--strict] [--device DEV] [--results PATH] [--key KEY]
                     [--overwrite] [--config-from PATH] [--strip-prefix PREFIX] [--rename REGEX=REPLACEMENT ...]
-    fastsoup plot RESULTS.jsonl -o FIG.png [--x heldout] [--y NAME]
+    fastsoup plot RESULTS.jsonl -o FIG.png [--x heldout] [--y NAME ...] [--title TEXT]
     fastsoup learned CKPT [CKPT ...] --model MOD:FACTORY --heldout MOD:LOADER [--eval NAME=MOD:LOADER ...]
                      -o OUT [--layerwise] [--epochs N] [--lr LR] [--parametrization {softmax,free}] [--cache DIR]
                      [--verify-cache] [--key KEY] [--config-from PATH] [--strip-prefix PREFIX] [--rename ...]
@@ -127,12 +127,16 @@ def _parser() -> argparse.ArgumentParser:
     _name_options(g)
 
     pl = sub.add_parser("plot", help="the paper-style figure from a results.jsonl",
-                        description="Individual models as points, uniform and greedy soup (and ensembles) marked; "
-                                    "x = held-out accuracy, y = another data set's (default: the first eval set).")
+                        description="Individual models as points, soups and ensembles marked and named; x = held-out "
+                                    "accuracy, one panel per other data set on y (default: every eval set). The axes "
+                                    "are zoomed on the individual models; a point far off (a collapsed fine-tune) is "
+                                    "drawn at the edge with its name and scores.")
     pl.add_argument("results", metavar="RESULTS.jsonl", help="the results file of fastsoup greedy")
     pl.add_argument("-o", "--out", required=True, metavar="FIG.png", help="where to write the figure (PNG)")
     pl.add_argument("--x", default="heldout", help="data set on the x axis (default: heldout)")
-    pl.add_argument("--y", help="data set on the y axis (default: the first other one)")
+    pl.add_argument("--y", action="append", metavar="NAME",
+                    help="data set on a panel's y axis (repeatable; default: every one but --x, a panel each)")
+    pl.add_argument("--title", help="the figure's title (default: how many models)")
 
     le = sub.add_parser(
         "learned", help="learned soup: mixing coefficients trained on held-out data (O(P) memory)",
@@ -342,7 +346,7 @@ def _evals(specs) -> dict:
 def _plot(args) -> int:
     from .report import plot_results
 
-    path = plot_results(args.results, args.out, x=args.x, y=args.y)
+    path = plot_results(args.results, args.out, x=args.x, y=args.y, title=args.title)
     print(f"wrote {path}", file=sys.stderr)
     return 0
 

@@ -222,3 +222,69 @@ def test_greedy_results_never_replace_a_users_file(zoo, tmp_path, capsys):
     assert rc == 0, err
     rc, _, err = _run(argv + ["--results", str(tmp_path / "rows.jsonl"), "--overwrite"], capsys)  # its own rows
     assert rc == 0, err
+
+
+def test_a_rerun_without_eval_keeps_the_eval_scores_and_plot_still_works(zoo, tmp_path, capsys):
+    # Issue 23 §3: a rerun without --eval replaced results.jsonl by held-out-only rows, after which
+    # `fastsoup plot` failed. The rows are merged by (model, data set): each run updates its own scores.
+    pytest.importorskip("matplotlib")
+    root, mod, paths = zoo
+    cache = tmp_path / "cache"
+    base = ["greedy", *paths, "--model", f"{mod}:net", "--heldout", f"{mod}:heldout", "-o", str(tmp_path / "g"),
+            "--cache", str(cache), "--no-progress", "--overwrite"]
+    rc, _, err = _run(base + ["--eval", f"shift={mod}:shifted"], capsys)
+    assert rc == 0, err
+    results = cache / "results.jsonl"
+    first = [json.loads(line) for line in results.read_text().splitlines()]
+    rc, _, err = _run(base, capsys)  # no --eval
+    assert rc == 0, err
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [(r["name"], r["kind"]) for r in rows] == [(r["name"], r["kind"]) for r in first]
+    assert [(r["heldout"], r["shift"]) for r in rows] == [(r["heldout"], r["shift"]) for r in first]
+    fig = tmp_path / "fig.png"
+    rc, _, err = _run(["plot", str(results), "-o", str(fig)], capsys)
+    assert rc == 0, err
+    assert fig.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_results_rows_merge_only_scores_of_the_same_thing():
+    from fastsoup.report import _merge_rows, row_sets
+
+    old = [{"name": "a", "kind": "individual", "fingerprint": "fa", "heldout": 0.5, "shift": 0.4},
+           {"name": "b", "kind": "individual", "fingerprint": "fb", "heldout": 0.6, "shift": 0.3},
+           {"name": "greedy soup", "kind": "greedy_soup", "members": [0, 1], "fingerprint": "g01", "heldout": 0.7,
+            "shift": 0.5},
+           {"name": "c", "kind": "individual", "heldout": 0.1, "shift": 0.2}]  # no fingerprint: never merged
+    new = [{"name": "a", "kind": "individual", "fingerprint": "fa", "heldout": 0.55},
+           {"name": "b", "kind": "individual", "fingerprint": "fb2", "heldout": 0.65},  # retrained: its own scores only
+           {"name": "greedy soup", "kind": "greedy_soup", "members": [0], "fingerprint": "g0", "heldout": 0.55},
+           {"name": "c", "kind": "individual", "fingerprint": "fc", "heldout": 0.15, "test": 0.3}]
+    rows = _merge_rows(old, new)
+    assert rows[0] == {"name": "a", "kind": "individual", "fingerprint": "fa", "heldout": 0.55, "shift": 0.4}
+    assert rows[1] == new[1] and rows[2] == new[2] and rows[3] == new[3]
+    assert len(rows) == 4
+    extra = {"name": "d", "kind": "individual", "fingerprint": "fd", "heldout": 0.2, "shift": 0.1}
+    assert _merge_rows([*old, extra], new)[-1] == extra  # a model the run did not score is kept as it was
+    assert row_sets(rows) == ["heldout", "shift", "test"]
+
+
+def test_greedy_cli_says_which_checkpoints_it_kept_in_order_with_the_score_after_each(zoo, tmp_path, capsys):
+    root, mod, paths = zoo
+    out = tmp_path / "greedy.safetensors"
+    rc, stdout, err = _run(["greedy", *paths, "--model", f"{mod}:net", "--heldout", f"{mod}:heldout", "-o", str(out),
+                            "--no-progress"], capsys)
+    assert rc == 0, err
+    side = json.loads((tmp_path / "greedy.json").read_text())
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("greedy search: the checkpoints kept"))
+    kept = [line.split() for line in lines[start + 1:start + 1 + len(side["ingredients"])]]
+    assert [k[1] for k in kept] == [os.path.basename(p) for p in side["ingredients"]]  # in the order added
+    steps = {h["index"]: h for h in side["history"]}
+    for k, i in zip(kept, side["indices"]):
+        assert k[0] == f"{steps[i]['step'] + 1}." and k[2] == f"{100 * steps[i]['score']:.2f}"
+    assert "the best individual" in lines[start + 1]
+    rejected = [h for h in side["history"] if not h["accepted"]]
+    if rejected:
+        line = lines[start + 1 + len(kept)]
+        assert line.startswith(f"  rejected {len(rejected)}, in the order tried: ")
+        assert line.split(": ", 1)[1].split(", ") == [os.path.basename(h["name"]) for h in rejected]

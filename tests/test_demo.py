@@ -8,11 +8,11 @@ import pytest
 
 pytest.importorskip("torch")
 pytest.importorskip("sklearn", reason="the demo's data ships inside scikit-learn (pip install 'fastsoup[demo]')")
-pytest.importorskip("matplotlib")
 
 
 @pytest.mark.slow
 def test_demo_small(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
     from fastsoup import cli
 
     out = tmp_path / "demo"
@@ -32,6 +32,32 @@ def test_demo_small(tmp_path, capsys):
     assert uniform["heldout"] < best  # the too-large learning rates spoil the uniform soup
     hp = json.loads((out / "zoo" / "hparams.json").read_text())
     assert sum(v["lr"] >= 3e-2 for v in hp.values()) == 2
+
+
+@pytest.mark.slow
+def test_demo_without_matplotlib_prints_and_writes_everything_but_the_figure(tmp_path, capsys, monkeypatch):
+    import builtins
+
+    from fastsoup import cli
+
+    real = builtins.__import__
+
+    def imp(name, *args, **kwargs):
+        if name == "matplotlib" or name.startswith("matplotlib."):
+            raise ImportError(f"No module named {name!r}")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", imp)
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--out", str(out), "--models", "3", "--no-progress"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("greedy soup ") for line in lines) and any("greedy search:" in line for line in lines)
+    assert lines[-1] == "figure skipped (matplotlib is not installed): pip install matplotlib"
+    assert lines[-2].startswith("wrote ") and "soups.png" not in lines[-2]
+    assert not (out / "soups.png").exists()
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 + 6 and all({"heldout", "test", "shift"} <= set(r) for r in rows)
+    assert (out / "greedy_soup.safetensors").exists()
 
 
 def test_demo_rejects_too_few_models(tmp_path):
