@@ -38,8 +38,8 @@ class SearchStats:
 
     prepare_seconds: float = 0.0  # running the data pipeline once (all data sets)
     individual_seconds: float = 0.0  # loading and scoring every ingredient
-    form_seconds: float = 0.0  # forming candidates (reads + fused kernel + parameter writes)
-    eval_seconds: float = 0.0  # evaluating candidates
+    form_seconds: float = 0.0  # forming candidates and soups (reads + fused kernel + parameter writes)
+    eval_seconds: float = 0.0  # evaluating candidates and soups
     evaluations: int = 0  # model evaluations run (ingredients and candidates)
     cached: int = 0  # evaluations answered by the cache or the journal
     batches_evaluated: int = 0  # candidate batches run
@@ -227,15 +227,19 @@ class Search:
         out = {d: self.cached(members, d, weights) for d in sets}
         missing = [d for d, t in out.items() if t is None]
         if missing:
+            t0 = time.perf_counter()
             soup = Soup.like(self.model, device=self.engine_device, _names=self.name_map)
             for n, i in enumerate(members):
                 soup.add(self.ckpts[i], 1.0 if weights is None else weights[n])
             soup.load_into(self.model)
+            t1 = time.perf_counter()
             for d in missing:
                 ev = evaluate(self.model, self.data[d], self.metric)
                 self.stats.evaluations += 1
                 self.store(members, d, ev.logits, weights)
                 out[d] = ev.logits
+            self.stats.form_seconds += t1 - t0
+            self.stats.eval_seconds += time.perf_counter() - t1
         return out
 
     def mixed_logits(self, members: Sequence[int], weights: Sequence[float],
