@@ -87,7 +87,7 @@ class AnalysisResult:
         import json
 
         path = os.fspath(path)
-        _check_out(path, overwrite)
+        check_output(path, overwrite)
         folder = os.path.dirname(os.path.abspath(path))
         os.makedirs(folder, exist_ok=True)
         _tempfiles.reap(folder, os.path.basename(path))  # a killed run's temporary file
@@ -102,11 +102,11 @@ class AnalysisResult:
         from .plots import plot
 
         png = os.fspath(png)
-        _check_out(png, overwrite)
+        check_output(png, overwrite)
         return plot(self, png)
 
 
-def _check_out(path: str, overwrite: bool) -> None:
+def check_output(path: str, overwrite: bool) -> None:
     if os.path.isdir(path):
         raise UnsafeOutputError(f"{path} is a folder: give a file name for the output")
     if os.path.lexists(path) and not overwrite:
