@@ -407,8 +407,8 @@ def _analysis_summary(r) -> str:
     """A few lines on an analysis: its points, the best of them, its correlation, its time per soup."""
     st = r.stats
     per = f", {1000 * st['seconds_per_soup']:.2f} ms per evaluated soup" if st["seconds_per_soup"] else ""
-    lines = [f"{r.analysis}: {st['points']} points ({st['evaluated']} soups evaluated, the rest cached) in "
-             f"{st['seconds']:.2f} s{per}"]
+    lines = [f"{r.analysis}: {st['points']} points ({st['evaluated']} soups evaluated, "
+             f"{st['points'] - st['evaluated']} from the cache or free) in {st['seconds']:.2f} s{per}"]
     pts = r.points
     if r.analysis in ("landscape", "interpolate"):
         best = max(pts, key=lambda p: p["accuracy"])
