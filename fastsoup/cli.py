@@ -17,6 +17,15 @@
                      [--verify-cache] [--key KEY] [--config-from PATH] [--strip-prefix PREFIX] [--rename ...]
     fastsoup inspect PATH [--tensors] [--json] [--key KEY]
     fastsoup similarity CKPT [CKPT ...] [--base B] [--angles] [--plot PNG] [--key KEY]
+    fastsoup analyze landscape A B C --model MOD:FACTORY [--heldout MOD:LOADER] -o OUT.jsonl [--steps 21]
+                     [--span LO HI] [analyze's options]
+    fastsoup analyze interpolate A B ... [--steps 21 | --alphas ALPHA ...]
+    fastsoup analyze pairs CKPT [CKPT ...] --base BASE ...
+    fastsoup analyze ensemble-vs-soup CKPT [CKPT ...] ...
+    fastsoup analyze count CKPT [CKPT ...] [--strict] ...
+        analyze's options: [--eval NAME=MOD:LOADER ...] [--png PNG | --no-plot] [--cache DIR] [--verify-cache]
+                           [--device DEV] [--key KEY] [--no-progress] [--overwrite] [--strip-prefix PREFIX]
+                           [--rename REGEX=REPLACEMENT ...]
     fastsoup demo [--out DIR] [--models N] [--seed S]
     fastsoup info
     fastsoup --version
@@ -188,6 +197,8 @@ def _parser() -> argparse.ArgumentParser:
     si.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: all)")
     si.add_argument("--key", metavar="KEY", help=KEY_HELP)
 
+    _analyze_parser(sub, a._negative_number_matcher if hasattr(a, "_negative_number_matcher") else None)
+
     d = sub.add_parser("demo", help=f"the paper's experiment in miniature (real digits data, {DEMO_SECONDS} on 2 cores)",
                        description="Pretrains a small MLP on scikit-learn's bundled digits, fine-tunes N models with a random "
                                    "hyperparameter search, and compares every model, the uniform and greedy soups and the "
@@ -201,6 +212,73 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("info", help="what the native core uses on this machine")
     return p
+
+
+def _analyze_parser(sub, negative) -> None:
+    """``fastsoup analyze {landscape,interpolate,pairs,ensemble-vs-soup,count}``."""
+    an = sub.add_parser("analyze", help="the paper's analyses: loss landscape, interpolation, angle vs gain, "
+                                        "soup vs ensemble, soup size (JSONL + PNG)",
+                        description="Evaluates many soups of the checkpoints on the held-out set, prepared once, each "
+                                    "soup written into the model in place; writes one JSON row per point to OUT and "
+                                    "a figure beside it (OUT with .png; needs matplotlib).")
+    kinds = an.add_subparsers(dest="analysis", required=True, metavar="ANALYSIS")
+    specs = [
+        ("landscape", "accuracy and loss on the plane through A, B, C (paper Fig. 2)",
+         "The point (x, y) is A + x (B - A) + y (C - A), on a STEPS x STEPS grid over LO .. HI on both axes "
+         "(default -0.5 .. 1.5 in 21 steps: A, B, C are grid points). For the paper's plane, A is the zero-shot or "
+         "pretrained model.", ["A", "B", "C"]),
+        ("interpolate", "accuracy along (1 - alpha) A + alpha B (B zero-shot: the WiSE-FT curve)",
+         "Scores (1 - alpha) A + alpha B at STEPS alphas from 0 to 1 (or --alphas); with B the zero-shot or base "
+         "model this is the WiSE-FT curve.", ["A", "B"]),
+        ("pairs", "angle between task vectors against the 2-soup's gain, every pair (paper Fig. 3)",
+         "For every pair of fine-tunes: the angle between their task vectors (theta - BASE) and the held-out "
+         "accuracy of their 2-soup minus the mean of the two; the last row has the correlation coefficient.", None),
+        ("ensemble-vs-soup", "the 2-soup against the 2-ensemble, every pair (paper Fig. 4)",
+         "For every pair of fine-tunes: the 2-soup's held-out accuracy and the 2-ensemble's (the mean of the two "
+         "models' logits, from the cached logits: no evaluation), and their gains over the mean of the two.", None),
+        ("count", "greedy and uniform soup accuracy against the number of ingredients",
+         "The fine-tunes in held-out order (best first): the uniform soup of the first n and the greedy soup of the "
+         "first n (one greedy run), for n = 1 .. N.", None),
+    ]
+    for name, help_, description, positional in specs:
+        p = kinds.add_parser(name, help=help_, description=description)
+        if negative is not None:  # --span -0.5 1.5, --alphas -0.2: numbers, not options
+            p._negative_number_matcher = negative
+        if positional is None:
+            p.add_argument("inputs", nargs="+", metavar="CKPT", help="the fine-tuned checkpoints")
+        else:
+            for arg in positional:
+                p.add_argument(arg.lower(), metavar=arg, help=f"checkpoint {arg}")
+        p.add_argument("--model", required=True, metavar="MOD:FACTORY",
+                       help="a function returning the nn.Module, e.g. mypkg.models:make_model (or path/file.py:make_model)")
+        p.add_argument("--heldout", metavar="MOD:LOADER",
+                       help="a function returning the held-out (inputs, labels) batches; without it, the held-out set "
+                            "stored in --cache by an earlier run")
+        p.add_argument("--eval", action="append", default=[], metavar="NAME=MOD:LOADER",
+                       help="another data set to score at every point (repeatable)")
+        p.add_argument("-o", "--out", required=True, metavar="OUT.jsonl", help="where to write the rows (JSONL)")
+        p.add_argument("--png", metavar="PNG", help="where to write the figure (default: OUT with .png)")
+        p.add_argument("--no-plot", action="store_true", help="no figure")
+        if name == "landscape":
+            p.add_argument("--steps", type=int, default=21, metavar="N", help="grid points per axis (default: 21)")
+            p.add_argument("--span", nargs=2, type=float, default=[-0.5, 1.5], metavar=("LO", "HI"),
+                           help="the range of x and y (default: -0.5 1.5)")
+        if name == "interpolate":
+            p.add_argument("--steps", type=int, default=21, metavar="N", help="alphas from 0 to 1 (default: 21)")
+            p.add_argument("--alphas", nargs="+", type=float, metavar="ALPHA", help="the alphas (instead of --steps)")
+        if name == "pairs":
+            p.add_argument("--base", required=True, metavar="BASE",
+                           help="the pretrained init the fine-tunes start from (task vectors are theta - BASE)")
+        if name == "count":
+            p.add_argument("--strict", action="store_true", help="the greedy soup keeps a candidate only if it improves")
+        p.add_argument("--cache", metavar="DIR", help="logit cache (shared with fastsoup greedy): a rerun evaluates nothing")
+        p.add_argument("--verify-cache", action="store_true",
+                       help="key the cache by every byte of the checkpoints, not by file identity and sampled content")
+        p.add_argument("--device", help="evaluation device (default: the model's)")
+        p.add_argument("--key", metavar="KEY", help=KEY_HELP)
+        p.add_argument("--no-progress", action="store_true", help="no progress bars")
+        p.add_argument("--overwrite", action="store_true", help="replace OUT and the figure if they exist")
+        _name_options(p)
 
 
 def _output_options(p: argparse.ArgumentParser, layout: str) -> None:
@@ -282,6 +360,77 @@ def _learned(args) -> int:
     path = r.save(args.out, overwrite=args.overwrite, config_from=args.config_from)
     _note(f"wrote {path} in {time.perf_counter() - start:.2f} s")
     return 0
+
+
+def _analyze(args) -> int:
+    import os
+
+    from .analysis import Analyzer
+    from .analysis.core import check_output
+    from .analysis.plots import INSTALL, available
+    from .report import load_callable
+
+    evals = _evals(args.eval)
+    png = None if args.no_plot else (args.png or os.path.splitext(args.out)[0] + ".png")
+    for path in [args.out] + ([png] if png else []):  # before any work
+        check_output(path, args.overwrite)
+    if args.heldout is None and args.cache is None:
+        raise ArgumentError("give --heldout MOD:LOADER, or --cache DIR of an earlier run (which stored the held-out set)")
+    kind = args.analysis
+    inputs = [args.a, args.b, args.c] if kind == "landscape" else [args.a, args.b] if kind == "interpolate" else args.inputs
+    start = time.perf_counter()
+    model = load_callable(args.model, "model factory")()
+    heldout = load_callable(args.heldout, "held-out loader")() if args.heldout is not None else None
+    an = Analyzer(inputs, model, heldout, base=getattr(args, "base", None),
+                  evals={n: load_callable(spec, f"eval loader {n!r}")() for n, spec in evals.items()},
+                  cache_dir=args.cache, eval_device=args.device, progress=False if args.no_progress else None,
+                  verify="full" if args.verify_cache else "sample", key=args.key, key_map=_key_map(args),
+                  strip_prefix=args.strip_prefix)
+    if kind == "landscape":
+        r = an.landscape(0, 1, 2, steps=args.steps, span=tuple(args.span))
+    elif kind == "interpolate":
+        r = an.interpolate(0, 1, alphas=args.alphas, steps=args.steps)
+    elif kind == "pairs":
+        r = an.pairs()
+    elif kind == "ensemble-vs-soup":
+        r = an.ensemble_vs_soup()
+    else:
+        r = an.count(strict=args.strict)
+    print(_analysis_summary(r))
+    written = [r.write_jsonl(args.out, overwrite=args.overwrite)]
+    if png is not None:
+        if available():
+            written.append(r.plot(png, overwrite=args.overwrite))
+        else:
+            _note(f"fastsoup: note: no figure: it needs matplotlib: {INSTALL}")
+    _note(f"wrote {' and '.join(written)} in {time.perf_counter() - start:.2f} s")
+    return 0
+
+
+def _analysis_summary(r) -> str:
+    """A few lines on an analysis: its points, the best of them, its correlation, its time per soup."""
+    st = r.stats
+    per = f", {1000 * st['seconds_per_soup']:.2f} ms per evaluated soup" if st["seconds_per_soup"] else ""
+    lines = [f"{r.analysis}: {st['points']} points ({st['evaluated']} soups evaluated, "
+             f"{st['points'] - st['evaluated']} from the cache or free) in {st['seconds']:.2f} s{per}"]
+    pts = r.points
+    if r.analysis in ("landscape", "interpolate"):
+        best = max(pts, key=lambda p: p["accuracy"])
+        where = f"x = {best['x']:g}, y = {best['y']:g}" if r.analysis == "landscape" else f"alpha = {best['alpha']:g}"
+        lines.append(f"best held-out accuracy {100 * best['accuracy']:.2f} at {where} (weights {best['weights']})")
+    elif r.analysis == "count":
+        for kind in ("uniform", "greedy"):
+            last = [p for p in pts if p["kind"] == kind][-1]
+            lines.append(f"{kind} soup of all {last['n']}: held-out accuracy {100 * last['accuracy']:.2f} "
+                         f"({len(last['members'])} ingredients)")
+    else:
+        rr = r.summary["pearson_r"]
+        what = "angle and gain" if r.analysis == "pairs" else "ensemble gain and soup gain"
+        lines.append(f"{len(pts)} pairs; correlation of {what}: " + ("n/a" if rr is None else f"r = {rr:.3f}"))
+        if r.analysis == "ensemble_vs_soup":
+            lines.append(f"the soup is at least as accurate as the ensemble for {r.summary['soup_at_least_ensemble']} "
+                         f"of {len(pts)} pairs")
+    return "\n".join(lines)
 
 
 def _inspect(args) -> int:
@@ -613,7 +762,7 @@ def _main(args) -> int:
             from . import native_info
             from .distributed.launch import cli_begin
 
-            if args.command in ("greedy", "learned"):
+            if args.command in ("greedy", "learned", "analyze"):
                 _check_device(args.device)
             cli_begin(args)  # launched by torchrun: join the process group (average, greedy, learned)
             if args.command == "info":
@@ -629,6 +778,8 @@ def _main(args) -> int:
                 return _inspect(args)
             if args.command == "similarity":
                 return _similarity(args)
+            if args.command == "analyze":
+                return _analyze(args)
             if args.command == "merge":
                 return _merge(args)
             if args.command == "demo":

@@ -31,7 +31,7 @@ LAYERS = [
     ("search", ["fastsoup.search", "fastsoup.search.*", "fastsoup.distributed.evaluation", "fastsoup.distributed.cache"]),
     ("recipes", ["fastsoup.recipes", "fastsoup.recipes.*"]),
     ("api", ["fastsoup"]),  # the facade: re-exports every layer, installs the plug-in
-    ("cli", ["fastsoup.report", "fastsoup.demo", "fastsoup.cli", "fastsoup.__main__", "fastsoup.distributed.launch"]),
+    ("cli", ["fastsoup.report", "fastsoup.analysis", "fastsoup.analysis.*", "fastsoup.demo", "fastsoup.cli", "fastsoup.__main__", "fastsoup.distributed.launch"]),
 ]
 NO_DISTRIBUTED = ["fastsoup.io", "fastsoup.io.*", "fastsoup.engine", "fastsoup.engine.*", "fastsoup.soup", "fastsoup.mixing"]
 

@@ -5,7 +5,7 @@ the greedy search's cached evaluation."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,10 +23,15 @@ def interpolate(theta_0: Any, theta_1: Any, alpha: float, **kwargs: Any):
     Example:
         >>> fastsoup.interpolate("zeroshot.safetensors", "finetuned.safetensors", 0.5, out="wise.safetensors")  # doctest: +SKIP
     """
+    a = _alpha(alpha)
+    return weighted_sum([theta_0, theta_1], [1.0 - a, a], **kwargs)
+
+
+def _alpha(alpha: Any) -> float:
     a = float(alpha)
     if a != a or a in (float("inf"), float("-inf")):
         raise ArgumentError(f"alpha must be finite, got {alpha}")
-    return weighted_sum([theta_0, theta_1], [1.0 - a, a], **kwargs)
+    return a
 
 
 @dataclass
@@ -65,7 +70,8 @@ def wise_ft_sweep(
     """Scores the WiSE-FT interpolation at each alpha on the held-out set and every eval set.
 
     The data sets are prepared once; each alpha's soup is formed by one fused pass over the two
-    checkpoints; with ``cache_dir`` the logits are cached (a rerun, or more alphas later, costs only
+    checkpoints written into the model in place (rounded once: bit for bit what :func:`interpolate`
+    and :meth:`SweepResult.state_dict` return); with ``cache_dir`` the logits are cached (a rerun, or more alphas later, costs only
     the new points); ``verify`` says how the cache fingerprints the two checkpoints (``"sample"``
     or ``"full"``, see :func:`~fastsoup.greedy_soup`); ``key_map`` and ``strip_prefix`` how their
     names become the model's (see :func:`~fastsoup.greedy_soup`); ``eval_device`` where the model
@@ -87,12 +93,25 @@ def wise_ft_sweep(
                strip_prefix=strip_prefix)
     sets = list(s.data)
     scores: dict[str, list[float]] = {d: [] for d in sets}
-    for a in alphas:
-        logits = s.soup_logits([0, 1], sets, weights=[1.0 - a, a])
+    for logits in sweep_logits(s, 0, 1, alphas, sets):
         for d in sets:
             scores[d].append(score_logits(logits[d], s.data[d].labels, s.metric))
     best = max(range(len(alphas)), key=lambda i: (scores["heldout"][i], -i))
     return SweepResult(alphas, scores, alphas[best], [zero_shot, fine_tuned])
 
 
-__all__ = ["DEFAULT_ALPHAS", "SweepResult", "interpolate", "wise_ft_sweep"]
+def sweep_logits(s: Any, i0: int, i1: int, alphas: Sequence[float], sets: Sequence[str] = ("heldout",),
+                 progress: Any = None) -> Iterator[dict]:
+    """The logits of ``(1 - alpha) * theta_i0 + alpha * theta_i1`` on each data set, for each alpha in
+    turn, from a prepared :class:`~fastsoup.search.Search` ``s``: cached, else one fused pass over the
+    two checkpoints into the model (:meth:`~fastsoup.search.Search.mixed_logits`: bit for bit the
+    model :func:`interpolate` gives) and an evaluation. ``progress``: a tqdm-like bar updated once
+    per alpha. Used by :func:`wise_ft_sweep` and ``fastsoup.analysis``'s interpolation."""
+    for a in map(_alpha, alphas):
+        out = s.mixed_logits([i0, i1], [1.0 - a, a], sets)
+        if progress is not None:
+            progress.update(1)
+        yield out
+
+
+__all__ = ["DEFAULT_ALPHAS", "SweepResult", "interpolate", "sweep_logits", "wise_ft_sweep"]

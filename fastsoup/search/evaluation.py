@@ -116,14 +116,15 @@ def metric_name(metric: str | Metric) -> str:
     return f"{getattr(metric, '__module__', '?')}.{getattr(metric, '__qualname__', repr(metric))}"
 
 
-def progress_bar(enabled: bool | None, total: int, desc: str):
+def progress_bar(enabled: bool | None, total: int, desc: str, unit: str = "batch"):
+    """A tqdm bar on stderr (``enabled=None``: when stderr is a terminal), else None."""
     if enabled is None:
         enabled = sys.stderr is not None and sys.stderr.isatty()
     if not enabled:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
+    return tqdm(total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True)
 
 
 

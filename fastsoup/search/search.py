@@ -23,7 +23,7 @@ from ..distributed.cache import open_cache
 from ..engine import CPU, resolve_device
 from ..io.checkpoint import Checkpoint, check_compatible, open_checkpoint
 from ..io.names import NameMap
-from ..mixing import load_checkpoint
+from ..mixing import load_checkpoint, mix_into_model
 from ..soup import Soup
 from . import cache as _cache
 from .batches import model_device
@@ -38,8 +38,8 @@ class SearchStats:
 
     prepare_seconds: float = 0.0  # running the data pipeline once (all data sets)
     individual_seconds: float = 0.0  # loading and scoring every ingredient
-    form_seconds: float = 0.0  # forming candidates (reads + fused kernel + parameter writes)
-    eval_seconds: float = 0.0  # evaluating candidates
+    form_seconds: float = 0.0  # forming candidates and soups (reads + fused kernel + parameter writes)
+    eval_seconds: float = 0.0  # evaluating candidates and soups
     evaluations: int = 0  # model evaluations run (ingredients and candidates)
     cached: int = 0  # evaluations answered by the cache or the journal
     batches_evaluated: int = 0  # candidate batches run
@@ -165,7 +165,13 @@ class Search:
         return _cache.soup_key(self.model_fp, self.data[data].fingerprint, [(self.fps[i], w) for i, w in zip(members, ws)])
 
     def cached(self, members: Sequence[int], data: str, weights: Sequence[float] | None = None) -> torch.Tensor | None:
-        k = self.key(members, data, weights)
+        return self._get(self.key(members, data, weights))
+
+    def store(self, members: Sequence[int], data: str, logits: torch.Tensor,
+              weights: Sequence[float] | None = None) -> None:
+        self._put(self.key(members, data, weights), logits)
+
+    def _get(self, k: str) -> torch.Tensor | None:
         if k in self._memory:
             return self._memory[k]
         if self.cache is not None:
@@ -175,9 +181,7 @@ class Search:
             return t
         return None
 
-    def store(self, members: Sequence[int], data: str, logits: torch.Tensor,
-              weights: Sequence[float] | None = None) -> None:
-        k = self.key(members, data, weights)
+    def _put(self, k: str, logits: torch.Tensor) -> None:
         self._memory[k] = logits
         if self.cache is not None:
             self.cache.put(k, logits)
@@ -223,15 +227,49 @@ class Search:
         out = {d: self.cached(members, d, weights) for d in sets}
         missing = [d for d, t in out.items() if t is None]
         if missing:
+            t0 = time.perf_counter()
             soup = Soup.like(self.model, device=self.engine_device, _names=self.name_map)
             for n, i in enumerate(members):
                 soup.add(self.ckpts[i], 1.0 if weights is None else weights[n])
             soup.load_into(self.model)
+            t1 = time.perf_counter()
             for d in missing:
                 ev = evaluate(self.model, self.data[d], self.metric)
                 self.stats.evaluations += 1
                 self.store(members, d, ev.logits, weights)
                 out[d] = ev.logits
+            self.stats.form_seconds += t1 - t0
+            self.stats.eval_seconds += time.perf_counter() - t1
+        return out
+
+    def mixed_logits(self, members: Sequence[int], weights: Sequence[float],
+                     sets: Sequence[str] = ("heldout",)) -> dict[str, torch.Tensor]:
+        """Logits of the linear combination ``sum_k weights[k] * theta_{members[k]}`` (the weights as
+        given, not normalized: any real numbers, for interpolations, extrapolations and planes through
+        checkpoints) on each data set: cached, else formed by one fused pass over the members'
+        checkpoints written into the model's parameters in place (:func:`~fastsoup.mixing.mix_into_model`:
+        computed in float64 and rounded once, bit for bit :func:`~fastsoup.weighted_sum` of the same
+        checkpoints and weights) and evaluated to the end on the sets that miss. The cache keys differ
+        from those of :meth:`soup_logits` (a running float32 sum, rounded otherwise)."""
+        members, weights = [int(i) for i in members], [float(w) for w in weights]
+        if not members or len(weights) != len(members):
+            raise ArgumentError(f"mixed_logits: give one weight per member ({len(members)} members, {len(weights)} weights)")
+        keys = {d: _cache.key("mix", self.model_fp, self.data[d].fingerprint,
+                              [[self.fps[i], w] for i, w in zip(members, weights)]) for d in sets}
+        out = {d: self._get(k) for d, k in keys.items()}
+        missing = [d for d, t in out.items() if t is None]
+        if missing:
+            t0 = time.perf_counter()
+            mix_into_model([self.ckpts[i] for i in members], self.model, weights, self._staging, device=self.engine_device)
+            t1 = time.perf_counter()
+            for d in missing:
+                ev = evaluate(self.model, self.data[d], self.metric)
+                self.stats.evaluations += 1
+                self._put(keys[d], ev.logits)
+                out[d] = ev.logits
+            self.stats.form_seconds += t1 - t0
+            self.stats.eval_seconds += time.perf_counter() - t1
+        self.stats.cached += len(out) - len(missing)
         return out
 
     def ranking(self, scores: Sequence[float], order: Sequence[int] | None) -> list[int]:
