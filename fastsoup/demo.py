@@ -180,8 +180,7 @@ def run_demo(out: str = "demo_out", models: int = 12, seed: int = 0, progress: b
             "name": "learned soup" + (" (layer-wise)" if layerwise else ""), "kind": kind,
             **{name: evaluate(model, d).score for name, d in sets.items()}})
     _write_rows(report.results_path, report.rows, merge=False)  # the demo's own file, every row new
-    # Figures: the paper's (below); the analyses of the zoo (fastsoup.analysis) will add theirs here, as
-    # figures[name] = path, from `paths`, `data` and `out`.
+    # Figures: the paper's soups figure, then the analyses' (below).
     figures: dict[str, str] = {}
     skipped = None
     try:
@@ -192,6 +191,17 @@ def run_demo(out: str = "demo_out", models: int = 12, seed: int = 0, progress: b
                      "with noise")
     except MatplotlibMissing:
         skipped = f"figure skipped (matplotlib is not installed): {MATPLOTLIB_HINT}"
+    # The paper's analyses (fastsoup.analysis), on the same held-out set: an 11 x 11 landscape through the
+    # pretrained model and the two best fine-tunes (Fig. 2), and every pair's angle against its 2-soup's
+    # gain (Fig. 3).
+    from .analysis import overview
+
+    pretrained = os.path.join(os.path.dirname(paths[0]), "pretrained.safetensors")
+    analyses = overview(paths, make_model(), batches(*data["heldout"]), out, base=pretrained, steps=11,
+                        progress=progress, overwrite=True)
+    if skipped is None:
+        for name in analyses:
+            figures[name] = os.path.join(out, f"{name}.png")
     rows = {r["kind"] if r["kind"] != "individual" else r["name"]: r for r in report.rows}
     best = max((r for r in report.rows if r["kind"] == "individual"), key=lambda r: r["heldout"])
     g, u = rows["greedy_soup"], rows["uniform_soup"]
@@ -203,9 +213,23 @@ def run_demo(out: str = "demo_out", models: int = 12, seed: int = 0, progress: b
         f"uniform soup (all {models}, incl. the too-large learning rates): held-out {100 * u['heldout']:.2f}, "
         f"test {100 * u['test']:.2f}, shift {100 * u['shift']:.2f}",
     ]
+    land = analyses["landscape"]
+    top = max(land.points, key=lambda r: r["accuracy"])
+    a, b, c = land.names
+    per = land.stats.get("seconds_per_soup")
+    each = f", {1000 * per:.0f} ms each" if per else ""
+    summary.append(f"landscape through {os.path.basename(a)}, {os.path.basename(b)}, {os.path.basename(c)} "
+                   f"({len(land.points)} soups{each}): best held-out {100 * top['accuracy']:.2f} at x = {top['x']:g}, "
+                   f"y = {top['y']:g} (A + x (B - A) + y (C - A))")
+    if "pairs" in analyses:
+        pr = analyses["pairs"]
+        r = pr.summary["pearson_r"]
+        summary.append(f"pairs: {len(pr.points)} 2-soups; correlation of the task vectors' angle with the 2-soup's gain "
+                       f"over its two models: r = {'n/a' if r is None else f'{r:.2f}'}")
     seconds = time.perf_counter() - start
     return {"table": report.table(), "summary": summary, "rows": report.rows, "figure": figures.get("soups"),
             "figures": figures, "figure_skipped": skipped, "greedy": report.greedy, "out": report.out,
+            "analyses": analyses,
             "results": report.results_path, "seconds": seconds}
 
 
@@ -214,7 +238,8 @@ def main(out: str, models: int, seed: int, progress: bool | None) -> int:
     print(r["table"])
     print()
     print("\n".join(r["summary"]))
-    wrote = [r["out"], r["results"], *r["figures"].values()]
+    wrote = [r["out"], r["results"], *(os.path.join(os.path.dirname(r["results"]), f"{n}.jsonl") for n in r["analyses"]),
+             *r["figures"].values()]
     print(f"\nwrote {', '.join(wrote[:-1])} and {wrote[-1]} in {r['seconds']:.1f} s")
     if r["figure_skipped"]:
         print(r["figure_skipped"])

@@ -21,6 +21,7 @@ import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from ..diagnostics import similarity
 from .core import ANALYSES, DEFAULT_SPAN, DEFAULT_STEPS, AnalysisResult, Analyzer
 from .plots import available as plotting_available
 
@@ -89,22 +90,36 @@ def count(checkpoints: Sequence[Any], model: Any, heldout: Iterable | None, *, s
 
 
 def overview(checkpoints: Sequence[Any], model: Any, heldout: Iterable | None, out_dir: str | os.PathLike, *,
-             base: Any = None, steps: int = 11, overwrite: bool = False, **options: Any) -> dict[str, AnalysisResult]:
+             base: Any = None, steps: int = 11, within: float | None = 0.05, overwrite: bool = False,
+             **options: Any) -> dict[str, AnalysisResult]:
     """A small landscape and the pairs analysis on one prepared held-out set (what the demo runs).
 
-    The landscape is the paper's plane through ``base`` and the two best fine-tunes on held-out
-    (without ``base``: through the three best), on a ``steps`` x ``steps`` grid over -0.5 .. 1.5
-    (default 11: steps of 0.2); ``pairs`` needs ``base`` and is left out without it. Writes
+    The good fine-tunes are those within ``within`` (default 0.05: 5 points of accuracy) of the best
+    on held-out (None: all). The landscape is the paper's plane through ``base``, the best fine-tune
+    and the good one whose task vector is most apart from the best's (the largest angle; without
+    ``base``: the three best), on a ``steps`` x ``steps`` grid over -0.5 .. 1.5 (default 11: steps
+    of 0.2); ``pairs`` runs over the good fine-tunes, needs ``base`` and is left out without it. Writes
     ``landscape.jsonl`` and ``pairs.jsonl`` into ``out_dir``, and ``landscape.png`` and ``pairs.png``
     when matplotlib is installed. Returns ``{"landscape": ..., "pairs": ...}``.
     """
     an = Analyzer(checkpoints, model, heldout, base=base, **options)
     scores = [an._accuracy_of(i) for i in range(an.k)]
     best = sorted(range(an.k), key=lambda i: -scores[i])
-    corners = (["base"] + best[:2]) if base is not None else best[:3]
+    # The good fine-tunes: within `within` of the best on held-out (a collapsed one would dominate the
+    # pairs' correlation, as it does the uniform soup).
+    good = [i for i in best if scores[i] >= scores[best[0]] - within] if within is not None else best
+    if base is not None and len(good) >= 2:
+        # The plane through the base, the best fine-tune and the good one most apart from it (the
+        # largest angle between task vectors): two near-parallel fine-tunes would give a sliver.
+        ckpts = an.search.ckpts
+        angles = similarity([ckpts[i] for i in good], base=ckpts[an.base]).angles[0]
+        far = max(range(1, len(good)), key=lambda j: angles[j])
+        corners = ["base", good[0], good[far]]
+    else:
+        corners = (["base"] + best[:2]) if base is not None else best[:3]
     results = {"landscape": an.landscape(*corners, steps=steps)}
-    if base is not None and an.k >= 2:
-        results["pairs"] = an.pairs()
+    if base is not None and len(good) >= 2:
+        results["pairs"] = an.pairs(good)
     plot = plotting_available()
     for name, r in results.items():
         r.write_jsonl(os.path.join(out_dir, f"{name}.jsonl"), overwrite=overwrite)

@@ -77,11 +77,15 @@ def _landscape(plt, r):
                        label=f"{m['label']}: {_short(m['name'])}")
             ax.annotate(m["label"], (m["u"], m["v"]), textcoords="offset points", xytext=(6, 6), fontsize=10,
                         color="white", fontweight="bold")
+        # To scale (distances in parameter space) unless the plane is too thin to see that way.
+        width, height = float(u.max() - u.min()), float(v.max() - v.min())
+        to_scale = height > 0 and 1 / 3 <= width / height <= 3
         ax.set_xlabel("along B - A (parameter-space distance)")
-        ax.set_ylabel("across, in the plane of A, B, C")
-        ax.set_aspect("equal", adjustable="box")
+        ax.set_ylabel("across, in the plane of A, B, C" + ("" if to_scale else " (stretched: not to scale)"))
+        if to_scale:
+            ax.set_aspect("equal", adjustable="box")
         ax.set_title(label.replace(" (log scale)", "") + " on the plane through A, B, C", fontsize=9)
-        ax.legend(loc="upper right", fontsize=7, framealpha=0.8)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3, fontsize=7, framealpha=0.8)
     fig.tight_layout()
     return fig
 
