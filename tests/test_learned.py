@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -257,7 +258,7 @@ def test_learned_beats_uniform_on_heldout_loss(learned, zoo):
     r = learned
     assert isinstance(r, LearnedResult)
     assert r.loss <= r.uniform_loss
-    assert len(r.losses) == 5 * len(held)  # 5 epochs by default
+    assert len(r.losses) == r.steps == L.default_steps(len(held))  # >= 5 epochs and >= 500 steps by default
     names = [n for n, ref in fastsoup.open_checkpoint(paths[0]).items()]
     assert r.tensor_names == names
     c = r.coefficients
@@ -626,3 +627,124 @@ def test_cli_learned_errors(cli_zoo, tmp_path, capsys):
     rc, _, err = _run(base[:1] + [paths[0], str(tmp_path / "missing.safetensors")] + base[len(paths) + 1:]
                       + ["-o", str(tmp_path / "c.safetensors")], capsys)
     assert rc == 1 and err.startswith("fastsoup: error:") and "missing.safetensors" in err
+
+
+# ---------------------------------------------------------------------------------------------------
+# How long the default trains (issue 23): a step budget that does not shrink with the held-out set
+
+
+@pytest.fixture(scope="module")
+def diverged(tmp_path_factory, _one_thread):
+    """Four fine-tunes of one init (tests/_tiny.py's teacher task), the last with a learning rate too
+    large (it diverges: held-out accuracy ~28 %, finite weights); a held-out set of 4 batches of 64.
+    The official default, 5 epochs, is 20 steps here."""
+    import _tiny
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("learned_diverged")
+    torch.manual_seed(0)
+    base = _tiny.MLP()
+    xp, yp = _tiny.make_data(1000, 1)
+    _tiny.train(base, xp, yp, lr=0.05, seed=0, epochs=1)
+    init = _tiny.clone_state(base)
+    xt, yt = _tiny.make_data(400, 2)
+    held = _tiny.batches(*_tiny.make_data(256, 3), 64)
+    paths, scores = [], []
+    for i, (lr, seed) in enumerate([(0.3, 1), (0.5, 2), (0.2, 3), (2.0, 7)]):
+        m = _tiny.MLP()
+        m.load_state_dict(init)
+        _tiny.train(m, xt, yt, lr=lr, seed=seed, epochs=2)
+        p = str(root / f"ft{i}.safetensors")
+        save_file(_tiny.clone_state(m), p)
+        paths.append(p)
+        scores.append(_tiny.accuracy(m, held))
+
+    def model():
+        m = _tiny.MLP()
+        m.load_state_dict(init)
+        return m
+
+    return paths, held, model, scores
+
+
+@pytest.mark.parametrize("layerwise", [False, True], ids=["per-model", "layerwise"])
+def test_default_trains_enough_on_a_small_heldout_set(diverged, layerwise):
+    # 5 epochs of 4 batches (20 steps) left the soup below the best ingredient (per model ~60 %,
+    # layer-wise ~28 %, under the uniform soup's 36 %, against the best model's 86 %); the default
+    # is now at least 500 steps, in whole epochs. The paper: learned >= best individual.
+    paths, held, model, scores = diverged
+    assert max(scores) > 0.8 and min(scores) < 0.35  # the setting: one diverged ingredient
+    r = learned_soup(paths, model(), held, layerwise=layerwise, progress=False)
+    assert r.score >= max(scores)
+    assert r.loss < r.uniform_loss
+    assert r.steps == len(r.losses) == 500  # 125 epochs of 4 batches
+    assert r.config["epochs"] is None and r.config["steps"] is None and r.config["total_steps"] == 500
+    assert r.seconds_per_step > 0
+    assert 0 <= r.uniform_score <= 1
+
+
+def test_default_is_whole_epochs_and_at_least_five(diverged):
+    paths, held, model, _ = diverged
+    assert L.default_steps(4) == 500
+    assert L.default_steps(3) == 501  # whole epochs: 167 of 3
+    assert L.default_steps(100) == 500
+    assert L.default_steps(101) == 505  # 5 epochs, the official count, once that is more than 500
+    assert L.default_steps(1000) == 5000
+    assert L.default_steps(1) == 500
+
+
+def test_explicit_epochs_and_steps_are_exact(diverged):
+    paths, held, model, _ = diverged
+    r = learned_soup(paths, model(), held, epochs=2, progress=False)
+    assert r.steps == len(r.losses) == 8 and r.config["total_steps"] == 8
+    r = learned_soup(paths, model(), held, steps=7, progress=False)
+    assert r.steps == len(r.losses) == 7
+    with pytest.raises(fastsoup.ArgumentError, match="epochs.*steps|steps.*epochs"):
+        learned_soup(paths, model(), held, epochs=2, steps=7, progress=False)
+
+
+def test_warns_in_one_line_when_no_better_than_uniform(diverged, recwarn):
+    paths, held, model, _ = diverged
+    r = learned_soup(paths, model(), held, steps=2, lr=1e-6, progress=False)
+    assert not r.loss < r.uniform_loss * (1 - L.NO_BETTER_RTOL)
+    found = [w for w in recwarn if issubclass(w.category, L.LearnedSoupWarning)]
+    assert len(found) == 1
+    text = str(found[0].message)
+    assert "\n" not in text and found[0].filename == __file__  # attributed to the caller
+    assert "uniform" in text and "2 steps" in text
+    for hint in ("steps", "lr", "init"):
+        assert hint in text
+    assert r.advice == text
+    # A soup that beats the uniform one says nothing.
+    recwarn.clear()
+    r = learned_soup(paths, model(), held, steps=60, progress=False)
+    assert r.loss < r.uniform_loss and r.advice is None
+    assert not [w for w in recwarn if issubclass(w.category, L.LearnedSoupWarning)]
+
+
+def test_report_fields_are_saved_and_cached(diverged, tmp_path, monkeypatch):
+    paths, held, model, _ = diverged
+    r = learned_soup(paths, model(), held, steps=30, cache_dir=tmp_path / "c", progress=False)
+    d = r.to_json()
+    assert d["steps"] == 30 and d["seconds_per_step"] == r.seconds_per_step > 0
+    assert d["uniform_score"] == r.uniform_score
+
+    def boom(*a, **k):
+        raise AssertionError("trained again")
+
+    monkeypatch.setattr(L, "dots", boom)
+    again = learned_soup(paths, model(), held, steps=30, cache_dir=tmp_path / "c", progress=False)
+    assert (again.steps, again.seconds_per_step, again.uniform_score) == (30, r.seconds_per_step, r.uniform_score)
+
+
+def test_cli_learned_reports_steps_and_warns_in_one_line(cli_zoo, tmp_path, capsys):
+    mod, paths, _ = cli_zoo
+    argv = ["learned", *paths, "--model", f"{mod}:net", "--heldout", f"{mod}:heldout", "-o",
+            str(tmp_path / "l.safetensors"), "--steps", "1", "--lr", "1e-6", "--no-progress"]
+    rc, stdout, err = _run(argv, capsys)
+    assert rc == 0, err
+    assert re.search(r"^1 step in [0-9.]+ s \([0-9.]+ ms per step, median\)$", stdout, re.M), stdout
+    assert "uniform soup: accuracy" in stdout
+    warned = [line for line in err.splitlines() if line.startswith("fastsoup: warning: ")]
+    assert len(warned) == 1 and "--steps" in warned[0] and "--lr" in warned[0], err
+    assert "LearnedSoupWarning" not in err

@@ -7,6 +7,14 @@ scalar ``beta``, cross-entropy, AdamW with lr 0.05 and no weight decay, 5 epochs
 data, starting from the uniform soup. The official code keeps all K models in memory ("a node with
 490GB RAM" for 72 CLIP ViT-B/32).
 
+How long it trains. The official run's 5 epochs were about 500 AdamW steps (ImageNet2p, ~100 batches
+of 256); it is the step count that reaches the paper's numbers. On a small held-out set 5 epochs are a
+handful of steps (4 batches: 20) and the soup stays near its uniform start, below the best
+ingredient. So the default (``epochs=None, steps=None``) is :func:`default_steps`: whole epochs, at
+least 5 and at least :data:`MIN_DEFAULT_STEPS` (500) steps; ``epochs=`` or ``steps=`` given are
+exact. A learned soup that ends with a held-out loss no better than the uniform soup's (not 0.1 %
+below it) warns (:class:`LearnedSoupWarning`, one line saying what to try).
+
 Here no model is ever held K times. Each step:
 
 1. ``theta(alpha)`` is written into the model's parameters by one fused weighted sum over the K
@@ -24,6 +32,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import time
 import warnings
 from collections.abc import Iterable, Sequence
@@ -45,6 +54,24 @@ from ..search.heldout import HeldOut, prepare
 from ..search.search import eval_device_of
 
 PARAMETRIZATIONS = ("softmax", "free")
+MIN_DEFAULT_STEPS = 500  # the official run's step count (5 epochs of ~100 batches)
+DEFAULT_EPOCHS = 5  # the official epochs
+NO_BETTER_RTOL = 1e-3  # a held-out loss within 0.1 % of the uniform soup's (or above it, or NaN) is "no better"
+
+
+class LearnedSoupWarning(UserWarning):
+    """The learned soup ended with a held-out loss no better than the uniform soup's (its starting
+    point): the message, one line, says what to try. ``fastsoup learned`` prints it as
+    ``fastsoup: warning: ...``."""
+
+
+def default_steps(n_batches: int) -> int:
+    """The default number of steps for ``n_batches`` held-out batches: whole epochs, at least
+    :data:`DEFAULT_EPOCHS` (the official 5) and at least :data:`MIN_DEFAULT_STEPS` (500) steps.
+    4 batches: 125 epochs, 500 steps; 100 batches: 5 epochs, 500 steps; 1,000 batches: 5 epochs."""
+    n = max(1, int(n_batches))
+    epochs = max(DEFAULT_EPOCHS, -(-MIN_DEFAULT_STEPS // n))
+    return epochs * n
 
 
 @dataclass
@@ -57,8 +84,14 @@ class LearnedResult:
             the state dict, in order).
         beta: the learned logit scale.
         score: held-out accuracy of the learned soup; ``loss``: its held-out loss (with beta).
-        uniform_loss: held-out loss of the uniform soup (the starting point), for comparison.
+        uniform_loss: held-out loss of the uniform soup (the starting point), for comparison;
+            ``uniform_score``: its held-out accuracy.
         losses: the training loss of every step.
+        steps: the steps run (``len(losses)``); ``seconds_per_step``: the median time of one step (the
+            mix, forward and backward, the gradient pass and the AdamW step).
+        advice: the :class:`LearnedSoupWarning`'s message when ``loss`` is no better than
+            ``uniform_loss`` (what to try), else None. ``cached``: read from ``cache_dir`` (then
+            ``seconds`` is the read's, ``steps`` and ``seconds_per_step`` the training's).
         ingredients: the ingredients (as given); ``sources`` is the deprecated name. ``indices``:
             their positions, ``0 .. K-1`` (all of them are in the soup); :meth:`weights`: the
             coefficients as the soup functions take them.
@@ -76,6 +109,10 @@ class LearnedResult:
     parametrization: str
     config: dict = field(default_factory=dict)
     seconds: float = 0.0
+    steps: int = 0
+    seconds_per_step: float = 0.0
+    uniform_score: float = float("nan")
+    cached: bool = False  # read from cache_dir (seconds: the read; steps and seconds_per_step: the training's)
     _mapped: list = field(default=None, repr=False, compare=False)  # the ingredients, named as the model's
     _names: Any = field(default=None, repr=False, compare=False)  # their NameMap (to save under the files' names)
 
@@ -89,6 +126,17 @@ class LearnedResult:
         """Deprecated name of :attr:`ingredients`."""
         warnings.warn("LearnedResult.sources is deprecated: use .ingredients", DeprecationWarning, stacklevel=2)
         return self.ingredients
+
+    @property
+    def advice(self) -> str | None:
+        """One line when the learned soup's held-out loss is no better than the uniform soup's (its
+        start), that is not below it by more than :data:`NO_BETTER_RTOL` (0.1 %) of it, or is NaN:
+        what happened and what to try; None otherwise."""
+        if self.loss < self.uniform_loss - NO_BETTER_RTOL * abs(self.uniform_loss):
+            return None
+        return (f"learned soup: held-out loss {self.loss:.4f} after {self.steps} steps is no better than the uniform "
+                f"soup's {self.uniform_loss:.4f} (its start): try more steps (steps=, --steps), another lr (lr=, --lr) "
+                "or init= a greedy soup's weights")
 
     def _ingredients(self) -> list[Checkpoint]:
         return self._mapped or [open_checkpoint(s) for s in self.ingredients]
@@ -169,6 +217,9 @@ class LearnedResult:
             "losses": self.losses,
             "config": self.config,
             "seconds": self.seconds,
+            "steps": self.steps,
+            "seconds_per_step": self.seconds_per_step,
+            "uniform_score": self.uniform_score,
         }
 
 
@@ -188,7 +239,7 @@ def learned_soup(
     heldout: Iterable,
     *,
     layerwise: bool = False,
-    epochs: int = 5,
+    epochs: int | None = None,
     steps: int | None = None,
     lr: float = 0.05,
     init: str | Sequence[float] = "uniform",
@@ -208,8 +259,11 @@ def learned_soup(
 
     Defaults follow the official ``learned_soup.py`` (layer-wise in the paper's appendix): softmax
     over the models starting from the uniform soup, a learned logit scale ``beta`` (initially 1),
-    cross-entropy, AdamW (lr 0.05, no weight decay), 5 epochs over the held-out batches (shuffled
-    each epoch with ``seed``).
+    cross-entropy, AdamW (lr 0.05, no weight decay), over the held-out batches shuffled each epoch
+    with ``seed``. How long: the official 5 epochs were ~500 steps; by default it runs whole epochs,
+    at least 5 and at least 500 steps (:func:`default_steps`: 4 batches give 125 epochs, 100 batches
+    5), so a small held-out set trains as long as the official run. A result whose held-out loss is
+    no better than the uniform soup's warns once (:class:`LearnedSoupWarning`, what to try).
 
     Args:
         ingredients: K checkpoints fine-tuned from one init (paths, state dicts, modules).
@@ -217,15 +271,16 @@ def learned_soup(
             overwritten (load the result with ``result.load_into(model)``). Evaluated in eval mode.
         heldout: ``(inputs, labels)`` batches; iterated once and kept (on ``device``).
         layerwise: one coefficient per model and tensor (else one per model).
-        epochs: passes over the held-out batches; ``steps``: exact number of steps instead.
+        epochs: passes over the held-out batches, exactly; ``steps``: exact number of steps instead
+            (not both). Neither (the default): :func:`default_steps` of the number of batches.
         lr: AdamW learning rate.
         init: "uniform", or K initial weights (e.g. a greedy soup's: 1 on kept, 0 elsewhere;
             zeros become a small weight under softmax).
         parametrization: "softmax" (weights >= 0 summing to 1) or "free" (any real weights).
         logit_scale: learn ``beta`` (the official code does); False keeps it at 1.
         eval_device: the evaluation device (default: the model's): the model is moved there and the
-            held-out tensors kept there. The mix and the gradient pass run on the CPU in this build,
-            so it must be the CPU.
+            held-out tensors kept there. On a CUDA device the mix and the gradient pass run there too
+            (the CUDA engine; see the module's docstring); on the CPU, on the CPU.
         device: deprecated name of ``eval_device`` (a FutureWarning).
         cache_dir: keep the result there (``learned-KEY.json``, with a checksum): a rerun with the
             same ingredients, data and settings returns it without training; a damaged entry is
@@ -241,7 +296,8 @@ def learned_soup(
             :func:`~fastsoup.greedy_soup` (for a transformers model, its own renames by default).
 
     Returns:
-        A :class:`LearnedResult`.
+        A :class:`LearnedResult` (with the steps run, the median time per step, and the uniform
+        soup's held-out loss and accuracy next to the learned soup's).
 
     Example:
         >>> r = fastsoup.learned_soup(paths, model, val_loader, layerwise=True)  # doctest: +SKIP
@@ -257,7 +313,9 @@ def learned_soup(
     sources = with_key(ingredients, key)
     if not sources:
         raise ArgumentError("no ingredients: give at least one checkpoint")
-    if not lr > 0 or (steps is None and not epochs >= 1) or (steps is not None and not steps >= 1):
+    if epochs is not None and steps is not None:
+        raise ArgumentError(f"give epochs or steps, not both (got epochs={epochs}, steps={steps})")
+    if not lr > 0 or (epochs is not None and not epochs >= 1) or (steps is not None and not steps >= 1):
         raise ArgumentError(f"need lr > 0 and epochs >= 1 (or steps >= 1), got lr={lr}, epochs={epochs}, steps={steps}")
     K = len(sources)
     _cache.check_verify(verify)
@@ -276,8 +334,10 @@ def learned_soup(
     held = prepare(heldout, dev, split="rows")  # torch.distributed: every rank takes a share of every batch
     names = [n for n, r in ckpts[0].items() if r.dtype in ("float16", "bfloat16", "float32", "float64")]
     w0 = _initial_weights(init, K)
-    config = {"layerwise": layerwise, "epochs": epochs, "steps": steps, "lr": lr, "init": list(w0),
-              "parametrization": parametrization, "logit_scale": logit_scale, "seed": seed}
+    n_batches = len(held.batches)
+    total = steps if steps is not None else epochs * n_batches if epochs is not None else default_steps(n_batches)
+    config = {"layerwise": layerwise, "epochs": epochs, "steps": steps, "total_steps": total, "lr": lr,
+              "init": list(w0), "parametrization": parametrization, "logit_scale": logit_scale, "seed": seed}
 
     cache_path = None
     if cache_dir is not None:
@@ -287,9 +347,13 @@ def learned_soup(
         # under torch.distributed only rank 0 reads it
         d = _comm.rank0(_read_cached, cache_path, (len(names), K) if layerwise else (K,))
         if d is not None:
-            return LearnedResult(torch.tensor(d["coefficients"], dtype=torch.float32), d["tensor_names"] or names,
-                                 d["beta"], d["score"], d["loss"], d["uniform_loss"], d["losses"], sources,
-                                 layerwise, parametrization, config, time.perf_counter() - start, _mapped=ckpts, _names=name_map)
+            result = LearnedResult(torch.tensor(d["coefficients"], dtype=torch.float32), d["tensor_names"] or names,
+                                   d["beta"], d["score"], d["loss"], d["uniform_loss"], d["losses"], sources,
+                                   layerwise, parametrization, config, time.perf_counter() - start,
+                                   len(d["losses"]), d.get("seconds_per_step", 0.0),
+                                   d.get("uniform_score", float("nan")), True, _mapped=ckpts, _names=name_map)
+            _warn_if_no_better(result)
+            return result
 
     rows = len(names) if layerwise else 1
     base = torch.tensor(w0, dtype=torch.float32)
@@ -310,9 +374,9 @@ def learned_soup(
         mix_into_model(ckpts, model, weights, staging)
 
     staging: dict = {}
-    uniform_loss = _heldout_loss(model, held, ckpts, [1.0 / K] * K, staging, 1.0)
-    batches = list(range(len(held.batches)))
-    total = steps if steps is not None else epochs * len(batches)
+    uniform_loss, uniform_score = _heldout_loss(model, held, ckpts, [1.0 / K] * K, staging, 1.0)
+    batches = list(range(n_batches))
+    step_times: list[float] = []
     gen = torch.Generator().manual_seed(seed)
     losses: list[float] = []
     order: list[int] = []
@@ -325,6 +389,7 @@ def learned_soup(
     aliases = {n for n, t in state.items() if isinstance(t, torch.nn.Parameter) and n not in params}
     try:
         for step in range(total):
+            t0 = time.perf_counter()
             if not order:
                 order = torch.randperm(len(batches), generator=gen).tolist()
             b = order.pop(0)
@@ -353,7 +418,8 @@ def learned_soup(
             alpha.backward(G)
             opt.step()
             opt.zero_grad()
-            losses.append(float(loss.detach()))
+            losses.append(float(loss.detach()))  # on a GPU: waits for the step
+            step_times.append(time.perf_counter() - t0)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
@@ -371,10 +437,19 @@ def learned_soup(
     final_loss = float(torch.nn.functional.cross_entropy(ev.logits * b, held.labels))
     coeff = alpha if layerwise else alpha[0]
     result = LearnedResult(coeff.clone(), names, b, ev.score, final_loss, uniform_loss, losses, sources, layerwise,
-                           parametrization, config, time.perf_counter() - start, _mapped=ckpts, _names=name_map)
+                           parametrization, config, time.perf_counter() - start, len(losses),
+                           statistics.median(step_times) if step_times else 0.0, uniform_score,
+                           _mapped=ckpts, _names=name_map)
     if cache_path is not None:
         _comm.rank0(_write_cached, cache_path, result.to_json(), share=False)
+    _warn_if_no_better(result)
     return result
+
+
+def _warn_if_no_better(result: LearnedResult) -> None:
+    advice = result.advice
+    if advice is not None and _comm.is_main_process():
+        warnings.warn(advice, LearnedSoupWarning, stacklevel=3)
 
 
 def _read_cached(path: str, shape: tuple) -> dict | None:
@@ -447,10 +522,11 @@ def _initial_weights(init: Any, K: int) -> list[float]:
     return [v / total for v in w]
 
 
-def _heldout_loss(model, held: HeldOut, ckpts, weights, staging, beta: float) -> float:
+def _heldout_loss(model, held: HeldOut, ckpts, weights, staging, beta: float) -> tuple[float, float]:
+    """The held-out loss (logits scaled by beta) and accuracy of the soup with ``weights``."""
     mix_into_model(ckpts, model, weights, staging)
     ev = evaluate(model, held, "accuracy")
-    return float(torch.nn.functional.cross_entropy(ev.logits * beta, held.labels))
+    return float(torch.nn.functional.cross_entropy(ev.logits * beta, held.labels)), ev.score
 
 
 def _grad(t: torch.Tensor):
@@ -460,4 +536,4 @@ def _grad(t: torch.Tensor):
     return g.detach().contiguous() if g.device.type == "cpu" else g.detach().cpu().contiguous()
 
 
-__all__ = ["LearnedResult", "learned_soup"]
+__all__ = ["LearnedResult", "LearnedSoupWarning", "default_steps", "learned_soup"]
