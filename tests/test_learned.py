@@ -748,3 +748,113 @@ def test_cli_learned_reports_steps_and_warns_in_one_line(cli_zoo, tmp_path, caps
     warned = [line for line in err.splitlines() if line.startswith("fastsoup: warning: ")]
     assert len(warned) == 1 and "--steps" in warned[0] and "--lr" in warned[0], err
     assert "LearnedSoupWarning" not in err
+
+
+# ---------------------------------------------------------------------------------------------------
+# On a GPU: the mix through the CUDA engine, dL/dalpha from _core.dots_cuda on the device. Without a
+# GPU: the Python side of the gradient pass against a stand-in for the native call, and the errors.
+
+HAS_GPU = bool(_core.cuda_compiled) and _core.cuda_device_count() > 0 and torch.cuda.is_available()
+needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="no CUDA device visible (the CUDA learned soup is compile-checked only)")
+
+
+def test_cuda_gradient_pass_arguments(tmp_path, monkeypatch):
+    # What mixing.dots hands the native call on a CUDA device: per tensor the K inputs (file
+    # mappings: location 1; in-memory tensors on the host: 0), g and its size. A stand-in runs the
+    # CPU kernel on them: the same dot products as the CPU pass.
+    from fastsoup import mixing
+    from fastsoup.engine import Device
+
+    paths, sds = _ingredients(tmp_path)
+    ckpts = [fastsoup.open_checkpoint(p) for p in paths[:2]] + [fastsoup.open_checkpoint(sds[2])]
+    g = torch.Generator().manual_seed(4)
+    grads = {n: torch.randn(sds[0][n].shape, generator=g) for n in sds[0]}
+    seen = {}
+
+    class Core:
+        def __getattr__(self, name):
+            return getattr(_core, name)
+
+        def dots_cuda(self, inputs, dtypes, locations, g, g_dtypes, ns, *, device, stream, slot_bytes, nslots,
+                      fill_threads):
+            seen.update(locations=locations, device=device, stream=stream, ns=ns)
+            return [_core.multi_dot(a, d, gp, gd, n, 1) for a, d, gp, gd, n in zip(inputs, dtypes, g, g_dtypes, ns)]
+
+    monkeypatch.setattr(mixing, "_core", Core())
+    from fastsoup import _torch
+
+    on_gpu = {id(t) for t in grads.values()}  # the stand-in's "device tensors": the gradients
+    monkeypatch.setattr(_torch, "on_device", lambda t, device: id(t) in on_gpu)
+    monkeypatch.setattr(_torch, "cuda_stream", lambda index: 1234)
+    got = mixing.dots(ckpts, grads, device=Device("cuda", 0))
+    want = mixing.dots(ckpts, grads)
+    assert got == want and list(got) == list(grads)
+    assert seen["locations"] == [[1, 1, 0]] * len(grads) and seen["device"] == 0 and seen["stream"] == 1234
+    assert seen["ns"] == [t.numel() for t in grads.values()]
+
+
+def test_cuda_merge_device_needs_the_model_there(diverged):
+    paths, held, model, _ = diverged
+    with pytest.raises(fastsoup.ArgumentError, match="cuda"):
+        learned_soup(paths, model(), held, steps=1, merge_device="cuda:0", progress=False)
+
+
+@needs_gpu
+def test_cuda_dots_are_multi_dot_bits(tmp_path):
+    # Host, mapped and device inputs, K > 16 (two launch groups), sizes around the 4096-element
+    # chunks, and slots small enough that a tensor takes many steps: the bits of multi_dot_cuda on
+    # device copies of the inputs.
+    from fastsoup import _torch
+    from fastsoup.engine import Device, plan
+    from fastsoup.mixing import dots
+
+    g = torch.Generator().manual_seed(5)
+    shapes = {"a": (3,), "b": (4096,), "c": (4097,), "d": (3, 50_000), "e": (0,)}
+    K = 18
+    sds = [{n: torch.randn(s, generator=g).to(torch.bfloat16 if k % 3 == 0 else torch.float32)
+            for n, s in shapes.items()} for k in range(K)]
+    for k in range(0, K, 2):
+        fastsoup.save(sds[k], tmp_path / f"{k}.safetensors")
+    ckpts = [fastsoup.open_checkpoint(str(tmp_path / f"{k}.safetensors")) if k % 2 == 0 else
+             fastsoup.open_checkpoint({n: (t.cuda() if k % 4 == 1 else t) for n, t in sds[k].items()})
+             for k in range(K)]
+    grads = {n: torch.randn(s, generator=g).cuda() for n, s in shapes.items()}
+    for slot_bytes in (plan.SLOT_BYTES, 300_000):
+        old = plan.SLOT_BYTES
+        plan.SLOT_BYTES = slot_bytes
+        try:
+            got = dots(ckpts, grads, device=Device("cuda", 0))
+        finally:
+            plan.SLOT_BYTES = old
+        assert got["e"] == [0.0] * K
+        for n, gr in grads.items():
+            if gr.numel():
+                want = _torch.multi_dot([sd[n].cuda() for sd in sds], gr).tolist()
+                assert got[n] == want, (n, slot_bytes)
+
+
+@needs_gpu
+@pytest.mark.parametrize("layerwise", [False, True], ids=["per-model", "layerwise"])
+def test_cuda_learned_soup_matches_the_cpu(diverged, layerwise):
+    paths, held, model, _ = diverged
+    cpu = learned_soup(paths, model(), held, layerwise=layerwise, steps=40, progress=False)
+    gpu = learned_soup(paths, model().cuda(), held, layerwise=layerwise, steps=40, progress=False)
+    host = learned_soup(paths, model().cuda(), held, layerwise=layerwise, steps=40, merge_device="cpu", progress=False)
+    for r in (gpu, host):
+        assert r.steps == 40 and r.seconds_per_step > 0
+        # the same arithmetic but for the order of sums in the forward, backward and dot products
+        assert torch.allclose(r.coefficients, cpu.coefficients, atol=2e-3, rtol=0)
+        assert abs(r.beta - cpu.beta) < 2e-3 and abs(r.loss - cpu.loss) < 1e-3 * cpu.loss
+        assert abs(r.uniform_loss - cpu.uniform_loss) < 1e-4
+    m = gpu.load_into(model().cuda())
+    assert next(m.parameters()).is_cuda
+
+
+@needs_gpu
+def test_cuda_learned_soup_of_ingredients_on_the_gpu(diverged):
+    # State dicts already on the device are read in place by the mix and the gradient pass.
+    paths, held, model, _ = diverged
+    sds = [{n: t.cuda() for n, t in _load(p).items()} for p in paths]
+    on_gpu = learned_soup(sds, model().cuda(), held, steps=20, progress=False)
+    files = learned_soup(paths, model().cuda(), held, steps=20, progress=False)
+    assert torch.allclose(on_gpu.coefficients, files.coefficients, atol=1e-6, rtol=0)

@@ -26,6 +26,16 @@ Here no model is ever held K times. Each step:
 
 Memory: the model, its gradients and the activations, O(P), whatever K. Reads: the K checkpoints
 twice per step, from the page cache when they fit in RAM (they stay mapped), else from disk.
+
+On a GPU (the model on a CUDA device, and a build with CUDA; ``merge_device=`` overrides), steps 1
+and 3 run on the CUDA engine, as the official code trains on the GPU: the mix is the CUDA merge
+(the K checkpoints' host data through the ring of pinned slots, summed by the fused kernel straight
+into the parameters), and ``dL/dalpha`` is one native call (``_core.dots_cuda``) that streams the
+same slots and multiplies them with the gradients where they are, on the device, with the bits of
+``multi_dot`` on device tensors. GPU memory: the model, its gradients, the activations and the
+ring (a few 32 MiB slots), never K copies; ingredients given as tensors already on the GPU are read
+in place. Only the K x n_tensors dot products travel back to the host, where the (tiny) softmax and
+AdamW step run.
 """
 
 from __future__ import annotations
@@ -51,7 +61,7 @@ from ..search import cache as _cache
 from ..search.batches import model_device, model_logits
 from ..search.evaluation import evaluate, progress_bar
 from ..search.heldout import HeldOut, prepare
-from ..search.search import eval_device_of
+from ..search.search import eval_device_of, merge_device_for
 
 PARAMETRIZATIONS = ("softmax", "free")
 MIN_DEFAULT_STEPS = 500  # the official run's step count (5 epochs of ~100 batches)
@@ -246,6 +256,7 @@ def learned_soup(
     parametrization: str = "softmax",
     logit_scale: bool = True,
     eval_device: Any = None,
+    merge_device: Any = None,
     cache_dir: str | os.PathLike | None = None,
     seed: int = 0,
     progress: bool | None = None,
@@ -279,8 +290,11 @@ def learned_soup(
         parametrization: "softmax" (weights >= 0 summing to 1) or "free" (any real weights).
         logit_scale: learn ``beta`` (the official code does); False keeps it at 1.
         eval_device: the evaluation device (default: the model's): the model is moved there and the
-            held-out tensors kept there. On a CUDA device the mix and the gradient pass run there too
-            (the CUDA engine; see the module's docstring); on the CPU, on the CPU.
+            held-out tensors kept there.
+        merge_device: where the mix and the gradient pass run (default: the CUDA engine when the
+            model is on a GPU and this build has CUDA, else the CPU; "cpu" with a model on a GPU mixes
+            on the host and stages the parameters and gradients through pinned memory). A CUDA
+            ``merge_device`` needs the model on that device.
         device: deprecated name of ``eval_device`` (a FutureWarning).
         cache_dir: keep the result there (``learned-KEY.json``, with a checksum): a rerun with the
             same ingredients, data and settings returns it without training; a damaged entry is
@@ -329,8 +343,10 @@ def learned_soup(
     bad = [n for n, p in params.items() if p.dtype != torch.float32]
     if bad:
         raise FastsoupError(f"learned_soup needs float32 parameters ({bad[:5]} are not): call model.float() first")
-    if dev.type != "cpu":
-        raise ArgumentError("learned_soup computes on the CPU in this build: pass a model on the CPU (or eval_device=\"cpu\")")
+    engine = merge_device_for(dev, merge_device)
+    if engine.is_cuda and (dev.type != "cuda" or (dev.index if dev.index is not None else 0) != engine.index):
+        raise ArgumentError(f"learned_soup: merge_device {engine} needs the model there (it is on {dev}): pass "
+                            f"eval_device=\"{engine}\", or merge_device=\"cpu\"")
     held = prepare(heldout, dev, split="rows")  # torch.distributed: every rank takes a share of every batch
     names = [n for n, r in ckpts[0].items() if r.dtype in ("float16", "bfloat16", "float32", "float64")]
     w0 = _initial_weights(init, K)
@@ -371,10 +387,10 @@ def learned_soup(
     def write(alpha: torch.Tensor) -> None:
         a = alpha.detach()
         weights = {n: a[i].tolist() for i, n in enumerate(names)} if layerwise else a[0].tolist()
-        mix_into_model(ckpts, model, weights, staging)
+        mix_into_model(ckpts, model, weights, staging, device=engine)
 
     staging: dict = {}
-    uniform_loss, uniform_score = _heldout_loss(model, held, ckpts, [1.0 / K] * K, staging, 1.0)
+    uniform_loss, uniform_score = _heldout_loss(model, held, ckpts, [1.0 / K] * K, staging, 1.0, engine)
     batches = list(range(n_batches))
     step_times: list[float] = []
     gen = torch.Generator().manual_seed(seed)
@@ -399,13 +415,13 @@ def learned_soup(
             model.zero_grad(set_to_none=False)
             out = model_logits(model, x)
             if held.split is None:
-                loss = torch.nn.functional.cross_entropy(out * beta if logit_scale else out, y)
+                loss = torch.nn.functional.cross_entropy(out * beta.to(out.device) if logit_scale else out, y)
             else:  # this rank's rows: its share of the batch's mean loss (summed over ranks below)
-                loss = torch.nn.functional.cross_entropy(out * beta if logit_scale else out, y,
+                loss = torch.nn.functional.cross_entropy(out * beta.to(out.device) if logit_scale else out, y,
                                                          reduction="sum") / held.split.sizes[b]
             loss.backward()
-            grads = {n: _grad(state[n]) for n in names}
-            found = dots(ckpts, {n: g for n, g in grads.items() if g is not None})
+            grads = {n: _grad(state[n], engine) for n in names}
+            found = dots(ckpts, {n: g for n, g in grads.items() if g is not None}, device=engine)
             G = torch.zeros(len(names), K, dtype=torch.float64)
             for i, n in enumerate(names):
                 if n in found:
@@ -522,18 +538,22 @@ def _initial_weights(init: Any, K: int) -> list[float]:
     return [v / total for v in w]
 
 
-def _heldout_loss(model, held: HeldOut, ckpts, weights, staging, beta: float) -> tuple[float, float]:
+def _heldout_loss(model, held: HeldOut, ckpts, weights, staging, beta: float, engine) -> tuple[float, float]:
     """The held-out loss (logits scaled by beta) and accuracy of the soup with ``weights``."""
-    mix_into_model(ckpts, model, weights, staging)
+    mix_into_model(ckpts, model, weights, staging, device=engine)
     ev = evaluate(model, held, "accuracy")
     return float(torch.nn.functional.cross_entropy(ev.logits * beta, held.labels)), ev.score
 
 
-def _grad(t: torch.Tensor):
+def _grad(t: torch.Tensor, engine):
+    """A parameter's gradient where the gradient pass reads it: on the CUDA engine's device, else a
+    contiguous CPU tensor (copied from a GPU)."""
     g = t.grad if isinstance(t, torch.nn.Parameter) else None
     if g is None:
         return None
-    return g.detach().contiguous() if g.device.type == "cpu" else g.detach().cpu().contiguous()
+    if engine.is_cuda or g.device.type == "cpu":
+        return g.detach().contiguous()
+    return g.detach().cpu().contiguous()
 
 
 __all__ = ["LearnedResult", "LearnedSoupWarning", "default_steps", "learned_soup"]
