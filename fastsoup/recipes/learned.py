@@ -144,7 +144,7 @@ class LearnedResult:
         what happened and what to try; None otherwise."""
         if self.loss < self.uniform_loss - NO_BETTER_RTOL * abs(self.uniform_loss):
             return None
-        return (f"learned soup: held-out loss {self.loss:.4f} after {self.steps} steps is no better than the uniform "
+        return (f"learned soup: held-out loss {self.loss:.4f} after {self.steps} step{'' if self.steps == 1 else 's'} is no better than the uniform "
                 f"soup's {self.uniform_loss:.4f} (its start): try more steps (steps=, --steps), another lr (lr=, --lr) "
                 "or init= a greedy soup's weights")
 
