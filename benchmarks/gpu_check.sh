@@ -23,6 +23,8 @@ $PY -m pip install --no-build-isolation -e . > "$OUT/build.log" 2>&1 || { echo "
 $PY -c "import fastsoup, json; print(json.dumps(fastsoup.native_info()))" | tee "$OUT/native_info.json"
 $PY -m pytest -q tests/test_cuda.py -rs > "$OUT/test_cuda.log" 2>&1 || rc=1
 tail -3 "$OUT/test_cuda.log"
+$PY -m pytest -q tests/test_learned.py -k cuda -rs > "$OUT/test_learned_cuda.log" 2>&1 || rc=1
+tail -3 "$OUT/test_learned_cuda.log"
 $PY -m pytest -q tests > "$OUT/test_all.log" 2>&1 || rc=1
 tail -3 "$OUT/test_all.log"
 $PY -m benchmarks.bench_cuda --json "$OUT/bench_cuda.json" > "$OUT/bench_cuda.log" 2>&1 || rc=1

@@ -610,13 +610,58 @@ and once in the fused combine pass.)doc");
           "of nslots pinned slots of slot_bytes (kept between runs: release_cuda_buffers() frees it). "
           "Memory outputs (out_file -1) are device addresses; inputs may be device memory (in_loc 2). "
           "Weights and the rest as in run(). Synchronizes `stream` before it returns.");
+  m.def(
+      "dots_cuda",
+      [](const std::vector<std::vector<uintptr_t>>& inputs, const std::vector<std::vector<int>>& dtypes,
+         const std::vector<std::vector<int>>& locations, const std::vector<uintptr_t>& g,
+         const std::vector<int>& g_dtypes, const std::vector<int64_t>& ns, int device, uintptr_t stream,
+         int64_t slot_bytes, int nslots, int fill_threads) {
+        const size_t T = inputs.size();
+        if (dtypes.size() != T || locations.size() != T || g.size() != T || g_dtypes.size() != T || ns.size() != T)
+          throw std::invalid_argument("dots_cuda: inputs, dtypes, locations, g, g_dtypes and ns differ in length");
+        std::vector<cuda::DotTensor> ts(T);
+        for (size_t t = 0; t < T; ++t) {
+          cuda::DotTensor& d = ts[t];
+          if (dtypes[t].size() != inputs[t].size() || locations[t].size() != inputs[t].size())
+            throw std::invalid_argument("dots_cuda: tensor " + std::to_string(t) +
+                                        ": inputs, dtypes and locations differ in length");
+          for (size_t k = 0; k < inputs[t].size(); ++k) {
+            d.inputs.push_back(reinterpret_cast<const void*>(inputs[t][k]));
+            if (!valid_dtype_code(dtypes[t][k]))
+              throw std::invalid_argument("dots_cuda: tensor " + std::to_string(t) + ": invalid dtype code");
+            d.dtypes.push_back(static_cast<DType>(dtypes[t][k]));
+            if (locations[t][k] < 0 || locations[t][k] > 2)
+              throw std::invalid_argument("dots_cuda: tensor " + std::to_string(t) + ": location must be 0, 1 or 2");
+            d.locations.push_back(static_cast<InputLocation>(locations[t][k]));
+          }
+          d.g = reinterpret_cast<const void*>(g[t]);
+          if (!valid_dtype_code(g_dtypes[t]))
+            throw std::invalid_argument("dots_cuda: tensor " + std::to_string(t) + ": invalid dtype code of g");
+          d.g_dtype = static_cast<DType>(g_dtypes[t]);
+          d.n = ns[t];
+        }
+        CudaMergeOptions o;
+        o.device = device;
+        o.stream = stream;
+        o.slot_bytes = slot_bytes;
+        o.nslots = nslots;
+        o.fill_threads = fill_threads;
+        return cuda::run_dots(ts, o);
+      },
+      py::arg("inputs"), py::arg("dtypes"), py::arg("locations"), py::arg("g"), py::arg("g_dtypes"), py::arg("ns"),
+      py::kw_only(), py::arg("device"), py::arg("stream"), py::arg("slot_bytes") = CudaMergeOptions().slot_bytes,
+      py::arg("nslots") = CudaMergeOptions().nslots, py::arg("fill_threads") = 0,
+      py::call_guard<py::gil_scoped_release>(),
+      "The K dot products <g_t, inputs_t[k]> of every tensor t on the GPU `device` (a learned soup's gradient "
+      "pass): g_t are device addresses; inputs are host (0), file-mapping (1) or device (2) addresses, host ones "
+      "streamed through the merge ring's pinned slots. multi_dot's bits. Synchronizes `stream`.");
   m.def("release_cuda_buffers", &cuda::release_buffers, py::call_guard<py::gil_scoped_release>(),
         "Frees the pinned and device memory of the CUDA merge ring (kept between merges; the next one "
         "allocates it again). Returns the bytes freed.");
 #else
   m.attr("cuda_compiled") = false;
   m.def("cuda_device_count", [] { return 0; }, "CUDA devices present (this build has no CUDA: always 0).");
-  for (const char* name : {"weighted_sum_cuda", "multi_dot_cuda", "gram_cuda", "sparse_merge_cuda",
+  for (const char* name : {"weighted_sum_cuda", "multi_dot_cuda", "gram_cuda", "sparse_merge_cuda", "dots_cuda",
                            "cuda_device_name", "cuda_is_device_pointer"}) {
     m.def(name, [name](py::args, py::kwargs) { no_cuda(name); });
   }

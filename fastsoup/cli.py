@@ -151,7 +151,9 @@ def _parser() -> argparse.ArgumentParser:
         "learned", help="learned soup: mixing coefficients trained on held-out data (O(P) memory)",
         description="Learns one coefficient per checkpoint (--layerwise: per checkpoint and tensor) on the held-out "
                     "batches by gradient descent, streaming the checkpoints (memory does not grow with their number). "
-                    "Defaults follow the official learned_soup.py: softmax, AdamW lr 0.05, 5 epochs.")
+                    "Defaults follow the official learned_soup.py (softmax, AdamW lr 0.05), for at least 5 epochs "
+                    "and 500 steps (whole epochs). Prints the steps run and the time per step; warns in one line "
+                    "when the soup's held-out loss is no better than the uniform soup's.")
     le.add_argument("inputs", nargs="+", metavar="CKPT", help="checkpoints fine-tuned from one init")
     le.add_argument("--model", required=True, metavar="MOD:FACTORY",
                     help="a function returning the nn.Module (float32 parameters), e.g. mypkg.models:make_model "
@@ -163,8 +165,11 @@ def _parser() -> argparse.ArgumentParser:
     le.add_argument("-o", "--out", required=True, metavar="OUT",
                     help="where to write the learned soup (safetensors) and its JSON sidecar")
     le.add_argument("--layerwise", action="store_true", help="one coefficient per checkpoint and tensor")
-    le.add_argument("--epochs", type=int, default=5, metavar="N", help="passes over the held-out batches (default: 5)")
-    le.add_argument("--steps", type=int, metavar="N", help="exact number of steps (instead of --epochs)")
+    le_len = le.add_mutually_exclusive_group()
+    le_len.add_argument("--epochs", type=int, metavar="N",
+                        help="exactly N passes over the held-out batches (default: whole epochs, at least 5 and at "
+                             "least 500 steps)")
+    le_len.add_argument("--steps", type=int, metavar="N", help="exactly N steps (instead of --epochs)")
     le.add_argument("--lr", type=float, default=0.05, help="AdamW learning rate (default: 0.05)")
     le.add_argument("--parametrization", choices=["softmax", "free"], default="softmax",
                     help="softmax: weights >= 0 summing to 1 (default); free: any real weights")
@@ -332,7 +337,7 @@ def _greedy(args) -> int:
 def _learned(args) -> int:
     import os
 
-    from .recipes.learned import learned_soup
+    from .recipes.learned import LearnedSoupWarning, learned_soup
     from .report import load_callable
 
     evals = _evals(args.eval)
@@ -340,16 +345,23 @@ def _learned(args) -> int:
         raise OutputExistsError(f"{args.out} exists: pass --overwrite to replace it")
     start = time.perf_counter()
     model = load_callable(args.model, "model factory")()
-    r = learned_soup(args.inputs, model, load_callable(args.heldout, "held-out loader")(), layerwise=args.layerwise,
-                     epochs=args.epochs, steps=args.steps, lr=args.lr, parametrization=args.parametrization,
-                     cache_dir=args.cache, eval_device=args.device, progress=False if args.no_progress else None,
-                     verify="full" if args.verify_cache else "sample", key=args.key, key_map=_key_map(args),
-                     strip_prefix=args.strip_prefix)
+    with warnings.catch_warnings():  # said below in one line, after the numbers it is about
+        warnings.simplefilter("ignore", LearnedSoupWarning)
+        r = learned_soup(args.inputs, model, load_callable(args.heldout, "held-out loader")(),
+                         layerwise=args.layerwise, epochs=args.epochs, steps=args.steps, lr=args.lr,
+                         parametrization=args.parametrization, cache_dir=args.cache, eval_device=args.device,
+                         progress=False if args.no_progress else None, verify="full" if args.verify_cache else "sample",
+                         key=args.key, key_map=_key_map(args), strip_prefix=args.strip_prefix)
     coeff = r.coefficients if not r.layerwise else r.coefficients.mean(0)
     print(f"{'checkpoint':<40}  {'coefficient' if not r.layerwise else 'mean coefficient':>16}")
     for name, c in zip(args.inputs, coeff.tolist()):
         print(f"{name:<40}  {c:>16.4f}")
-    print(f"held-out accuracy {100 * r.score:.2f}, loss {r.loss:.4f} (uniform soup: {r.uniform_loss:.4f}), beta {r.beta:.3f}")
+    print(f"held-out accuracy {100 * r.score:.2f}, loss {r.loss:.4f} (uniform soup: accuracy {100 * r.uniform_score:.2f}, "
+          f"loss {r.uniform_loss:.4f}), beta {r.beta:.3f}")
+    print(f"{r.steps} step{'' if r.steps == 1 else 's'} in {r.seconds:.2f} s ({1000 * r.seconds_per_step:.2f} ms per step, "
+          "median)" + (" (cached)" if r.cached else ""))
+    if r.advice is not None:
+        _note(f"fastsoup: warning: {r.advice}")
     if evals:
         from .search import evaluate, prepare
 

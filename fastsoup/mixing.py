@@ -97,13 +97,20 @@ def mix_into_model(ckpts: list[Checkpoint], model: Any, weights, staging: dict, 
         ck.verify("the mix into the model")
 
 
-def dots(ckpts: list[Checkpoint], grads: dict, threads: int = 0) -> dict:
+def dots(ckpts: list[Checkpoint], grads: dict, threads: int = 0, device: Device = CPU) -> dict:
     """name -> [<grads[name], theta_k[name]> for k]: one fused multi_dot pass over the K checkpoints
-    per tensor (float64 results). ``grads``: name -> contiguous float CPU tensor. The pages of the
-    files read are released after each tensor (as the merge executor does), so resident memory does
-    not grow with K."""
+    per tensor (float64 results). The pages of the files read are released after each tensor (as the
+    merge executor does), so resident memory does not grow with K.
+
+    ``device`` "cpu": ``grads`` are contiguous float CPU tensors, the CPU kernel. A CUDA device:
+    ``grads`` are contiguous float tensors on it, and one native call (``_core.dots_cuda``) runs
+    every tensor's K dot products there, the checkpoints' host data streamed through the CUDA merge
+    ring's pinned slots (their tensors already on the device read in place): GPU memory is the
+    ring's, whatever K (see csrc/include/fastsoup/cuda.h, ``run_dots``)."""
     from . import _torch
 
+    if device.is_cuda:
+        return _dots_cuda(ckpts, grads, threads, device)
     out = {}
     for name, g in grads.items():
         addrs, codes, release, keep = [], [], [], []
@@ -123,6 +130,36 @@ def dots(ckpts: list[Checkpoint], grads: dict, threads: int = 0) -> dict:
     for ck in ckpts:
         ck.verify("the gradient pass")
     return out
+
+
+def _dots_cuda(ckpts: list[Checkpoint], grads: dict, threads: int, device: Device) -> dict:
+    from . import _torch
+    from .engine.plan import NSLOTS, SLOT_BYTES
+
+    names, inputs, codes, locs, gs, g_codes, ns, keep = [], [], [], [], [], [], [], []
+    for name, g in grads.items():
+        if not _torch.on_device(g, device):
+            raise FastsoupError(f"the gradient pass on {device}: the gradient of {name!r} is on {g.device}"
+                                + ("" if g.is_contiguous() else " and not contiguous"))
+        srcs = [source(ck, name, device, keep) for ck in ckpts]
+        names.append(name)
+        inputs.append([a for a, _, _ in srcs])
+        codes.append([c for _, c, _ in srcs])
+        locs.append([int(loc) for _, _, loc in srcs])
+        gs.append(g.data_ptr())
+        g_codes.append(dtype_info(_torch.dtype_name(g.dtype)).code)
+        ns.append(g.numel())
+    for name, n in zip(names, ns):
+        if ckpts and ckpts[0][name].numel != n:
+            raise FastsoupError(f"the gradient pass: {name!r} has {n} elements in the model, "
+                                f"{ckpts[0][name].numel} in the checkpoints")
+    vals = _core.dots_cuda(inputs, codes, locs, gs, g_codes, ns, device=device.index,
+                           stream=_torch.cuda_stream(device.index), slot_bytes=SLOT_BYTES, nslots=NSLOTS,
+                           fill_threads=threads)
+    del keep
+    for ck in ckpts:
+        ck.verify("the gradient pass")
+    return dict(zip(names, vals))
 
 
 __all__ = ["dots", "load_checkpoint", "mix_into_model", "write_model"]

@@ -164,6 +164,7 @@ void launch_group(WeightedSumArgs& a, int device, cudaStream_t stream) {
 
 constexpr int kPerThread = 16;
 constexpr int64_t kChunk = static_cast<int64_t>(kThreads) * kPerThread;
+static_assert(kChunk == kDotChunk, "cuda.h's kDotChunk is the elements of one block's partial");
 
 struct DotArgs {
   const void* in[kMaxInputs];
@@ -172,7 +173,8 @@ struct DotArgs {
   const void* g;
   int32_t g_dt;
   int64_t n;
-  double* partial;  // nchunks * k
+  double* partial;  // partial[c * stride + k] for chunk c of these n elements and input k of the launch
+  int64_t stride;
 };
 
 __global__ void __launch_bounds__(kThreads) dot_partials_kernel(const DotArgs a) {
@@ -199,18 +201,18 @@ __global__ void __launch_bounds__(kThreads) dot_partials_kernel(const DotArgs a)
         if (threadIdx.x < w) red[threadIdx.x] = __fadd_rn(red[threadIdx.x], red[threadIdx.x + w]);
         __syncthreads();
       }
-      if (threadIdx.x == 0) a.partial[c * a.k + k] = static_cast<double>(red[0]);
+      if (threadIdx.x == 0) a.partial[c * a.stride + k] = static_cast<double>(red[0]);
       __syncthreads();
     }
   }
 }
 
-__global__ void __launch_bounds__(kThreads) dot_finish_kernel(const double* partial, int64_t nchunks, int k,
-                                                              double* out) {
+__global__ void __launch_bounds__(kThreads) dot_finish_kernel(const double* partial, int64_t nchunks,
+                                                              int64_t stride, double* out) {
   __shared__ double red[kThreads];
   const int col = blockIdx.x;
   double s = 0.0;
-  for (int64_t c = threadIdx.x; c < nchunks; c += kThreads) s = __dadd_rn(s, partial[c * k + col]);
+  for (int64_t c = threadIdx.x; c < nchunks; c += kThreads) s = __dadd_rn(s, partial[c * stride + col]);
   red[threadIdx.x] = s;
   __syncthreads();
   for (int w = kThreads / 2; w > 0; w >>= 1) {
@@ -221,6 +223,35 @@ __global__ void __launch_bounds__(kThreads) dot_finish_kernel(const double* part
 }
 
 }  // namespace
+
+void launch_dot_partials(const void* const* inputs, const DType* dtypes, int64_t k, const void* g, DType g_dtype,
+                         int64_t n, double* partial, int64_t stride, int device, cudaStream_t stream) {
+  const int64_t nchunks = (n + kChunk - 1) / kChunk;
+  if (n == 0 || k == 0) return;
+  for (int64_t g0 = 0; g0 < k; g0 += kMaxInputs) {
+    DotArgs a{};
+    a.k = static_cast<int>(std::min<int64_t>(kMaxInputs, k - g0));
+    for (int j = 0; j < a.k; ++j) {
+      a.in[j] = inputs[g0 + j];
+      a.dt[j] = static_cast<int32_t>(dtypes[g0 + j]);
+    }
+    a.g = g;
+    a.g_dt = static_cast<int32_t>(g_dtype);
+    a.n = n;
+    a.partial = partial + g0;
+    a.stride = stride;
+    const int blocks = static_cast<int>(std::min<int64_t>(nchunks, static_cast<int64_t>(grid_size(device, nchunks * kThreads, kThreads))));
+    dot_partials_kernel<<<blocks, kThreads, 0, stream>>>(a);
+    FS_CUDA_CHECK(cudaGetLastError());
+  }
+}
+
+void launch_dot_finish(const double* partial, int64_t nchunks, int64_t stride, int64_t k, double* out,
+                       cudaStream_t stream) {
+  if (k == 0) return;
+  dot_finish_kernel<<<static_cast<unsigned>(k), kThreads, 0, stream>>>(partial, nchunks, stride, out);
+  FS_CUDA_CHECK(cudaGetLastError());
+}
 
 int grid_size(int device, int64_t work, int threads) {
   static std::mutex mu;
@@ -320,22 +351,11 @@ Status multi_dot(const MultiDotParams& p, int device, uintptr_t stream_handle) {
   const int64_t group = std::min<int64_t>(K, kMaxInputs);
   FS_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&partial), static_cast<size_t>(nchunks * group) * sizeof(double), stream));
   FS_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&dout), static_cast<size_t>(K) * sizeof(double), stream));
+  // Groups of kMaxInputs, each through the partials (stride: the group's inputs) and their sums.
   for (int64_t g0 = 0; g0 < K; g0 += kMaxInputs) {
-    DotArgs a{};
-    a.k = static_cast<int>(std::min<int64_t>(kMaxInputs, K - g0));
-    for (int j = 0; j < a.k; ++j) {
-      a.in[j] = p.inputs[g0 + j];
-      a.dt[j] = static_cast<int32_t>(p.input_dtypes[g0 + j]);
-    }
-    a.g = p.g;
-    a.g_dt = static_cast<int32_t>(p.g_dtype);
-    a.n = p.n;
-    a.partial = partial;
-    const int blocks = static_cast<int>(std::min<int64_t>(nchunks, static_cast<int64_t>(grid_size(device, nchunks * kThreads, kThreads))));
-    dot_partials_kernel<<<blocks, kThreads, 0, stream>>>(a);
-    FS_CUDA_CHECK(cudaGetLastError());
-    dot_finish_kernel<<<a.k, kThreads, 0, stream>>>(partial, nchunks, a.k, dout + g0);
-    FS_CUDA_CHECK(cudaGetLastError());
+    const int64_t k = std::min<int64_t>(kMaxInputs, K - g0);
+    launch_dot_partials(p.inputs + g0, p.input_dtypes + g0, k, p.g, p.g_dtype, p.n, partial, k, device, stream);
+    launch_dot_finish(partial, nchunks, k, k, dout + g0, stream);
   }
   FS_CUDA_CHECK(cudaMemcpyAsync(p.out, dout, static_cast<size_t>(K) * sizeof(double), cudaMemcpyDeviceToHost, stream));
   FS_CUDA_CHECK(cudaFreeAsync(partial, stream));

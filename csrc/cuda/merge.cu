@@ -276,5 +276,147 @@ void run_merge(const MergePlan& p, const MergeRun& run, const CudaMergeOptions& 
   }
 }
 
+std::vector<std::vector<double>> run_dots(const std::vector<DotTensor>& tensors, const CudaMergeOptions& o) {
+  o.check("run_dots");
+  // Check everything before any work: one piece of a tensor per step needs at least one chunk of its
+  // host inputs in a slot.
+  int64_t max_chunks = 0, max_k = 0, min_slot = 0;
+  std::vector<const void*> mapped;
+  for (size_t t = 0; t < tensors.size(); ++t) {
+    const DotTensor& d = tensors[t];
+    const std::string at = "run_dots: tensor " + std::to_string(t) + ": ";
+    const size_t K = d.inputs.size();
+    if (d.dtypes.size() != K || d.locations.size() != K)
+      throw std::invalid_argument(at + "inputs, dtypes and locations differ in length");
+    if (d.n < 0) throw std::invalid_argument(at + "n < 0");
+    if (!valid_dtype_code(static_cast<int>(d.g_dtype))) throw std::invalid_argument(at + "invalid dtype code of g");
+    if (d.n > 0 && K > 0 && d.g == nullptr) throw std::invalid_argument(at + "g is a null address");
+    int64_t host_chunk = 0;
+    for (size_t k = 0; k < K; ++k) {
+      if (!valid_dtype_code(static_cast<int>(d.dtypes[k]))) throw std::invalid_argument(at + "invalid dtype code");
+      if (d.n > 0 && d.inputs[k] == nullptr) throw std::invalid_argument(at + "an input is a null address");
+      const InputLocation loc = d.locations[k];
+      if (loc != InputLocation::kHost && loc != InputLocation::kMapped && loc != InputLocation::kDevice)
+        throw std::invalid_argument(at + "invalid input location");
+      if (loc != InputLocation::kDevice) host_chunk += align_up(kDotChunk * static_cast<int64_t>(itemsize(d.dtypes[k])));
+      if (loc == InputLocation::kMapped) mapped.push_back(d.inputs[k]);
+    }
+    max_chunks = std::max<int64_t>(max_chunks, (d.n + kDotChunk - 1) / kDotChunk);
+    max_k = std::max<int64_t>(max_k, static_cast<int64_t>(K));
+    min_slot = std::max(min_slot, host_chunk);
+  }
+  std::vector<std::vector<double>> out(tensors.size());
+  for (size_t t = 0; t < tensors.size(); ++t) out[t].assign(tensors[t].inputs.size(), 0.0);
+  if (max_chunks == 0 || max_k == 0) return out;
+
+  std::lock_guard<std::mutex> lock(ring_mutex());
+  DeviceGuard guard(o.device);
+  cudaStream_t stream = as_stream(o.stream);
+  CudaRing& r = ring();
+  // Steps of at most slot_bytes of host inputs (the ring may be larger, from an earlier merge).
+  const int64_t slot_bytes = std::max(o.slot_bytes, min_slot);
+  r.ensure(o.device, o.nslots, slot_bytes, 0);
+  FaultWatch watch(mapped);
+  const int fill_threads = o.fill_threads > 0 ? o.fill_threads : cpu::available_threads();
+  double* partial = nullptr;
+  double* dout = nullptr;
+  std::vector<int64_t> first(tensors.size());  // each tensor's first result in dout
+  int64_t total = 0;
+  for (size_t t = 0; t < tensors.size(); ++t) {
+    first[t] = total;
+    total += static_cast<int64_t>(tensors[t].inputs.size());
+  }
+  std::vector<bool> busy(static_cast<size_t>(r.nslots()), false);
+  auto wait_slot = [&](int s) {
+    if (busy[static_cast<size_t>(s)]) FS_CUDA_CHECK(cudaEventSynchronize(r.slot(s).done));
+    busy[static_cast<size_t>(s)] = false;
+  };
+  try {
+    FS_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&partial),
+                                  static_cast<size_t>(max_chunks * max_k) * sizeof(double), stream));
+    FS_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&dout), static_cast<size_t>(total) * sizeof(double), stream));
+    size_t j = 0;  // steps so far: step j uses slot j % nslots
+    std::vector<const void*> dev_ptr;
+    for (size_t t = 0; t < tensors.size(); ++t) {
+      const DotTensor& d = tensors[t];
+      const int64_t K = static_cast<int64_t>(d.inputs.size());
+      if (d.n == 0 || K == 0) continue;  // zeros (already in out)
+      const int64_t nchunks = (d.n + kDotChunk - 1) / kDotChunk;
+      int64_t host_chunk = 0;  // slot bytes of one chunk of every host input
+      for (int64_t k = 0; k < K; ++k)
+        if (d.locations[static_cast<size_t>(k)] != InputLocation::kDevice)
+          host_chunk += align_up(kDotChunk * static_cast<int64_t>(itemsize(d.dtypes[static_cast<size_t>(k)])));
+      // Chunks per step: as many as the slot holds (all of them when every input is on the device).
+      const int64_t per_step = host_chunk == 0 ? nchunks : std::max<int64_t>(1, slot_bytes / host_chunk);
+      dev_ptr.assign(static_cast<size_t>(K), nullptr);
+      const size_t g_unit = itemsize(d.g_dtype);
+      for (int64_t c0 = 0; c0 < nchunks; c0 += per_step, ++j) {
+        const int64_t begin = c0 * kDotChunk;
+        const int64_t count = std::min<int64_t>(per_step * kDotChunk, d.n - begin);
+        const int s = static_cast<int>(j % static_cast<size_t>(r.nslots()));
+        const CudaRing::Slot& slot = r.slot(s);
+        struct Piece { const char* src; char* dst; int64_t len; bool mapped; };
+        std::vector<Piece> pieces;
+        int64_t off = 0;
+        if (host_chunk > 0) wait_slot(s);  // its previous step's copy and kernels are done with it
+        for (int64_t k = 0; k < K; ++k) {
+          const DType dt = d.dtypes[static_cast<size_t>(k)];
+          const int64_t unit = static_cast<int64_t>(itemsize(dt));
+          const char* src = static_cast<const char*>(d.inputs[static_cast<size_t>(k)]) + begin * unit;
+          if (d.locations[static_cast<size_t>(k)] == InputLocation::kDevice) {
+            dev_ptr[static_cast<size_t>(k)] = src;
+            continue;
+          }
+          const int64_t len = count * unit;
+          for (int64_t b = 0; b < len; b += (1 << 20))  // 1 MiB pieces spread over the fill threads
+            pieces.push_back({src + b, slot.pinned_in + off + b, std::min<int64_t>(1 << 20, len - b),
+                              d.locations[static_cast<size_t>(k)] == InputLocation::kMapped});
+          dev_ptr[static_cast<size_t>(k)] = slot.dev_in + off;
+          off = align_up(off + len);
+        }
+        if (!pieces.empty()) {
+          cpu::parallel_for(static_cast<int64_t>(pieces.size()), fill_threads, [&](int64_t i) {
+            const Piece& q = pieces[static_cast<size_t>(i)];
+            std::memcpy(q.dst, q.src, static_cast<size_t>(q.len));
+            if (q.mapped) advise_range(q.src, static_cast<size_t>(q.len), Advice::kDontNeed);
+          });
+          if (watch.faulted()) throw InputFault(watch.path());
+          FS_CUDA_CHECK(cudaMemcpyAsync(slot.dev_in, slot.pinned_in, static_cast<size_t>(off), cudaMemcpyHostToDevice,
+                                        r.copy_stream()));
+          FS_CUDA_CHECK(cudaEventRecord(slot.copied, r.copy_stream()));
+          FS_CUDA_CHECK(cudaStreamWaitEvent(stream, slot.copied, 0));
+        }
+        launch_dot_partials(dev_ptr.data(), d.dtypes.data(), K, static_cast<const char*>(d.g) + begin * g_unit,
+                            d.g_dtype, count, partial + c0 * K, K, o.device, stream);
+        if (!pieces.empty()) {
+          FS_CUDA_CHECK(cudaEventRecord(slot.done, stream));
+          busy[static_cast<size_t>(s)] = true;
+          add_counters(off, 0);
+        }
+      }
+      launch_dot_finish(partial, nchunks, K, K, dout + first[t], stream);  // after the tensor's partials (one stream)
+    }
+    std::vector<double> host(static_cast<size_t>(total));
+    FS_CUDA_CHECK(cudaMemcpyAsync(host.data(), dout, static_cast<size_t>(total) * sizeof(double), cudaMemcpyDeviceToHost,
+                                  stream));
+    FS_CUDA_CHECK(cudaFreeAsync(partial, stream));
+    partial = nullptr;
+    FS_CUDA_CHECK(cudaFreeAsync(dout, stream));
+    dout = nullptr;
+    FS_CUDA_CHECK(cudaStreamSynchronize(stream));
+    for (size_t t = 0; t < tensors.size(); ++t)
+      for (size_t k = 0; k < out[t].size(); ++k) out[t][k] = host[static_cast<size_t>(first[t]) + k];
+  } catch (...) {
+    // Leave no work in flight that reads the ring, then free the temporaries.
+    cudaStreamSynchronize(stream);
+    cudaStreamSynchronize(r.copy_stream());
+    if (partial != nullptr) cudaFree(partial);
+    if (dout != nullptr) cudaFree(dout);
+    cudaGetLastError();  // the error travels in the exception; a later check must not see it again
+    throw;
+  }
+  return out;
+}
+
 }  // namespace cuda
 }  // namespace fastsoup

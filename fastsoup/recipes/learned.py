@@ -7,6 +7,14 @@ scalar ``beta``, cross-entropy, AdamW with lr 0.05 and no weight decay, 5 epochs
 data, starting from the uniform soup. The official code keeps all K models in memory ("a node with
 490GB RAM" for 72 CLIP ViT-B/32).
 
+How long it trains. The official run's 5 epochs were about 500 AdamW steps (ImageNet2p, ~100 batches
+of 256); it is the step count that reaches the paper's numbers. On a small held-out set 5 epochs are a
+handful of steps (4 batches: 20) and the soup stays near its uniform start, below the best
+ingredient. So the default (``epochs=None, steps=None``) is :func:`default_steps`: whole epochs, at
+least 5 and at least :data:`MIN_DEFAULT_STEPS` (500) steps; ``epochs=`` or ``steps=`` given are
+exact. A learned soup that ends with a held-out loss no better than the uniform soup's (not 0.1 %
+below it) warns (:class:`LearnedSoupWarning`, one line saying what to try).
+
 Here no model is ever held K times. Each step:
 
 1. ``theta(alpha)`` is written into the model's parameters by one fused weighted sum over the K
@@ -18,12 +26,23 @@ Here no model is ever held K times. Each step:
 
 Memory: the model, its gradients and the activations, O(P), whatever K. Reads: the K checkpoints
 twice per step, from the page cache when they fit in RAM (they stay mapped), else from disk.
+
+On a GPU (the model on a CUDA device, and a build with CUDA; ``merge_device=`` overrides), steps 1
+and 3 run on the CUDA engine, as the official code trains on the GPU: the mix is the CUDA merge
+(the K checkpoints' host data through the ring of pinned slots, summed by the fused kernel straight
+into the parameters), and ``dL/dalpha`` is one native call (``_core.dots_cuda``) that streams the
+same slots and multiplies them with the gradients where they are, on the device, with the bits of
+``multi_dot`` on device tensors. GPU memory: the model, its gradients, the activations and the
+ring (a few 32 MiB slots), never K copies; ingredients given as tensors already on the GPU are read
+in place. Only the K x n_tensors dot products travel back to the host, where the (tiny) softmax and
+AdamW step run.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import statistics
 import time
 import warnings
 from collections.abc import Iterable, Sequence
@@ -42,9 +61,27 @@ from ..search import cache as _cache
 from ..search.batches import model_device, model_logits
 from ..search.evaluation import evaluate, progress_bar
 from ..search.heldout import HeldOut, prepare
-from ..search.search import eval_device_of
+from ..search.search import eval_device_of, merge_device_for
 
 PARAMETRIZATIONS = ("softmax", "free")
+MIN_DEFAULT_STEPS = 500  # the official run's step count (5 epochs of ~100 batches)
+DEFAULT_EPOCHS = 5  # the official epochs
+NO_BETTER_RTOL = 1e-3  # a held-out loss within 0.1 % of the uniform soup's (or above it, or NaN) is "no better"
+
+
+class LearnedSoupWarning(UserWarning):
+    """The learned soup ended with a held-out loss no better than the uniform soup's (its starting
+    point): the message, one line, says what to try. ``fastsoup learned`` prints it as
+    ``fastsoup: warning: ...``."""
+
+
+def default_steps(n_batches: int) -> int:
+    """The default number of steps for ``n_batches`` held-out batches: whole epochs, at least
+    :data:`DEFAULT_EPOCHS` (the official 5) and at least :data:`MIN_DEFAULT_STEPS` (500) steps.
+    4 batches: 125 epochs, 500 steps; 100 batches: 5 epochs, 500 steps; 1,000 batches: 5 epochs."""
+    n = max(1, int(n_batches))
+    epochs = max(DEFAULT_EPOCHS, -(-MIN_DEFAULT_STEPS // n))
+    return epochs * n
 
 
 @dataclass
@@ -57,8 +94,14 @@ class LearnedResult:
             the state dict, in order).
         beta: the learned logit scale.
         score: held-out accuracy of the learned soup; ``loss``: its held-out loss (with beta).
-        uniform_loss: held-out loss of the uniform soup (the starting point), for comparison.
+        uniform_loss: held-out loss of the uniform soup (the starting point), for comparison;
+            ``uniform_score``: its held-out accuracy.
         losses: the training loss of every step.
+        steps: the steps run (``len(losses)``); ``seconds_per_step``: the median time of one step (the
+            mix, forward and backward, the gradient pass and the AdamW step).
+        advice: the :class:`LearnedSoupWarning`'s message when ``loss`` is no better than
+            ``uniform_loss`` (what to try), else None. ``cached``: read from ``cache_dir`` (then
+            ``seconds`` is the read's, ``steps`` and ``seconds_per_step`` the training's).
         ingredients: the ingredients (as given); ``sources`` is the deprecated name. ``indices``:
             their positions, ``0 .. K-1`` (all of them are in the soup); :meth:`weights`: the
             coefficients as the soup functions take them.
@@ -76,6 +119,10 @@ class LearnedResult:
     parametrization: str
     config: dict = field(default_factory=dict)
     seconds: float = 0.0
+    steps: int = 0
+    seconds_per_step: float = 0.0
+    uniform_score: float = float("nan")
+    cached: bool = False  # read from cache_dir (seconds: the read; steps and seconds_per_step: the training's)
     _mapped: list = field(default=None, repr=False, compare=False)  # the ingredients, named as the model's
     _names: Any = field(default=None, repr=False, compare=False)  # their NameMap (to save under the files' names)
 
@@ -89,6 +136,17 @@ class LearnedResult:
         """Deprecated name of :attr:`ingredients`."""
         warnings.warn("LearnedResult.sources is deprecated: use .ingredients", DeprecationWarning, stacklevel=2)
         return self.ingredients
+
+    @property
+    def advice(self) -> str | None:
+        """One line when the learned soup's held-out loss is no better than the uniform soup's (its
+        start), that is not below it by more than :data:`NO_BETTER_RTOL` (0.1 %) of it, or is NaN:
+        what happened and what to try; None otherwise."""
+        if self.loss < self.uniform_loss - NO_BETTER_RTOL * abs(self.uniform_loss):
+            return None
+        return (f"learned soup: held-out loss {self.loss:.4f} after {self.steps} step{'' if self.steps == 1 else 's'} is no better than the uniform "
+                f"soup's {self.uniform_loss:.4f} (its start): try more steps (steps=, --steps), another lr (lr=, --lr) "
+                "or init= a greedy soup's weights")
 
     def _ingredients(self) -> list[Checkpoint]:
         return self._mapped or [open_checkpoint(s) for s in self.ingredients]
@@ -169,6 +227,9 @@ class LearnedResult:
             "losses": self.losses,
             "config": self.config,
             "seconds": self.seconds,
+            "steps": self.steps,
+            "seconds_per_step": self.seconds_per_step,
+            "uniform_score": self.uniform_score,
         }
 
 
@@ -188,13 +249,14 @@ def learned_soup(
     heldout: Iterable,
     *,
     layerwise: bool = False,
-    epochs: int = 5,
+    epochs: int | None = None,
     steps: int | None = None,
     lr: float = 0.05,
     init: str | Sequence[float] = "uniform",
     parametrization: str = "softmax",
     logit_scale: bool = True,
     eval_device: Any = None,
+    merge_device: Any = None,
     cache_dir: str | os.PathLike | None = None,
     seed: int = 0,
     progress: bool | None = None,
@@ -208,8 +270,11 @@ def learned_soup(
 
     Defaults follow the official ``learned_soup.py`` (layer-wise in the paper's appendix): softmax
     over the models starting from the uniform soup, a learned logit scale ``beta`` (initially 1),
-    cross-entropy, AdamW (lr 0.05, no weight decay), 5 epochs over the held-out batches (shuffled
-    each epoch with ``seed``).
+    cross-entropy, AdamW (lr 0.05, no weight decay), over the held-out batches shuffled each epoch
+    with ``seed``. How long: the official 5 epochs were ~500 steps; by default it runs whole epochs,
+    at least 5 and at least 500 steps (:func:`default_steps`: 4 batches give 125 epochs, 100 batches
+    5), so a small held-out set trains as long as the official run. A result whose held-out loss is
+    no better than the uniform soup's warns once (:class:`LearnedSoupWarning`, what to try).
 
     Args:
         ingredients: K checkpoints fine-tuned from one init (paths, state dicts, modules).
@@ -217,15 +282,19 @@ def learned_soup(
             overwritten (load the result with ``result.load_into(model)``). Evaluated in eval mode.
         heldout: ``(inputs, labels)`` batches; iterated once and kept (on ``device``).
         layerwise: one coefficient per model and tensor (else one per model).
-        epochs: passes over the held-out batches; ``steps``: exact number of steps instead.
+        epochs: passes over the held-out batches, exactly; ``steps``: exact number of steps instead
+            (not both). Neither (the default): :func:`default_steps` of the number of batches.
         lr: AdamW learning rate.
         init: "uniform", or K initial weights (e.g. a greedy soup's: 1 on kept, 0 elsewhere;
             zeros become a small weight under softmax).
         parametrization: "softmax" (weights >= 0 summing to 1) or "free" (any real weights).
         logit_scale: learn ``beta`` (the official code does); False keeps it at 1.
         eval_device: the evaluation device (default: the model's): the model is moved there and the
-            held-out tensors kept there. The mix and the gradient pass run on the CPU in this build,
-            so it must be the CPU.
+            held-out tensors kept there.
+        merge_device: where the mix and the gradient pass run (default: the CUDA engine when the
+            model is on a GPU and this build has CUDA, else the CPU; "cpu" with a model on a GPU mixes
+            on the host and stages the parameters and gradients through pinned memory). A CUDA
+            ``merge_device`` needs the model on that device.
         device: deprecated name of ``eval_device`` (a FutureWarning).
         cache_dir: keep the result there (``learned-KEY.json``, with a checksum): a rerun with the
             same ingredients, data and settings returns it without training; a damaged entry is
@@ -241,7 +310,8 @@ def learned_soup(
             :func:`~fastsoup.greedy_soup` (for a transformers model, its own renames by default).
 
     Returns:
-        A :class:`LearnedResult`.
+        A :class:`LearnedResult` (with the steps run, the median time per step, and the uniform
+        soup's held-out loss and accuracy next to the learned soup's).
 
     Example:
         >>> r = fastsoup.learned_soup(paths, model, val_loader, layerwise=True)  # doctest: +SKIP
@@ -257,7 +327,9 @@ def learned_soup(
     sources = with_key(ingredients, key)
     if not sources:
         raise ArgumentError("no ingredients: give at least one checkpoint")
-    if not lr > 0 or (steps is None and not epochs >= 1) or (steps is not None and not steps >= 1):
+    if epochs is not None and steps is not None:
+        raise ArgumentError(f"give epochs or steps, not both (got epochs={epochs}, steps={steps})")
+    if not lr > 0 or (epochs is not None and not epochs >= 1) or (steps is not None and not steps >= 1):
         raise ArgumentError(f"need lr > 0 and epochs >= 1 (or steps >= 1), got lr={lr}, epochs={epochs}, steps={steps}")
     K = len(sources)
     _cache.check_verify(verify)
@@ -271,13 +343,17 @@ def learned_soup(
     bad = [n for n, p in params.items() if p.dtype != torch.float32]
     if bad:
         raise FastsoupError(f"learned_soup needs float32 parameters ({bad[:5]} are not): call model.float() first")
-    if dev.type != "cpu":
-        raise ArgumentError("learned_soup computes on the CPU in this build: pass a model on the CPU (or eval_device=\"cpu\")")
+    engine = merge_device_for(dev, merge_device)
+    if engine.is_cuda and (dev.type != "cuda" or (dev.index if dev.index is not None else 0) != engine.index):
+        raise ArgumentError(f"learned_soup: merge_device {engine} needs the model there (it is on {dev}): pass "
+                            f"eval_device=\"{engine}\", or merge_device=\"cpu\"")
     held = prepare(heldout, dev, split="rows")  # torch.distributed: every rank takes a share of every batch
     names = [n for n, r in ckpts[0].items() if r.dtype in ("float16", "bfloat16", "float32", "float64")]
     w0 = _initial_weights(init, K)
-    config = {"layerwise": layerwise, "epochs": epochs, "steps": steps, "lr": lr, "init": list(w0),
-              "parametrization": parametrization, "logit_scale": logit_scale, "seed": seed}
+    n_batches = len(held.batches)
+    total = steps if steps is not None else epochs * n_batches if epochs is not None else default_steps(n_batches)
+    config = {"layerwise": layerwise, "epochs": epochs, "steps": steps, "total_steps": total, "lr": lr,
+              "init": list(w0), "parametrization": parametrization, "logit_scale": logit_scale, "seed": seed}
 
     cache_path = None
     if cache_dir is not None:
@@ -287,9 +363,13 @@ def learned_soup(
         # under torch.distributed only rank 0 reads it
         d = _comm.rank0(_read_cached, cache_path, (len(names), K) if layerwise else (K,))
         if d is not None:
-            return LearnedResult(torch.tensor(d["coefficients"], dtype=torch.float32), d["tensor_names"] or names,
-                                 d["beta"], d["score"], d["loss"], d["uniform_loss"], d["losses"], sources,
-                                 layerwise, parametrization, config, time.perf_counter() - start, _mapped=ckpts, _names=name_map)
+            result = LearnedResult(torch.tensor(d["coefficients"], dtype=torch.float32), d["tensor_names"] or names,
+                                   d["beta"], d["score"], d["loss"], d["uniform_loss"], d["losses"], sources,
+                                   layerwise, parametrization, config, time.perf_counter() - start,
+                                   len(d["losses"]), d.get("seconds_per_step", 0.0),
+                                   d.get("uniform_score", float("nan")), True, _mapped=ckpts, _names=name_map)
+            _warn_if_no_better(result)
+            return result
 
     rows = len(names) if layerwise else 1
     base = torch.tensor(w0, dtype=torch.float32)
@@ -307,12 +387,12 @@ def learned_soup(
     def write(alpha: torch.Tensor) -> None:
         a = alpha.detach()
         weights = {n: a[i].tolist() for i, n in enumerate(names)} if layerwise else a[0].tolist()
-        mix_into_model(ckpts, model, weights, staging)
+        mix_into_model(ckpts, model, weights, staging, device=engine)
 
     staging: dict = {}
-    uniform_loss = _heldout_loss(model, held, ckpts, [1.0 / K] * K, staging, 1.0)
-    batches = list(range(len(held.batches)))
-    total = steps if steps is not None else epochs * len(batches)
+    uniform_loss, uniform_score = _heldout_loss(model, held, ckpts, [1.0 / K] * K, staging, 1.0, engine)
+    batches = list(range(n_batches))
+    step_times: list[float] = []
     gen = torch.Generator().manual_seed(seed)
     losses: list[float] = []
     order: list[int] = []
@@ -325,6 +405,7 @@ def learned_soup(
     aliases = {n for n, t in state.items() if isinstance(t, torch.nn.Parameter) and n not in params}
     try:
         for step in range(total):
+            t0 = time.perf_counter()
             if not order:
                 order = torch.randperm(len(batches), generator=gen).tolist()
             b = order.pop(0)
@@ -334,13 +415,13 @@ def learned_soup(
             model.zero_grad(set_to_none=False)
             out = model_logits(model, x)
             if held.split is None:
-                loss = torch.nn.functional.cross_entropy(out * beta if logit_scale else out, y)
+                loss = torch.nn.functional.cross_entropy(out * beta.to(out.device) if logit_scale else out, y)
             else:  # this rank's rows: its share of the batch's mean loss (summed over ranks below)
-                loss = torch.nn.functional.cross_entropy(out * beta if logit_scale else out, y,
+                loss = torch.nn.functional.cross_entropy(out * beta.to(out.device) if logit_scale else out, y,
                                                          reduction="sum") / held.split.sizes[b]
             loss.backward()
-            grads = {n: _grad(state[n]) for n in names}
-            found = dots(ckpts, {n: g for n, g in grads.items() if g is not None})
+            grads = {n: _grad(state[n], engine) for n in names}
+            found = dots(ckpts, {n: g for n, g in grads.items() if g is not None}, device=engine)
             G = torch.zeros(len(names), K, dtype=torch.float64)
             for i, n in enumerate(names):
                 if n in found:
@@ -353,7 +434,8 @@ def learned_soup(
             alpha.backward(G)
             opt.step()
             opt.zero_grad()
-            losses.append(float(loss.detach()))
+            losses.append(float(loss.detach()))  # on a GPU: waits for the step
+            step_times.append(time.perf_counter() - t0)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
@@ -371,10 +453,19 @@ def learned_soup(
     final_loss = float(torch.nn.functional.cross_entropy(ev.logits * b, held.labels))
     coeff = alpha if layerwise else alpha[0]
     result = LearnedResult(coeff.clone(), names, b, ev.score, final_loss, uniform_loss, losses, sources, layerwise,
-                           parametrization, config, time.perf_counter() - start, _mapped=ckpts, _names=name_map)
+                           parametrization, config, time.perf_counter() - start, len(losses),
+                           statistics.median(step_times) if step_times else 0.0, uniform_score,
+                           _mapped=ckpts, _names=name_map)
     if cache_path is not None:
         _comm.rank0(_write_cached, cache_path, result.to_json(), share=False)
+    _warn_if_no_better(result)
     return result
+
+
+def _warn_if_no_better(result: LearnedResult) -> None:
+    advice = result.advice
+    if advice is not None and _comm.is_main_process():
+        warnings.warn(advice, LearnedSoupWarning, stacklevel=3)
 
 
 def _read_cached(path: str, shape: tuple) -> dict | None:
@@ -447,17 +538,22 @@ def _initial_weights(init: Any, K: int) -> list[float]:
     return [v / total for v in w]
 
 
-def _heldout_loss(model, held: HeldOut, ckpts, weights, staging, beta: float) -> float:
-    mix_into_model(ckpts, model, weights, staging)
+def _heldout_loss(model, held: HeldOut, ckpts, weights, staging, beta: float, engine) -> tuple[float, float]:
+    """The held-out loss (logits scaled by beta) and accuracy of the soup with ``weights``."""
+    mix_into_model(ckpts, model, weights, staging, device=engine)
     ev = evaluate(model, held, "accuracy")
-    return float(torch.nn.functional.cross_entropy(ev.logits * beta, held.labels))
+    return float(torch.nn.functional.cross_entropy(ev.logits * beta, held.labels)), ev.score
 
 
-def _grad(t: torch.Tensor):
+def _grad(t: torch.Tensor, engine):
+    """A parameter's gradient where the gradient pass reads it: on the CUDA engine's device, else a
+    contiguous CPU tensor (copied from a GPU)."""
     g = t.grad if isinstance(t, torch.nn.Parameter) else None
     if g is None:
         return None
-    return g.detach().contiguous() if g.device.type == "cpu" else g.detach().cpu().contiguous()
+    if engine.is_cuda or g.device.type == "cpu":
+        return g.detach().contiguous()
+    return g.detach().cpu().contiguous()
 
 
-__all__ = ["LearnedResult", "learned_soup"]
+__all__ = ["LearnedResult", "LearnedSoupWarning", "default_steps", "learned_soup"]

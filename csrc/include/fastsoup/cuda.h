@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "fastsoup/dtype.h"
 #include "fastsoup/io.h"
@@ -21,6 +22,9 @@ namespace cuda {
 
 // Inputs per kernel launch (their pointers, dtypes and weights travel by value in the launch).
 constexpr int kMaxInputs = 16;
+
+// multi_dot's unit: one block sums g[i] * in_k[i] over kDotChunk elements in a fixed binary32 tree.
+constexpr int64_t kDotChunk = 4096;
 
 // Devices present (0 when the driver or a device is missing: the CPU path keeps working).
 int device_count();
@@ -58,6 +62,29 @@ Status sparse_merge(const SparseMergeParams& p, int device, uintptr_t stream);
 // (one ring).
 void run_merge(const MergePlan& plan, const MergeRun& run, const CudaMergeOptions& options,
                const MergeProgress& progress);
+
+// One tensor of a streamed gradient pass (run_dots): K inputs of n elements, each in host memory,
+// a guarded file mapping or device memory of options.device (as a merge plan's inputs), and g, n
+// elements in device memory.
+struct DotTensor {
+  std::vector<const void*> inputs;
+  std::vector<DType> dtypes;
+  std::vector<InputLocation> locations;
+  const void* g = nullptr;
+  DType g_dtype = DType::kFloat32;
+  int64_t n = 0;
+};
+
+// out[t][k] = <g_t, inputs_t[k]> for every tensor t: a learned soup's dL/dalpha on the GPU, the
+// inputs streamed as run_merge streams them. Host inputs go through the merge ring (the same
+// pinned slots, serialized with the merges): pieces of whole kDotChunk-element chunks of all K
+// host inputs of a tensor fill a slot (mapped pages are released after they are read), are copied
+// on the copy stream and multiplied with g's piece on `stream`; device inputs are read in place.
+// The partials of every chunk land at their place and are summed once per tensor, so the results
+// are exactly multi_dot's (the device-memory one) bits. GPU memory: the ring, plus K doubles per
+// kDotChunk elements of the largest tensor; never a copy of an input. Synchronizes `stream`.
+// Throws std::invalid_argument for bad arguments, InputFault when a mapped input faulted.
+std::vector<std::vector<double>> run_dots(const std::vector<DotTensor>& tensors, const CudaMergeOptions& options);
 
 // Frees the ring's pinned and device memory now (it is kept between merges, and otherwise until
 // the process exits; the next merge allocates it again). Waits for a merge in progress. Returns
