@@ -226,7 +226,8 @@ def _analyze_parser(sub, negative) -> None:
                         description="Evaluates many soups of the checkpoints on the held-out set, prepared once, each "
                                     "soup written into the model in place; writes one JSON row per point to OUT and "
                                     "a figure beside it (OUT with .png; needs matplotlib).")
-    kinds = an.add_subparsers(dest="analysis", required=True, metavar="ANALYSIS")
+    kinds = an.add_subparsers(dest="analysis", required=True, metavar="ANALYSIS",
+                              help="landscape, interpolate, pairs, ensemble-vs-soup or count")
     specs = [
         ("landscape", "accuracy and loss on the plane through A, B, C (paper Fig. 2)",
          "The point (x, y) is A + x (B - A) + y (C - A), on a STEPS x STEPS grid over LO .. HI on both axes "
