@@ -100,7 +100,8 @@ class TensorGram:
     ``TensorGram(ckpts, base)(name)`` -> K x K floats (nested lists). One streaming pass over the
     tensor (the fused ``gram`` kernel: float32 products, summed in float32 within fixed blocks and in
     float64 across them). Task vectors are formed block by block in float32, in a scratch of K rows
-    of at most ``CHUNK`` elements and ``SCRATCH_BYTES`` in all (the only memory it holds)."""
+    of at most ``CHUNK`` elements and ``SCRATCH_BYTES`` in all (the only memory it holds); the tensor's
+    mapped file pages are released after each call (:meth:`Checkpoint.release`)."""
 
     def __init__(self, ckpts: Sequence[Checkpoint], base: Checkpoint | None = None, *, threads: int = 0):
         self.ckpts, self.base, self.threads = list(ckpts), base, threads
@@ -122,7 +123,9 @@ class TensorGram:
         self._keep = []
         ins = [self._addr(ck, name) for ck in ckpts]
         if self.base is None:
-            return [list(row) for row in _core.gram([a for a, _ in ins], [c for _, c in ins], numel, t)]
+            gram = [list(row) for row in _core.gram([a for a, _ in ins], [c for _, c in ins], numel, t)]
+            self._release(name)
+            return gram
         b_addr, b_code = self._addr(self.base, name)
         if self._scratch is None:
             import numpy as np
@@ -142,7 +145,13 @@ class TensorGram:
                 for j in range(K):
                     gram[i][j] += g[i][j]
         self._keep = []
+        self._release(name)
         return gram
+
+    def _release(self, name: str) -> None:
+        """The tensor's mapped pages out of resident memory (one tensor's at a time, whatever K)."""
+        for ck in self.ckpts + ([self.base] if self.base is not None else []):
+            ck.release(name)
 
 
 def similarity(ingredients: Sequence[Any], base: Any = None, *, threads: int | None = None,

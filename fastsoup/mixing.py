@@ -113,20 +113,17 @@ def dots(ckpts: list[Checkpoint], grads: dict, threads: int = 0, device: Device 
         return _dots_cuda(ckpts, grads, threads, device)
     out = {}
     for name, g in grads.items():
-        addrs, codes, release, keep = [], [], [], []
+        addrs, codes, keep = [], [], []
         for ck in ckpts:
             r = ck[name]
-            addr, mapped, obj = ck.buffer(r)
+            addr, _mapped, obj = ck.buffer(r)
             keep.append(obj)
-            if mapped:
-                release.append((obj, addr - obj.address, r.nbytes))
             addrs.append(addr)
             codes.append(dtype_info(r.dtype).code)
         g_code = dtype_info(_torch.dtype_name(g.dtype)).code
         out[name] = _core.multi_dot(addrs, codes, g.data_ptr(), g_code, g.numel(), threads)
-        for m, offset, length in release:
-            if length:
-                m.advise(offset, length, "dontneed")
+        for ck in ckpts:
+            ck.release(name)
     for ck in ckpts:
         ck.verify("the gradient pass")
     return out

@@ -145,7 +145,8 @@ def _run_kernel(spec: MergeSpec, first: Checkpoint, names: list, dests: list, ou
     by ``kernel(name, address)`` straight into an in-memory output, or into one reused host scratch of
     the largest output tensor's bytes and then ``os.pwrite`` into its shard at its offset; every other
     tensor copied from the first input (the base), into ``result``'s tensor when that is on a GPU.
-    Memory: one output tensor's bytes (file outputs) plus the kernel's own; never K tensors."""
+    Memory: one output tensor's bytes (file outputs) plus the kernel's own; never K tensors (each
+    tensor's mapped input pages are released after its kernel: :meth:`Checkpoint.release`)."""
     import ctypes
 
     ckpts = spec.inputs
@@ -164,6 +165,8 @@ def _run_kernel(spec: MergeSpec, first: Checkpoint, names: list, dests: list, ou
             if is_float:
                 nbytes = ref0.numel * dtype_info(od).itemsize
                 spec.kernel(name, scratch_addr if dfile >= 0 else doff)
+                for ck in ckpts:  # the inputs' pages of this tensor out of resident memory
+                    ck.release(name)
                 if dfile >= 0:
                     _write_all(fds[dfile], view[:nbytes], doff, fd_names[dfile])
                 done += sum(ck[name].nbytes for ck in ckpts)

@@ -142,6 +142,15 @@ class Checkpoint(Mapping):
             return f"{self.source} ({os.path.basename(ref.file)}): tensor {name!r}"
         return f"{self.source}: tensor {name!r}"
 
+    def release(self, name: str) -> None:
+        """Drops tensor ``name``'s mapped file pages from this process's resident memory (they stay in
+        the page cache; a later read maps them again). Passes that read whole tensors one at a time
+        call it after each, so their resident memory stays one tensor's, whatever K and the model's
+        size (the merge executor does the same within its steps). In-memory tensors: nothing."""
+        ref = self._refs[name]
+        if ref.file is not None and ref.nbytes:
+            self._maps[ref.file].advise(ref.offset, ref.nbytes, "dontneed")
+
     def buffer(self, ref: TensorRef, device: Any = None) -> tuple[int, int, Any]:
         """(address of the data, where it is, object to keep alive). Where: 1 a native file
         mapping, 0 host memory, 2 the memory of ``device`` (an engine ``Device``; only when given).
