@@ -318,6 +318,17 @@ def fmt_mb(x):
     return f"{x:,.0f}"
 
 
+def results_block(lines, today, cmdline, stem, loads):
+    """RESULTS.md's section: the run, the table, then the rest of the report as printed."""
+    first = next(i for i, line in enumerate(lines) if line.startswith("| method"))
+    table = [line for line in lines[first:] if line.startswith("|")]
+    rest = [line for line in lines[first + len(table):] if line.strip()]
+    md = [BEGIN, f"Last run: {today}, `{cmdline}` (raw: `results/{stem}.txt`, `.json`); load average "
+          f"{min(loads):.1f}–{max(loads):.1f} (before the first round and after each).", "", *table, "",
+          "```", *rest, "```", END]
+    return "\n".join(md) + "\n"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mergekit-yaml", help="mergekit's `mergekit-yaml` (default: PATH, then /tmp/mkvenv/bin)")
@@ -505,11 +516,8 @@ def main(argv=None) -> int:
         stem = os.path.join(RESULTS_DIR, f"mergekit-methods-llama-k{args.k}-{today.replace('-', '')}")
         log.write(stem + ".txt")
         write_json(stem + ".json", res)
-        md = [BEGIN, f"Last run: {today}, `{cmdline}` (raw: `results/{os.path.basename(stem)}.txt`, `.json`); "
-              f"load average {min(res['loads']):.1f}–{max(res['loads']):.1f}.", "",
-              *[line for line in log.lines if line.startswith("|")], END]
-        write_between_markers(os.path.join(os.path.dirname(RESULTS_DIR), "RESULTS.md"), "\n".join(md) + "\n",
-                              BEGIN, END)
+        write_between_markers(os.path.join(os.path.dirname(RESULTS_DIR), "RESULTS.md"),
+                              results_block(log.lines, today, cmdline, os.path.basename(stem), res["loads"]), BEGIN, END)
     if not args.keep_outputs:
         for n in os.listdir(args.data):
             if n.startswith("out-"):
