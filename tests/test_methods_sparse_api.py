@@ -274,3 +274,33 @@ def test_dare_keys_its_masks_by_the_output_names():
     pre = [{f"module.{n}": t for n, t in sd.items()} for sd in [base, *models]]
     got = fastsoup.merge(pre[1:], "dare_linear", base=pre[0], density=0.5, seed=9, strip_prefix="module.")
     _equal(got, R.merge_state_dicts("dare_linear", models, base, density=0.5, seed=9))
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties"])
+def test_model_folders_get_a_model_card(tmp_path, method):
+    # Hugging Face folders (a config.json beside the weights): the output folder gets a model card listing the
+    # base (which takes no weight in these methods) and the models with their weights.
+    base, models = _zoo(2, torch.float16)
+    folders = []
+    for name, sd in (("base", base), ("a", models[0]), ("b", models[1])):
+        folders.append(str(tmp_path / name))
+        fastsoup.save(sd, folders[-1])
+        (tmp_path / name / "config.json").write_text('{"model_type": "toy"}')
+    cfg = tmp_path / "m.yml"
+    cfg.write_text(f"merge_method: {method}\nbase_model: {folders[0]}\nmodels:\n"
+                   f"  - model: {folders[1]}\n    parameters: {{weight: 0.7, density: 0.5}}\n"
+                   f"  - model: {folders[2]}\n    parameters: {{weight: 0.3, density: 0.5}}\n")
+    out = tmp_path / "out"
+    assert cli_main(["merge", str(cfg), "-o", str(out), "--no-progress"]) == 0
+    rc = read_config(cfg)
+    L = num_layers(list(base))
+    _equal(_read(str(out)), R.merge_state_dicts(method, models, base, arguments=lambda n: rc.arguments(n, L),
+                                                **({"seed": 0} if method.startswith("dare") else {})))
+    card = (out / "README.md").read_text()
+    assert f"- recipe: `{method}`" in card
+    assert f"| `{folders[0]}` | – |" in card  # the base: no weight
+    assert f"| `{folders[1]}` | 0.7 |" in card and f"| `{folders[2]}` | 0.3 |" in card
+    meta = open_checkpoint(str(out)).metadata
+    assert json.loads(meta["fastsoup.ingredients"]) == folders
+    weights = json.loads(meta["fastsoup.weights"])
+    assert weights["layers.1.w"] == [None, 0.7, 0.3]  # one per ingredient, the base's null

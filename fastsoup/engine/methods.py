@@ -361,7 +361,9 @@ def _run(cfg: MergeConfig, resolve: Callable[[str], Any], *, record: dict, task_
         floats = [n for n, ref in layout.items() if dtype_info(ref.dtype).kind == "float"]
         if method in SPARSE:
             kernel, per = _sparse_kernel(cfg, mapped, n_layers, out_override, sparse or {}, threads or 0, dev)
-            info = SoupInfo(method, _sidefiles.ingredient_names(srcs), per, parameters=record)
+            # one weight per ingredient, as the other methods record: the base takes none here (null)
+            info = SoupInfo(method, _sidefiles.ingredient_names(srcs), {n: [None, *w] for n, w in per.items()},
+                            parameters=record)
             return run(MergeSpec(mapped, per, out, dtype=out_override, device=dev, threads=threads or 0,
                                  shard_size=shard_size, progress=progress, overwrite=overwrite, fsync=fsync,
                                  desc=method, aliases=name_map.aliases, info=info, donor=donor, kernel=kernel))

@@ -112,7 +112,7 @@ class SoupInfo:
 
     recipe: str  # "uniform_soup", "weighted_soup", "weighted_sum", "soup", "greedy_soup", "learned_soup", ...
     ingredients: list[str]
-    weights: list[float] | dict[str, list[float]]  # K weights, or (layer-wise) tensor name -> K weights
+    weights: list[float] | dict[str, list[float | None]]  # K weights, or tensor name -> K weights (None: no weight)
     parameters: dict | None = None  # a merge method's parameters as given (fastsoup.merge), JSON-able
 
     def metadata(self) -> dict[str, str]:
@@ -341,13 +341,15 @@ def model_card(info: SoupInfo | None, *, dtype: str | None, files: Mapping[str, 
     if info is not None:
         lines += ["", "| ingredient | weight |", "|---|---:|"]
         if isinstance(info.weights, dict):
-            rows = len(info.weights)
-            weights = [sum(r[k] for r in info.weights.values()) / rows if rows else 0.0 for k in range(len(info.ingredients))]
+            weights = []
+            for k in range(len(info.ingredients)):  # None: an ingredient without a weight (a sparse merge's base)
+                col = [r[k] for r in info.weights.values() if r[k] is not None]
+                weights.append(sum(col) / len(col) if col else (0.0 if not info.weights else None))
             note = "mean over tensors of the layer-wise weights"
         else:
             weights, note = list(info.weights), None
         for name, w in zip(info.ingredients, weights):
-            lines.append(f"| `{_md(name)}` | {w:.6g} |")
+            lines.append(f"| `{_md(name)}` | {'–' if w is None else format(w, '.6g')} |")
         if note:
             lines += ["", f"Weights: {note}."]
     lines += ["", "The same record is in the safetensors metadata (`fastsoup.recipe`, `fastsoup.ingredients`, "
