@@ -496,6 +496,17 @@ and once in the fused combine pass.)doc");
     return d;
   });
   m.def("reset_counters", &reset_counters);
+  m.def(
+      "sparse_counters",
+      [] {
+        SparseCounters c = sparse_counters();
+        py::dict d;
+        d["window_cuts"] = c.window_cuts;
+        d["exact_cuts"] = c.exact_cuts;
+        return d;
+      },
+      "How sparse_merge's selection cuts were found so far in this process (cumulative): window_cuts by the "
+      "sampled one-pass selection, exact_cuts by the exact two histogram passes (the same cuts either way).");
   // ---- CUDA ---------------------------------------------------------------------------------
 #ifdef FASTSOUP_WITH_CUDA
   m.attr("cuda_compiled") = true;
