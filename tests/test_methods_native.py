@@ -242,3 +242,19 @@ def test_large_tensors_one_pass_selection(kind):
     window, exact = (after[c] - before[c] for c in ("window_cuts", "exact_cuts"))
     print(kind, "window cuts", window, "exact cuts", exact)
     assert window > 0  # the one-pass selection ran (and, where its window missed, the exact one)
+
+
+@pytest.mark.parametrize("isa", _core.supported_isas())
+def test_large_tensors_isas_agree(isa):
+    # the one-pass selection and the fused combines of each ISA (AVX-512 has its own), n >= 2^18
+    n = (1 << 18) + 77
+    base, models = _data(n, 3, torch.float16, seed=8, in_dtypes=[torch.float16, torch.bfloat16, torch.float32])
+    models[0][: n // 2] = base[: n // 2]  # zeros at the threshold of the first model
+    before = _core.isa()
+    try:
+        _core.set_isa(isa)
+        for method in METHODS:
+            _check(method, base, models, [1.0, -1.0, 0.5], torch.bfloat16, runs=[(2, 0), (3, 40000)],
+                   **_kwargs(method, [0.3, 0.5, 0.25], [0.01, 0.1, 0.0], "default"))
+    finally:
+        _core.set_isa(before)

@@ -1,10 +1,20 @@
-// sparse_merge on the CPU: the exact top-k selection (two histogram passes per model, no sort), the
-// L1 sums, and one fused combine pass over the K inputs. sparse.h documents the arithmetic.
+// sparse_merge on the CPU: the exact top-k selection (no sort), the L1 sums, and one fused combine
+// pass over the K inputs. sparse.h documents the arithmetic; the block code is per ISA (sparse_ops.h:
+// sparse_generic.h compiled for scalar, AVX2 and AVX-512, the last with fused AVX-512 loops), the same
+// bits on every ISA.
+//
+// The selection of a cut top(r) of a model's keys. Tensors of 2^18+ elements: a sample of 65536 keys
+// gives a window [L, H] that holds the threshold with near certainty; one pass over the tensor, every
+// model at once, counts the keys above H and collects the keys in the window (at most one uint32
+// per element in all, the scratch of one fp32 tensor), and the cut is selected exactly among them
+// (a window that misses or overflows: the exact two passes below). Smaller tensors, and the misses:
+// two histogram passes (2^16 bins of the keys' high half, then of the low half in the chosen bin).
 //
 // Work is cut into tasks of contiguous elements. The tie-break at a selection threshold T (keep the
-// first m entries equal to T, lowest index first) is exact for any cut: the second histogram pass
-// keeps each task's own low-half histogram, so the entries equal to T before every task are known,
-// and the apply pass starts each task's counter there. Results depend on nothing but the inputs.
+// first m entries equal to T, lowest index first) is exact for any cut: each task's count of the
+// entries equal to T is kept (its low-half histogram, or its window candidates), so the entries
+// equal to T before every task are known, and the apply pass starts each task's counter there.
+// Results depend on nothing but the inputs.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -226,16 +236,21 @@ void select_exact(const SparseMergeParams& p, const cpu::SparseOps& op, int64_t 
 constexpr int64_t kWindowMinN = int64_t(1) << 18;  // smaller tensors: select_exact
 constexpr int64_t kSampleRuns = 4096, kSampleRun = 16;  // 65536 sampled keys, in runs of 16
 
-// Per want: the window from the sorted sample (ascending, S keys), and the expected window fraction.
-void window_of(const std::vector<uint32_t>& sorted, int64_t n, int64_t rank, uint32_t& L, uint32_t& H, double& frac) {
-  const int64_t S = static_cast<int64_t>(sorted.size());
+// Per want: the window from the sample (S keys, reordered here), and its expected fraction of the keys.
+void window_of(std::vector<uint32_t>& sample, int64_t n, int64_t rank, uint32_t& L, uint32_t& H, double& frac) {
+  const int64_t S = static_cast<int64_t>(sample.size());
   const double q = static_cast<double>(rank) / static_cast<double>(n);  // the fraction above the cut
   const double e = q * static_cast<double>(S);
   const double delta = 4.0 * std::sqrt(static_cast<double>(S) * q * (1.0 - q)) + 16.0;
   const int64_t a = static_cast<int64_t>(std::floor(e - delta));  // samples (descending) above H
   const int64_t z = static_cast<int64_t>(std::ceil(e + delta));   // samples (descending) at or above L
-  H = a <= 0 ? sparse::kNanKey : sorted[S - a];                   // a samples are >= H
-  L = z >= S ? 0u : sorted[S - 1 - z];
+  // The ascending order statistics S - a (H: a samples are >= it) and S - 1 - z (L).
+  auto kth = [&](int64_t i) {
+    std::nth_element(sample.begin(), sample.begin() + i, sample.end());
+    return sample[i];
+  };
+  H = a <= 0 ? sparse::kNanKey : kth(S - a);
+  L = z >= S ? 0u : kth(S - 1 - z);
   if (L > H) L = H;
   frac = std::min(1.0, static_cast<double>(std::min(z, S) - std::max<int64_t>(a, 0) + 1) / static_cast<double>(S));
 }
@@ -264,7 +279,6 @@ void select_window(const SparseMergeParams& p, const cpu::SparseOps& op, const T
     std::vector<uint32_t> keys(kSampleRuns * kSampleRun);
     for (int64_t r = 0; r < kSampleRuns; ++r)
       op.keys(sb, p.inputs[k], p.input_dtypes[k], r * stride, kSampleRun, keys.data() + r * kSampleRun);
-    std::sort(keys.begin(), keys.end());
     for (int64_t w = 0; w < W; ++w)
       if (wants[w].k == k) window_of(keys, n, wants[w].rank, L[w], H[w], frac[w]);
   });
@@ -284,7 +298,7 @@ void select_window(const SparseMergeParams& p, const cpu::SparseOps& op, const T
                                 : 0;
       cap_of[w * tasks.count + t] = cap;
       off_of[w * tasks.count + t] = total_cap;
-      total_cap += cap;
+      total_cap += cap + 16;  // 16 spare: a vector scan may write 16 lanes at buf + len <= cap
     }
   }
   std::unique_ptr<uint32_t[]> buf(new uint32_t[static_cast<size_t>(std::max<int64_t>(total_cap, 1))]);
@@ -511,6 +525,11 @@ Status sparse_merge_cpu(const SparseMergeParams& p) {
         if (p.rescale == Rescale::kDensity && p.density[k] > 0.0 && p.density[k] < 1.0) {
           m.scale = Rescale::kDensity;
           m.divisor = p.density[k];
+          int e = 0;
+          if (std::frexp(m.divisor, &e) == 0.5) {  // a power of two: x / d is x * (1 / d), an exact factor
+            m.scale = Rescale::kL1;                  // (the same real number, rounded once: the same bits)
+            m.factor = 1.0 / m.divisor;
+          }
         }
         break;
     }

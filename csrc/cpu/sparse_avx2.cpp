@@ -64,6 +64,8 @@ inline void scan_window(const uint32_t* keys, int64_t cnt, WindowCut& c) {
 
 #include "sparse_generic.h"
 
+const SparseOps kOps = {combine_impl, window_impl, hist_hi_impl, hist_lo_impl, keys_impl, l1_impl};
+
 }  // namespace
 
 const SparseOps* sparse_ops_avx2() { return &kOps; }

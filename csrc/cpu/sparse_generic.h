@@ -5,6 +5,7 @@
 // copy, with internal linkage. The including file defines, before this header:
 //   const KernelTable& kt();                            this ISA's loaders and stores
 //   void scan_window(const uint32_t* keys, int64_t cnt, WindowCut& c);   the candidate scan
+// and after it the table: const SparseOps kOps = {combine_impl, window_impl, ...} (or its own versions).
 // Nothing here reorders floating-point work: every element sees sparse.h's operations in sparse.h's
 // order (the file is compiled with -ffp-contract=off), loops only run over the elements of a block.
 // (No include guard on purpose.)
@@ -182,35 +183,128 @@ inline void model_mask(const SparseModel& m, const double* d, int64_t begin, int
   }
 }
 
+// One model's terms over a block, in one fused loop: t = scale(mask(x - b)) * w into tk, and
+// s += t. The top-k masks are speculative here: keys == T are taken as out; eq[0], eq[1] count them,
+// and the caller redoes the block exactly (redo_terms) when one of them is in. kSrc: 0: x as binary64
+// (xd); 1: x as binary32 (xf), the key from the binary64 delta; 2: x and the base as binary32, the
+// key from their binary32 difference (keys_of_f32: the same bits).
+enum : int { kMaskAll = 0, kMaskTop = 1, kMaskBand = 2, kMaskDare = 3 };
+
+template <int kKind, int kScale, int kSrc>
+void terms_fused(const SparseModel& m, const float* xf, const double* xd, const float* bf, const double* bd,
+                 int64_t begin, int64_t cnt, double* tk, double* s, int64_t* eq) {
+  const uint32_t T0 = m.T0, T1 = m.T1;
+  const double w = m.weight, dv = m.divisor, f = m.factor;
+  const uint64_t rkey = m.key, thr = m.threshold, first = static_cast<uint64_t>(begin) + 1;
+  uint32_t e0 = 0, e1 = 0;
+  for (int64_t j = 0; j < cnt; ++j) {
+    const double x = kSrc == 0 ? xd[j] : static_cast<double>(xf[j]);
+    const double d = x - bd[j];
+    uint64_t mask = ~uint64_t(0);
+    if (kKind == kMaskTop || kKind == kMaskBand) {
+      const uint32_t u = (kSrc == 2 ? fbits(xf[j] - bf[j]) : fbits(static_cast<float>(d))) & 0x7FFFFFFFu;
+      const uint32_t key = u > 0x7F800000u ? sparse::kNanKey : u;
+      e0 += key == T0 ? 1u : 0u;
+      bool keep = key > T0;
+      if (kKind == kMaskBand) {
+        e1 += key == T1 ? 1u : 0u;
+        keep = keep & !(key > T1);
+      }
+      mask = uint64_t(0) - static_cast<uint64_t>(keep);
+    } else if (kKind == kMaskDare) {
+      const uint64_t u = sparse::mix64(rkey + (first + static_cast<uint64_t>(j)) * sparse::kGamma) >> 11;
+      mask = uint64_t(0) - static_cast<uint64_t>(u < thr);
+    }
+    const double kept = kKind == kMaskAll ? d : dmask(d, mask);
+    const double t = kScale == 1 ? (kept / dv) * w : (kScale == 2 ? (kept * f) * w : kept * w);
+    tk[j] = t;
+    s[j] = s[j] + t;
+  }
+  eq[0] = e0;
+  eq[1] = e1;
+}
+
+typedef void (*TermsFn)(const SparseModel&, const float*, const double*, const float*, const double*, int64_t, int64_t,
+                        double*, double*, int64_t*);
+
+template <int kKind, int kScale>
+TermsFn terms_pick_src(int src) {
+  return src == 0 ? terms_fused<kKind, kScale, 0> : (src == 1 ? terms_fused<kKind, kScale, 1> : terms_fused<kKind, kScale, 2>);
+}
+template <int kKind>
+TermsFn terms_pick_scale(Rescale r, int src) {
+  return r == Rescale::kDensity ? terms_pick_src<kKind, 1>(src)
+                                : (r == Rescale::kL1 ? terms_pick_src<kKind, 2>(src) : terms_pick_src<kKind, 0>(src));
+}
+TermsFn terms_pick(const SparseModel& m, int src) {
+  if (m.kind == SparseModel::kAll) return terms_pick_scale<kMaskAll>(m.scale, src);
+  if (m.kind == SparseModel::kDare) return terms_pick_scale<kMaskDare>(m.scale, src);
+  return m.band ? terms_pick_scale<kMaskBand>(m.scale, src) : terms_pick_scale<kMaskTop>(m.scale, src);
+}
+
+// The exact terms of model k over a block (keys == T in index order, sparse::top_keep), then s
+// again from +0 over the models 0..k (the same additions in the same order as the fused loop's).
+void redo_terms(const SparseModel& m, const double* x, const double* bd, int64_t begin, int64_t cnt, int64_t* seen,
+                double* terms, int64_t k, double* s) {
+  alignas(64) double d[kSB];
+  alignas(64) uint64_t mk[kSB];
+  for (int64_t j = 0; j < cnt; ++j) d[j] = x[j] - bd[j];
+  model_mask(m, d, begin, cnt, seen, mk);
+  double* tk = terms + k * kSB;
+  const double w = m.weight;
+  for (int64_t j = 0; j < cnt; ++j) {
+    const double kept = dmask(d[j], mk[j]);
+    tk[j] = m.scale == Rescale::kDensity ? (kept / m.divisor) * w
+                                         : (m.scale == Rescale::kL1 ? (kept * m.factor) * w : kept * w);
+  }
+  for (int64_t j = 0; j < cnt; ++j) s[j] = 0.0;
+  for (int64_t q = 0; q <= k; ++q) {
+    const double* tq = terms + q * kSB;
+    for (int64_t j = 0; j < cnt; ++j) s[j] = s[j] + tq[j];
+  }
+}
+
 void combine_impl(const CombineArgs& a, int64_t begin, int64_t end, int64_t* seen, double* terms) {
   const int64_t K = a.K;
-  alignas(64) double bd[kSB], s[kSB], num[kSB], den[kSB], res[kSB];
-  alignas(64) uint64_t mk[kSB];
+  alignas(64) double bd[kSB], s[kSB], num[kSB], den[kSB], res[kSB], xd[kSB];
+  alignas(64) float bf[kSB], xf[kSB];
   const int64_t out_size = static_cast<int64_t>(itemsize(a.out_dtype));
+  const bool base32 = a.b.base_dtype != DType::kFloat64;
+  TermsFn fns[64];
+  const int64_t nfn = K < 64 ? K : 64;
+  for (int64_t k = 0; k < nfn; ++k) {
+    const bool x32 = a.models[k].dtype != DType::kFloat64;
+    fns[k] = terms_pick(a.models[k], !x32 ? 0 : (base32 ? 2 : 1));
+  }
   for (int64_t i = begin; i < end; i += kSB) {
     const int64_t cnt = imin(kSB, end - i);
-    load_f64(a.b.base, a.b.base_dtype, i, cnt, bd);
+    if (base32) {
+      load_f32(a.b.base, a.b.base_dtype, i, cnt, bf);
+      for (int64_t j = 0; j < cnt; ++j) bd[j] = static_cast<double>(bf[j]);
+    } else {
+      load_f64(a.b.base, a.b.base_dtype, i, cnt, bd);
+    }
     for (int64_t j = 0; j < cnt; ++j) s[j] = 0.0;
     for (int64_t k = 0; k < K; ++k) {
       const SparseModel& m = a.models[k];
-      double* tk = terms + k * kSB;
-      load_f64(m.x, m.dtype, i, cnt, tk);
-      for (int64_t j = 0; j < cnt; ++j) tk[j] = tk[j] - bd[j];  // d
-      if (m.kind != SparseModel::kAll) {
-        model_mask(m, tk, i, cnt, seen + 2 * k, mk);
-        for (int64_t j = 0; j < cnt; ++j) tk[j] = dmask(tk[j], mk[j]);  // kept: d or +0.0
+      const bool x32 = m.dtype != DType::kFloat64;
+      if (x32) load_f32(m.x, m.dtype, i, cnt, xf);
+      else load_f64(m.x, m.dtype, i, cnt, xd);
+      const TermsFn fn = k < nfn ? fns[k] : terms_pick(m, !x32 ? 0 : (base32 ? 2 : 1));
+      int64_t eq[2];
+      fn(m, xf, xd, bf, bd, i, cnt, terms + k * kSB, s, eq);
+      if (m.kind == SparseModel::kTop) {
+        int64_t* sk = seen + 2 * k;
+        const bool redo = (eq[0] > 0 && sk[0] < m.m0) || (m.band && eq[1] > 0 && sk[1] < m.m1);
+        if (redo) {
+          if (x32)
+            for (int64_t j = 0; j < cnt; ++j) xd[j] = static_cast<double>(xf[j]);
+          redo_terms(m, xd, bd, i, cnt, sk, terms, k, s);  // counts seen itself
+        } else {
+          sk[0] += eq[0];
+          sk[1] += eq[1];
+        }
       }
-      const double w = m.weight;
-      if (m.scale == Rescale::kDensity) {
-        const double dv = m.divisor;
-        for (int64_t j = 0; j < cnt; ++j) tk[j] = (tk[j] / dv) * w;
-      } else if (m.scale == Rescale::kL1) {
-        const double f = m.factor;
-        for (int64_t j = 0; j < cnt; ++j) tk[j] = (tk[j] * f) * w;
-      } else {
-        for (int64_t j = 0; j < cnt; ++j) tk[j] = tk[j] * w;
-      }
-      for (int64_t j = 0; j < cnt; ++j) s[j] = s[j] + tk[j];
     }
     // sparse.h's combines, model by model over the block: a select adds +0.0, which changes no
     // partial sum here (num and den start at +0.0 and only gain nonzero terms, so they are never -0.0).
@@ -268,4 +362,3 @@ void l1_impl(const SparseBase& b, const SparseModel& m, int64_t begin, int64_t e
   }
 }
 
-const SparseOps kOps = {combine_impl, window_impl, hist_hi_impl, hist_lo_impl, keys_impl, l1_impl};
