@@ -75,18 +75,16 @@ def one_round(sizes, k, methods, threads, isa, rounds_in_process=1):
             else:
                 sparse_merge(method, base, models, out, threads=threads, **KW[method])
 
-        for method in methods:  # warm-up (page faults of the output, thread pool start)
+        hashes[n] = {}
+        for method in methods:  # warm-up (page faults of the output, thread pool start), and the output's hash
             run(method)
+            hashes[n][method] = hashlib.blake2b(out.numpy().tobytes(), digest_size=16).hexdigest()
         times[n] = {m: [] for m in methods}
         for _ in range(rounds_in_process):
             for method in methods:
                 t0 = time.perf_counter()
                 run(method)
                 times[n][method].append(time.perf_counter() - t0)
-        hashes[n] = {}
-        for method in methods:
-            run(method)
-            hashes[n][method] = hashlib.blake2b(out.numpy().tobytes(), digest_size=16).hexdigest()
         del base, models, out
     return times, hashes
 
