@@ -252,7 +252,12 @@ void window_of(std::vector<uint32_t>& sample, int64_t n, int64_t rank, uint32_t&
   H = a <= 0 ? sparse::kNanKey : kth(S - a);
   L = z >= S ? 0u : kth(S - 1 - z);
   if (L > H) L = H;
-  frac = std::min(1.0, static_cast<double>(std::min(z, S) - std::max<int64_t>(a, 0) + 1) / static_cast<double>(S));
+  // The expected share of the keys in [L, H]: the sample's own (keys often repeat: fp16 deltas take
+  // few values, and a window's end keys then hold many entries).
+  int64_t inside = 0;
+  for (uint32_t key : sample) inside += (key >= L && key <= H) ? 1 : 0;
+  frac = std::min(1.0, static_cast<double>(std::max(inside, std::min(z, S) - std::max<int64_t>(a, 0) + 1)) /
+                           static_cast<double>(S));
 }
 
 // Tries the one-pass selection of every want; done[w] says which were found.
