@@ -38,7 +38,7 @@ test-py: setup
 
 test-cpp: setup
 	mkdir -p build && $(VENV)/bin/cmake -S . -B build/ctest -G Ninja -DFASTSOUP_CUDA=OFF -DPython_EXECUTABLE=$(abspath $(PY)) > build/ctest-configure.log 2>&1 || (cat build/ctest-configure.log; exit 1)
-	$(VENV)/bin/cmake --build build/ctest --target fastsoup_tests fastsoup_io_tests fastsoup_plan_tests fastsoup_ring_tests
+	$(VENV)/bin/cmake --build build/ctest --target fastsoup_tests fastsoup_io_tests fastsoup_plan_tests fastsoup_sparse_tests fastsoup_ring_tests
 	$(VENV)/bin/ctest --test-dir build/ctest --output-on-failure
 
 bench: setup

@@ -373,11 +373,16 @@ exactly rounded). seed, name_hash: DARE's counter-based RNG (fastsoup/methods/rn
 fnv1a64(tensor name)); model k's stream is its position in inputs. threads: 0 = all cores. chunk:
 elements per task (0: automatic); the results do not depend on it nor on threads.
 
-Selection: exact top-k by |delta| (ties at the threshold: lower flat index first) with two 2^16-bin
-histogram passes per model (no sort). Memory: 512 KiB per task for the histograms (tasks = one per
-thread, at least 65536 elements each) plus K * 4 KiB per task; nothing proportional to n. Reads each
-model's tensor and the base twice per selection (TIES, breadcrumbs), once more for rescale="l1",
-and once in the fused combine pass.)doc");
+Selection: exact top-k by |delta| (ties at the threshold: lower flat index first), no sort. Tensors of
+2^18+ elements: a sample of 65536 keys per model gives each cut a window of keys; one pass over all
+models (the base read once) counts the keys above it and collects those inside, and the cut is
+selected exactly among them (a window that misses: the two passes below). Smaller tensors: two 2^16-bin
+histogram passes per model. Memory: the window candidates, at most one uint32 per element in all
+(about 4 % of n per TIES model with the default density), 256 KiB of sample per model, 512 KiB per
+task for the histograms (tasks = one per thread, at least 65536 elements each) plus K * 2 KiB per
+task. Reads each model's tensor and the base once for the selection (TIES, breadcrumbs), once more
+for rescale="l1", and once in the fused combine pass. Same bits for any ISA (sparse_counters() says
+which selection ran).)doc");
   m.def(
       "fnv1a64", [](const py::bytes& data) {
         const std::string s = data;
@@ -520,6 +525,17 @@ and once in the fused combine pass.)doc");
     return d;
   });
   m.def("reset_counters", &reset_counters);
+  m.def(
+      "sparse_counters",
+      [] {
+        SparseCounters c = sparse_counters();
+        py::dict d;
+        d["window_cuts"] = c.window_cuts;
+        d["exact_cuts"] = c.exact_cuts;
+        return d;
+      },
+      "How sparse_merge's selection cuts were found so far in this process (cumulative): window_cuts by the "
+      "sampled one-pass selection, exact_cuts by the exact two histogram passes (the same cuts either way).");
   // ---- CUDA ---------------------------------------------------------------------------------
 #ifdef FASTSOUP_WITH_CUDA
   m.attr("cuda_compiled") = true;

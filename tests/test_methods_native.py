@@ -212,3 +212,49 @@ def test_isas_agree(isa):
                    **_kwargs(method, 0.3, 0.1, "default"))
     finally:
         _core.set_isa(before)
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "zeros", "scaled_rows"])
+def test_large_tensors_one_pass_selection(kind):
+    # n >= 2^18: the kernel's sampled one-pass selection (sparse.cpp select_window), its count-only
+    # windows (one key at the threshold) and its fallback to the exact two passes must all give the
+    # reference's bits, for any cut into tasks
+    n = (1 << 18) + 1237
+    g = torch.Generator().manual_seed(21)
+    dts = [torch.float16, torch.bfloat16, torch.float32]
+    base, models = _data(n, 3, torch.float32, seed=4, ties=kind == "ties", in_dtypes=dts)
+    if kind == "zeros":  # most deltas exactly zero: the threshold falls among them
+        for j, m in enumerate(models):
+            m[: n * 3 // 4] = base[: n * 3 // 4].to(m.dtype)
+        base = base.half().float()
+        models = [m.float().half() if m.dtype == torch.float32 else m for m in models]
+    if kind == "scaled_rows":  # the magnitudes change along the tensor: a poor sample
+        scale = torch.exp2(torch.arange(n) // 4096 % 17 - 8.0)
+        models = [(base + (m.float() - base) * scale).to(m.dtype) for m in models]
+    runs = [(2, 0), (3, 50001), (1, 0)]
+    before = _core.sparse_counters()
+    for method, dens, gam in [("ties", [0.5, 0.1, 0.9], None), ("breadcrumbs", [0.3, 0.6, 0.05], [0.01, 0.2, 0.0]),
+                              ("breadcrumbs_ties", 0.4, 0.1)]:
+        kw = _kwargs(method, dens, gam, "default")
+        _check(method, base, models, [1.0, -0.5, 2.0], torch.float16, runs=runs, **kw)
+    _check("ties", base, models, [1.0, 1.0, 1.0], torch.float32, runs=runs[:1], density=0.25, rescale="l1")
+    after = _core.sparse_counters()
+    window, exact = (after[c] - before[c] for c in ("window_cuts", "exact_cuts"))
+    print(kind, "window cuts", window, "exact cuts", exact)
+    assert window > 0  # the one-pass selection ran (and, where its window missed, the exact one)
+
+
+@pytest.mark.parametrize("isa", _core.supported_isas())
+def test_large_tensors_isas_agree(isa):
+    # the one-pass selection and the fused combines of each ISA (AVX-512 has its own), n >= 2^18
+    n = (1 << 18) + 77
+    base, models = _data(n, 3, torch.float16, seed=8, in_dtypes=[torch.float16, torch.bfloat16, torch.float32])
+    models[0][: n // 2] = base[: n // 2]  # zeros at the threshold of the first model
+    before = _core.isa()
+    try:
+        _core.set_isa(isa)
+        for method in METHODS:
+            _check(method, base, models, [1.0, -1.0, 0.5], torch.bfloat16, runs=[(2, 0), (3, 40000)],
+                   **_kwargs(method, [0.3, 0.5, 0.25], [0.01, 0.1, 0.0], "default"))
+    finally:
+        _core.set_isa(before)

@@ -1,20 +1,31 @@
-// sparse_merge on the CPU: the exact top-k selection (two histogram passes per model, no sort), the
-// L1 sums, and one fused combine pass over the K inputs. sparse.h documents the arithmetic.
+// sparse_merge on the CPU: the exact top-k selection (no sort), the L1 sums, and one fused combine
+// pass over the K inputs. sparse.h documents the arithmetic; the block code is per ISA (sparse_ops.h:
+// sparse_generic.h compiled for scalar, AVX2 and AVX-512, the last with fused AVX-512 loops), the same
+// bits on every ISA.
+//
+// The selection of a cut top(r) of a model's keys. Tensors of 2^18+ elements: a sample of 65536 keys
+// gives a window [L, H] that holds the threshold with near certainty; one pass over the tensor, every
+// model at once, counts the keys above H and collects the keys in the window (at most one uint32
+// per element in all, the scratch of one fp32 tensor), and the cut is selected exactly among them
+// (a window that misses or overflows: the exact two passes below). Smaller tensors, and the misses:
+// two histogram passes (2^16 bins of the keys' high half, then of the low half in the chosen bin).
 //
 // Work is cut into tasks of contiguous elements. The tie-break at a selection threshold T (keep the
-// first m entries equal to T, lowest index first) is exact for any cut: the second histogram pass
-// keeps each task's own low-half histogram, so the entries equal to T before every task are known,
-// and the apply pass starts each task's counter there. Results depend on nothing but the inputs.
+// first m entries equal to T, lowest index first) is exact for any cut: each task's count of the
+// entries equal to T is kept (its low-half histogram, or its window candidates), so the entries
+// equal to T before every task are known, and the apply pass starts each task's counter there.
+// Results depend on nothing but the inputs.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
 #include <string>
+#include <memory>
 #include <vector>
 
-#include <immintrin.h>
-
 #include "fastsoup/sparse.h"
+#include "sparse_ops.h"
 #include "threadpool.h"
 
 namespace fastsoup {
@@ -103,7 +114,7 @@ namespace {
 
 using sparse::kNothing;
 constexpr int kBins = 1 << 16;
-constexpr int64_t kBlock = 512;  // elements converted to binary64 at a time
+std::atomic<int64_t> g_window_cuts{0}, g_exact_cuts{0};
 
 bool is_dare(SparseMethod m) { return m == SparseMethod::kDareLinear || m == SparseMethod::kDareTies; }
 bool is_band(SparseMethod m) { return m == SparseMethod::kBreadcrumbs || m == SparseMethod::kBreadcrumbsTies; }
@@ -112,80 +123,16 @@ bool is_consensus(SparseMethod m) {
 }
 bool uses_density(SparseMethod m) { return m != SparseMethod::kTaskArithmetic; }
 
-// float16 -> binary64 with F16C (exact, as half_to_float; used unless set_isa chose scalar).
-__attribute__((target("avx2,f16c"))) void half_block_f16c(const uint16_t* s, int64_t count, double* dst) {
-  int64_t j = 0;
-  for (; j + 8 <= count; j += 8) {
-    const __m256 f = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + j)));
-    _mm256_storeu_pd(dst + j, _mm256_cvtps_pd(_mm256_castps256_ps128(f)));
-    _mm256_storeu_pd(dst + j + 4, _mm256_cvtps_pd(_mm256_extractf128_ps(f, 1)));
-  }
-  for (; j < count; ++j) dst[j] = static_cast<double>(half_to_float(s[j]));
-}
-
-bool use_f16c() { return current_isa() != Isa::kScalar; }  // AVX2 and AVX-512 machines have F16C
-
-void load_block(const void* src, DType d, int64_t begin, int64_t count, double* dst) {
-  switch (d) {
-    case DType::kFloat16: {
-      if (use_f16c()) {
-        half_block_f16c(static_cast<const uint16_t*>(src) + begin, count, dst);
-        return;
-      }
-      const uint16_t* s = static_cast<const uint16_t*>(src) + begin;
-      for (int64_t j = 0; j < count; ++j) dst[j] = static_cast<double>(half_to_float(s[j]));
-      return;
-    }
-    case DType::kBFloat16: {
-      const uint16_t* s = static_cast<const uint16_t*>(src) + begin;
-      for (int64_t j = 0; j < count; ++j) dst[j] = static_cast<double>(bf16_to_float(s[j]));
-      return;
-    }
-    case DType::kFloat32: {
-      const float* s = static_cast<const float*>(src) + begin;
-      for (int64_t j = 0; j < count; ++j) dst[j] = static_cast<double>(s[j]);
-      return;
-    }
-    case DType::kFloat64: {
-      const double* s = static_cast<const double*>(src) + begin;
-      for (int64_t j = 0; j < count; ++j) dst[j] = s[j];
-      return;
-    }
-  }
-}
-
-// x where mask is all ones, +0.0 where it is 0.
-inline double masked(double x, uint64_t mask) {
-  uint64_t u;
-  std::memcpy(&u, &x, sizeof u);
-  u &= mask;
-  std::memcpy(&x, &u, sizeof u);
-  return x;
-}
-
-void store_block(void* dst, DType d, int64_t begin, int64_t count, const double* v) {
-  switch (d) {
-    case DType::kFloat16: {
-      uint16_t* o = static_cast<uint16_t*>(dst) + begin;
-      for (int64_t j = 0; j < count; ++j) o[j] = float_to_half(double_to_float_odd(v[j]));
-      return;
-    }
-    case DType::kBFloat16: {
-      uint16_t* o = static_cast<uint16_t*>(dst) + begin;
-      for (int64_t j = 0; j < count; ++j) o[j] = float_to_bf16(double_to_float_odd(v[j]));
-      return;
-    }
-    case DType::kFloat32: {
-      float* o = static_cast<float*>(dst) + begin;
-      for (int64_t j = 0; j < count; ++j) o[j] = static_cast<float>(v[j]);
-      return;
-    }
-    case DType::kFloat64: {
-      double* o = static_cast<double*>(dst) + begin;
-      for (int64_t j = 0; j < count; ++j) o[j] = v[j];
-      return;
-    }
-  }
+// The block code of the ISA set_isa chose (AVX-512 also needs DQ here: DARE's 64-bit multiplies).
+const cpu::SparseOps& ops() {
+  const Isa isa = current_isa();
+#if defined(__x86_64__) || defined(_M_X64)
+  if (isa == Isa::kAvx512 && cpu::sparse_ops_avx512() && __builtin_cpu_supports("avx512dq"))
+    return *cpu::sparse_ops_avx512();
+  if (isa != Isa::kScalar && cpu::sparse_ops_avx2()) return *cpu::sparse_ops_avx2();
+#endif
+  (void)isa;
+  return cpu::sparse_ops_scalar();
 }
 
 struct Tasks {
@@ -212,43 +159,28 @@ void cut_all(Cut& c, const Tasks& tasks) {
   c.m = std::numeric_limits<int64_t>::max();
   c.before.assign(tasks.count, 0);
 }
+bool is_all(const Cut& c) { return c.T == 0 && c.m == std::numeric_limits<int64_t>::max(); }
+bool is_none(const Cut& c) { return c.T == kNothing; }
 
-// Model k's deltas of [begin, begin + count): in_k - base, binary64.
-void deltas(const SparseMergeParams& p, int64_t k, int64_t begin, int64_t count, double* base_buf, double* d) {
-  load_block(p.base, p.base_dtype, begin, count, base_buf);
-  load_block(p.inputs[k], p.input_dtypes[k], begin, count, d);
-  for (int64_t j = 0; j < count; ++j) d[j] = fs_sub(d[j], base_buf[j]);
-}
+// A cut still to be found: top(rank) of model k's keys, 1 <= rank < n, into *cut.
+struct Want {
+  int64_t k = 0;
+  int64_t rank = 0;
+  Cut* cut = nullptr;
+};
 
-// The cuts top(ranks[0]) and (R == 2) top(ranks[1]) of model k's keys: two histogram passes over
-// the tensor whatever its size. hist: tasks.count * 2 * 2^16 counters of scratch.
-void select(const SparseMergeParams& p, int64_t k, const Tasks& tasks, int threads, int R, const int64_t* ranks,
-            Cut* cuts, std::vector<uint32_t>& hist) {
-  bool need[2] = {false, false};
-  bool any = false;
-  for (int j = 0; j < R; ++j) {
-    if (ranks[j] == 0) {
-      cut_none(cuts[j], tasks);
-    } else if (ranks[j] == p.n) {
-      cut_all(cuts[j], tasks);
-    } else {
-      need[j] = any = true;
-    }
-  }
-  if (!any) return;
-  const size_t per_task = static_cast<size_t>(need[0] && need[1] ? 2 : 1) * kBins;
+// The exact selection of model k's cuts (1 or 2): two histogram passes over the tensor whatever its
+// size (select.py's radix select). hist: tasks.count * 2 * 2^16 counters of scratch.
+void select_exact(const SparseMergeParams& p, const cpu::SparseOps& op, int64_t k, const Tasks& tasks, int threads,
+                  int R, const Want* wants, std::vector<uint32_t>& hist) {
+  const cpu::SparseBase sb{p.base, p.base_dtype};
+  const void* x = p.inputs[k];
+  const DType dt = p.input_dtypes[k];
+  const size_t per_task = static_cast<size_t>(R) * kBins;
   hist.assign(per_task * tasks.count, 0u);
   // Pass 1: the high 16 bits.
   cpu::parallel_for(tasks.count, threads, [&](int64_t t) {
-    uint32_t* h = hist.data() + per_task * t;
-    double b[kBlock], d[kBlock];
-    for (int64_t i = tasks.begin(t); i < tasks.end(t); i += kBlock) {
-      const int64_t cnt = std::min(kBlock, tasks.end(t) - i);
-      deltas(p, k, i, cnt, b, d);
-      uint32_t keys[kBlock];
-      for (int64_t j = 0; j < cnt; ++j) keys[j] = sparse::magnitude_key(d[j]);
-      for (int64_t j = 0; j < cnt; ++j) ++h[keys[j] >> 16];
-    }
+    op.hist_hi(sb, x, dt, tasks.begin(t), tasks.end(t), hist.data() + per_task * t);
   });
   std::vector<uint64_t> total(kBins, 0);
   for (int64_t t = 0; t < tasks.count; ++t) {
@@ -258,37 +190,21 @@ void select(const SparseMergeParams& p, int64_t k, const Tasks& tasks, int threa
   uint32_t bin[2] = {0, 0};
   int64_t rem[2] = {0, 0};
   for (int j = 0; j < R; ++j) {
-    if (!need[j]) continue;
     int64_t above = 0;
-    sparse::walk_down(total.data(), ranks[j], bin[j], above);
-    rem[j] = ranks[j] - above;
+    sparse::walk_down(total.data(), wants[j].rank, bin[j], above);
+    rem[j] = wants[j].rank - above;
   }
   // Pass 2: the low 16 bits of the keys in the chosen bin(s), one histogram per task.
-  const bool shared = R == 2 && need[0] && need[1] && bin[0] == bin[1];
+  const bool shared = R == 2 && bin[0] == bin[1];
   std::fill(hist.begin(), hist.end(), 0u);
+  const uint32_t b0 = bin[0];
+  const uint32_t b1 = (R == 2 && !shared) ? bin[1] : 0x10000u;
   cpu::parallel_for(tasks.count, threads, [&](int64_t t) {
     uint32_t* h0 = hist.data() + per_task * t;
-    uint32_t* h1 = h0 + kBins;
-    // Cut j's histogram: the first one of the task's (the second when both cuts have their own).
-    const uint32_t b0 = need[0] ? bin[0] : (need[1] ? bin[1] : 0x10000u);
-    const uint32_t b1 = (need[0] && need[1] && !shared) ? bin[1] : 0x10000u;
-    double b[kBlock], d[kBlock];
-    for (int64_t i = tasks.begin(t); i < tasks.end(t); i += kBlock) {
-      const int64_t cnt = std::min(kBlock, tasks.end(t) - i);
-      deltas(p, k, i, cnt, b, d);
-      uint32_t keys[kBlock];
-      for (int64_t j = 0; j < cnt; ++j) keys[j] = sparse::magnitude_key(d[j]);
-      for (int64_t j = 0; j < cnt; ++j) {
-        const uint32_t key = keys[j];
-        const uint32_t hi = key >> 16;
-        if (hi == b0) ++h0[key & 0xFFFF];
-        if (hi == b1) ++h1[key & 0xFFFF];
-      }
-    }
+    op.hist_lo(sb, x, dt, tasks.begin(t), tasks.end(t), b0, b1, h0, R == 2 ? h0 + kBins : h0);
   });
   for (int j = 0; j < R; ++j) {
-    if (!need[j]) continue;
-    const size_t off = (j == 1 && need[0] && !shared) ? kBins : 0;
+    const size_t off = (j == 1 && !shared) ? kBins : 0;
     std::fill(total.begin(), total.end(), 0);
     for (int64_t t = 0; t < tasks.count; ++t) {
       const uint32_t* h = hist.data() + per_task * t + off;
@@ -297,7 +213,7 @@ void select(const SparseMergeParams& p, int64_t k, const Tasks& tasks, int threa
     uint32_t low = 0;
     int64_t above = 0;
     sparse::walk_down(total.data(), rem[j], low, above);
-    Cut& c = cuts[j];
+    Cut& c = *wants[j].cut;
     c.T = (bin[j] << 16) | low;
     c.m = rem[j] - above;
     c.before.assign(tasks.count, 0);
@@ -309,53 +225,189 @@ void select(const SparseMergeParams& p, int64_t k, const Tasks& tasks, int threa
   }
 }
 
-// What model k keeps and how it scales the kept entries.
-struct ModelMask {
-  enum Kind { kAll, kTop, kDare } kind = kAll;
-  Cut keep, drop;       // kTop: top(keep) minus (band) top(drop)
-  bool band = false;
-  uint64_t key = 0;     // kDare: the stream key and the threshold
-  uint64_t threshold = 0;
-  Rescale scale = Rescale::kNone;  // kDensity: / divisor; kL1: * factor
-  double divisor = 1.0, factor = 1.0;
-};
+// ---------------------------------------------------------------------------------------------
+// The one-pass selection (most cuts of large tensors): a sample of each model's keys gives, per cut, a
+// window [L, H] of keys that holds the threshold with near certainty; one pass over the tensor (all
+// models at once, the base read once) counts the keys above H and collects the keys inside the
+// window, and the threshold is then selected exactly among those. The result is the exact cut
+// whatever the sample: a window that turns out not to hold it (or overflows its buffer) sends that
+// model to select_exact.
 
-// The kept values (mask, no scale) of model k over one block; seen[2]: the cuts' running counts.
-void kept_block(const ModelMask& mk, const double* d, int64_t begin, int64_t cnt, int64_t* seen, double* kept) {
-  switch (mk.kind) {
-    case ModelMask::kAll:
-      for (int64_t j = 0; j < cnt; ++j) kept[j] = d[j];
-      return;
-    case ModelMask::kTop: {
-      uint32_t keys[kBlock];
-      for (int64_t j = 0; j < cnt; ++j) keys[j] = sparse::magnitude_key(d[j]);
-      // Locals, so the running counts stay in registers (no aliasing with kept).
-      const uint32_t T0 = mk.keep.T, T1 = mk.drop.T;
-      const int64_t m0 = mk.keep.m, m1 = mk.drop.m;
-      int64_t s0 = seen[0], s1 = seen[1];
-      if (!mk.band) {
-        for (int64_t j = 0; j < cnt; ++j) {
-          const bool keep = sparse::top_keep(keys[j], T0, m0, s0);
-          kept[j] = masked(d[j], uint64_t(0) - static_cast<uint64_t>(keep));
-        }
-      } else {
-        for (int64_t j = 0; j < cnt; ++j) {
-          const bool keep = sparse::top_keep(keys[j], T0, m0, s0);
-          const bool drop = sparse::top_keep(keys[j], T1, m1, s1);
-          kept[j] = masked(d[j], uint64_t(0) - static_cast<uint64_t>(keep && !drop));
-        }
+constexpr int64_t kWindowMinN = int64_t(1) << 18;  // smaller tensors: select_exact
+constexpr int64_t kSampleRuns = 4096, kSampleRun = 16;  // 65536 sampled keys, in runs of 16
+
+// Per want: the window from the sample (S keys, reordered here), and its expected fraction of the keys.
+void window_of(std::vector<uint32_t>& sample, int64_t n, int64_t rank, uint32_t& L, uint32_t& H, double& frac) {
+  const int64_t S = static_cast<int64_t>(sample.size());
+  const double q = static_cast<double>(rank) / static_cast<double>(n);  // the fraction above the cut
+  const double e = q * static_cast<double>(S);
+  const double delta = 4.0 * std::sqrt(static_cast<double>(S) * q * (1.0 - q)) + 16.0;
+  const int64_t a = static_cast<int64_t>(std::floor(e - delta));  // samples (descending) above H
+  const int64_t z = static_cast<int64_t>(std::ceil(e + delta));   // samples (descending) at or above L
+  // The ascending order statistics S - a (H: a samples are >= it) and S - 1 - z (L).
+  auto kth = [&](int64_t i) {
+    std::nth_element(sample.begin(), sample.begin() + i, sample.end());
+    return sample[i];
+  };
+  H = a <= 0 ? sparse::kNanKey : kth(S - a);
+  L = z >= S ? 0u : kth(S - 1 - z);
+  if (L > H) L = H;
+  // The expected share of the keys in [L, H]: the sample's own (keys often repeat: fp16 deltas take
+  // few values, and a window's end keys then hold many entries).
+  int64_t inside = 0;
+  for (uint32_t key : sample) inside += (key >= L && key <= H) ? 1 : 0;
+  frac = std::min(1.0, static_cast<double>(std::max(inside, std::min(z, S) - std::max<int64_t>(a, 0) + 1)) /
+                           static_cast<double>(S));
+}
+
+// Tries the one-pass selection of every want; done[w] says which were found.
+void select_window(const SparseMergeParams& p, const cpu::SparseOps& op, const Tasks& tasks, int threads,
+                   std::vector<Want>& wants, std::vector<char>& done) {
+  const int64_t n = p.n, W = static_cast<int64_t>(wants.size());
+  const cpu::SparseBase sb{p.base, p.base_dtype};
+  // The models involved and their wants.
+  std::vector<int64_t> model_of_slot;  // slot -> model
+  std::vector<int64_t> slot_of(p.num_inputs, -1);
+  for (const Want& w : wants) {
+    if (slot_of[w.k] < 0) {
+      slot_of[w.k] = static_cast<int64_t>(model_of_slot.size());
+      model_of_slot.push_back(w.k);
+    }
+  }
+  const int64_t M = static_cast<int64_t>(model_of_slot.size());
+  // The sample and the windows.
+  std::vector<uint32_t> L(W), H(W);
+  std::vector<double> frac(W);
+  const int64_t stride = n / kSampleRuns;
+  cpu::parallel_for(M, threads, [&](int64_t s) {
+    const int64_t k = model_of_slot[s];
+    std::vector<uint32_t> keys(kSampleRuns * kSampleRun);
+    for (int64_t r = 0; r < kSampleRuns; ++r)
+      op.keys(sb, p.inputs[k], p.input_dtypes[k], r * stride, kSampleRun, keys.data() + r * kSampleRun);
+    for (int64_t w = 0; w < W; ++w)
+      if (wants[w].k == k) window_of(keys, n, wants[w].rank, L[w], H[w], frac[w]);
+  });
+  // Candidate buffers: per want, per task, room for twice the expected share (+64), and all of
+  // them together at most one uint32 per element (the memory statement: one fp32 tensor).
+  double total_frac = 0;
+  for (int64_t w = 0; w < W; ++w) total_frac += (L[w] == H[w]) ? 0.0 : std::min(1.0, 2.0 * frac[w]);
+  const double shrink = total_frac > 1.0 ? 1.0 / total_frac : 1.0;
+  std::vector<int64_t> cap_of(W * tasks.count), off_of(W * tasks.count);
+  int64_t total_cap = 0;
+  for (int64_t w = 0; w < W; ++w) {
+    const bool store = L[w] != H[w];
+    for (int64_t t = 0; t < tasks.count; ++t) {
+      const int64_t len = tasks.end(t) - tasks.begin(t);
+      const int64_t cap = store ? std::min<int64_t>(
+                                      len, static_cast<int64_t>(std::ceil(len * std::min(1.0, 2.0 * frac[w]) * shrink)) + 64)
+                                : 0;
+      cap_of[w * tasks.count + t] = cap;
+      off_of[w * tasks.count + t] = total_cap;
+      total_cap += cap + 16;  // 16 spare: a vector scan may write 16 lanes at buf + len <= cap
+    }
+  }
+  std::unique_ptr<uint32_t[]> buf(new uint32_t[static_cast<size_t>(std::max<int64_t>(total_cap, 1))]);
+  std::vector<cpu::WindowCut> cuts(W * tasks.count);  // [t][w]
+  std::vector<std::vector<int64_t>> wants_of(M);
+  for (int64_t w = 0; w < W; ++w) wants_of[slot_of[wants[w].k]].push_back(w);
+  cpu::parallel_for(tasks.count, threads, [&](int64_t t) {
+    cpu::WindowCut* tc = cuts.data() + t * W;
+    std::vector<cpu::WindowModel> wm(M);
+    std::vector<cpu::WindowCut> local;  // this task's cuts, model by model (a model's cuts adjacent)
+    local.reserve(W);
+    std::vector<int64_t> order;
+    for (int64_t s = 0; s < M; ++s) {
+      for (int64_t w : wants_of[s]) {
+        cpu::WindowCut c;
+        c.L = L[w];
+        c.H = H[w];
+        c.store = L[w] != H[w];
+        c.buf = buf.get() + off_of[w * tasks.count + t];
+        c.cap = cap_of[w * tasks.count + t];
+        local.push_back(c);
+        order.push_back(w);
       }
-      seen[0] = s0;
-      seen[1] = s1;
+    }
+    int64_t pos = 0;
+    for (int64_t s = 0; s < M; ++s) {
+      wm[s].x = p.inputs[model_of_slot[s]];
+      wm[s].dtype = p.input_dtypes[model_of_slot[s]];
+      wm[s].ncuts = static_cast<int>(wants_of[s].size());
+      wm[s].cuts = local.data() + pos;
+      pos += wm[s].ncuts;
+    }
+    op.window(sb, wm.data(), M, tasks.begin(t), tasks.end(t));
+    for (int64_t i = 0; i < W; ++i) tc[order[i]] = local[i];
+  });
+  // Resolve every want among its candidates.
+  cpu::parallel_for(W, threads, [&](int64_t w) {
+    int64_t above = 0, count = 0;
+    bool overflow = false;
+    for (int64_t t = 0; t < tasks.count; ++t) {
+      const cpu::WindowCut& c = cuts[t * W + w];
+      above += c.above;
+      count += c.len;
+      overflow = overflow || c.overflow;
+    }
+    const int64_t need = wants[w].rank - above;  // the rank among the window's keys
+    if (overflow || need < 1 || need > count) return;  // the window missed: select_exact
+    Cut& cut = *wants[w].cut;
+    cut.before.assign(tasks.count, 0);
+    if (L[w] == H[w]) {  // every key of the window is T
+      cut.T = L[w];
+      cut.m = need;
+      int64_t acc = 0;
+      for (int64_t t = 0; t < tasks.count; ++t) {
+        cut.before[t] = acc;
+        acc += cuts[t * W + w].len;
+      }
+      done[w] = 1;
       return;
     }
-    case ModelMask::kDare:
-      for (int64_t j = 0; j < cnt; ++j) {
-        const bool keep = sparse::dare_u53(mk.key, static_cast<uint64_t>(begin + j)) < mk.threshold;
-        kept[j] = masked(d[j], uint64_t(0) - static_cast<uint64_t>(keep));  // random: no branch
-      }
-      return;
+    std::vector<uint64_t> hist(kBins, 0);
+    for (int64_t t = 0; t < tasks.count; ++t) {
+      const cpu::WindowCut& c = cuts[t * W + w];
+      for (int64_t j = 0; j < c.len; ++j) ++hist[c.buf[j] >> 16];
+    }
+    uint32_t bin = 0, low = 0;
+    int64_t above_bin = 0, above_low = 0;
+    sparse::walk_down(hist.data(), need, bin, above_bin);
+    const int64_t rem = need - above_bin;
+    std::fill(hist.begin(), hist.end(), 0);
+    for (int64_t t = 0; t < tasks.count; ++t) {
+      const cpu::WindowCut& c = cuts[t * W + w];
+      for (int64_t j = 0; j < c.len; ++j)
+        if ((c.buf[j] >> 16) == bin) ++hist[c.buf[j] & 0xFFFF];
+    }
+    sparse::walk_down(hist.data(), rem, low, above_low);
+    cut.T = (bin << 16) | low;
+    cut.m = rem - above_low;
+    int64_t acc = 0;
+    for (int64_t t = 0; t < tasks.count; ++t) {
+      cut.before[t] = acc;
+      const cpu::WindowCut& c = cuts[t * W + w];
+      for (int64_t j = 0; j < c.len; ++j) acc += c.buf[j] == cut.T ? 1 : 0;
+    }
+    done[w] = 1;
+  });
+}
+
+// Finds every want's cut: the one-pass selection where it applies, select_exact for the rest.
+void select_all(const SparseMergeParams& p, const cpu::SparseOps& op, const Tasks& tasks, int threads,
+                std::vector<Want>& wants) {
+  if (wants.empty()) return;
+  std::vector<char> done(wants.size(), 0);
+  if (p.n >= kWindowMinN) select_window(p, op, tasks, threads, wants, done);
+  std::vector<uint32_t> hist;
+  for (int64_t k = 0; k < p.num_inputs; ++k) {
+    Want left[2];
+    int R = 0;
+    for (size_t w = 0; w < wants.size(); ++w)
+      if (wants[w].k == k && !done[w]) left[R++] = wants[w];
+    if (R > 0) select_exact(p, op, k, tasks, threads, R, left, hist);
+    g_exact_cuts += R;
   }
+  for (char d : done) g_window_cuts += d;
 }
 
 int64_t trim_count(int64_t n, double density) {
@@ -368,6 +420,8 @@ bool overlaps(const void* a, size_t na, const void* b, size_t nb) {
 }
 
 }  // namespace
+
+SparseCounters sparse_counters() { return {g_window_cuts.load(), g_exact_cuts.load()}; }
 
 Status check_sparse_merge(const SparseMergeParams& p) {
   const std::string op = "sparse_merge";
@@ -417,6 +471,7 @@ Status check_sparse_merge(const SparseMergeParams& p) {
   return Status::Ok();
 }
 
+
 Status sparse_merge_cpu(const SparseMergeParams& p) {
   Status st = check_sparse_merge(p);
   if (!st.ok) return st;
@@ -432,69 +487,86 @@ Status sparse_merge_cpu(const SparseMergeParams& p) {
   }
   tasks.size = std::min<int64_t>(tasks.size, int64_t(1) << 31);  // per-task histograms count in uint32
   tasks.count = (p.n + tasks.size - 1) / tasks.size;
+  const cpu::SparseOps& op = ops();
+  const cpu::SparseBase sb{p.base, p.base_dtype};
 
-  // The masks.
-  std::vector<ModelMask> masks(K);
-  std::vector<uint32_t> hist;
+  // The masks: the cuts to find first.
+  std::vector<cpu::SparseModel> models(K);
+  std::vector<Cut> keep(K), drop(K);
+  std::vector<Want> wants;
+  auto want = [&](int64_t k, int64_t rank, Cut& c) {
+    if (rank == 0) cut_none(c, tasks);
+    else if (rank == p.n) cut_all(c, tasks);
+    else wants.push_back(Want{k, rank, &c});
+  };
   for (int64_t k = 0; k < K; ++k) {
-    ModelMask& mk = masks[k];
+    cpu::SparseModel& m = models[k];
+    m.x = p.inputs[k];
+    m.dtype = p.input_dtypes[k];
+    m.weight = p.weights[k];
     switch (p.method) {
       case SparseMethod::kTaskArithmetic:
-        mk.kind = ModelMask::kAll;
+        m.kind = cpu::SparseModel::kAll;
         break;
-      case SparseMethod::kTies: {
-        mk.kind = ModelMask::kTop;
-        const int64_t r = trim_count(p.n, p.density[k]);
-        select(p, k, tasks, threads, 1, &r, &mk.keep, hist);
+      case SparseMethod::kTies:
+        m.kind = cpu::SparseModel::kTop;
+        want(k, trim_count(p.n, p.density[k]), keep[k]);
+        cut_none(drop[k], tasks);
         break;
-      }
       case SparseMethod::kBreadcrumbs:
       case SparseMethod::kBreadcrumbsTies: {
-        mk.kind = ModelMask::kTop;
-        mk.band = true;
+        m.kind = cpu::SparseModel::kTop;
         const int64_t n_keep = trim_count(p.n, p.density[k]);
         const int64_t n_top = std::min(p.n - n_keep, trim_count(p.n, p.gamma[k]));
-        const int64_t ranks[2] = {n_top + n_keep, n_top};
-        Cut cuts[2];
-        select(p, k, tasks, threads, 2, ranks, cuts, hist);
-        mk.keep = std::move(cuts[0]);
-        mk.drop = std::move(cuts[1]);
+        want(k, n_top + n_keep, keep[k]);
+        want(k, n_top, drop[k]);
         break;
       }
       case SparseMethod::kDareLinear:
       case SparseMethod::kDareTies:
-        mk.kind = ModelMask::kDare;
-        mk.key = sparse::stream_key(p.seed, static_cast<uint64_t>(k), p.name_hash);
-        mk.threshold = sparse::dare_threshold(p.density[k]);
+        m.kind = cpu::SparseModel::kDare;
+        m.key = sparse::stream_key(p.seed, static_cast<uint64_t>(k), p.name_hash);
+        m.threshold = sparse::dare_threshold(p.density[k]);
         if (p.rescale == Rescale::kDensity && p.density[k] > 0.0 && p.density[k] < 1.0) {
-          mk.scale = Rescale::kDensity;
-          mk.divisor = p.density[k];
+          m.scale = Rescale::kDensity;
+          m.divisor = p.density[k];
+          int e = 0;
+          if (std::frexp(m.divisor, &e) == 0.5) {  // a power of two: x / d is x * (1 / d), an exact factor
+            m.scale = Rescale::kL1;                  // (the same real number, rounded once: the same bits)
+            m.factor = 1.0 / m.divisor;
+          }
         }
         break;
     }
   }
-  std::vector<uint32_t>().swap(hist);
+  select_all(p, op, tasks, threads, wants);
+  for (int64_t k = 0; k < K; ++k) {
+    cpu::SparseModel& m = models[k];
+    if (m.kind != cpu::SparseModel::kTop) continue;
+    m.T0 = keep[k].T;
+    m.m0 = keep[k].m;
+    m.T1 = drop[k].T;
+    m.m1 = drop[k].m;
+    m.band = !is_none(drop[k]);
+    if (is_all(keep[k]) && !m.band) m.kind = cpu::SparseModel::kAll;  // top(n): every entry
+  }
+  auto seen_of = [&](int64_t k, int64_t t, int64_t* seen) {
+    seen[0] = keep[k].before.empty() ? 0 : keep[k].before[t];
+    seen[1] = drop[k].before.empty() ? 0 : drop[k].before[t];
+  };
 
   // L1: the exact norms of each task vector before and after its mask.
   if (p.rescale == Rescale::kL1) {
     std::vector<ExactSum> before(tasks.count), after(tasks.count);
     for (int64_t k = 0; k < K; ++k) {
-      ModelMask& mk = masks[k];
+      cpu::SparseModel& m = models[k];
       cpu::parallel_for(tasks.count, threads, [&](int64_t t) {
-        ExactSum sb, sa;
-        int64_t seen[2] = {mk.keep.before.empty() ? 0 : mk.keep.before[t], mk.drop.before.empty() ? 0 : mk.drop.before[t]};
-        double b[kBlock], d[kBlock], kept[kBlock];
-        for (int64_t i = tasks.begin(t); i < tasks.end(t); i += kBlock) {
-          const int64_t cnt = std::min(kBlock, tasks.end(t) - i);
-          deltas(p, k, i, cnt, b, d);
-          kept_block(mk, d, i, cnt, seen, kept);
-          for (int64_t j = 0; j < cnt; ++j) {
-            sb.add(std::fabs(d[j]));
-            sa.add(std::fabs(kept[j]));
-          }
-        }
-        before[t] = sb;
-        after[t] = sa;
+        ExactSum sb_, sa_;
+        int64_t seen[2];
+        seen_of(k, t, seen);
+        op.l1(sb, m, tasks.begin(t), tasks.end(t), seen, sb_, sa_);
+        before[t] = sb_;
+        after[t] = sa_;
       });
       ExactSum tb, ta;
       for (int64_t t = 0; t < tasks.count; ++t) {
@@ -503,8 +575,8 @@ Status sparse_merge_cpu(const SparseMergeParams& p) {
       }
       const double nb = tb.value(), na = ta.value();
       if (!(nb < sparse::kL1Eps || na < sparse::kL1Eps)) {
-        mk.scale = Rescale::kL1;
-        mk.factor = fs_div(nb, na);
+        m.scale = Rescale::kL1;
+        m.factor = fs_div(nb, na);
       }
     }
   }
@@ -512,66 +584,21 @@ Status sparse_merge_cpu(const SparseMergeParams& p) {
   // The combine: one pass over the K inputs.
   double weight_total = 0.0;
   for (int64_t k = 0; k < K; ++k) weight_total = fs_add(weight_total, p.weights[k]);
-  const bool consensus = is_consensus(p.method);
+  cpu::CombineArgs args;
+  args.b = sb;
+  args.models = models.data();
+  args.K = K;
+  args.out = p.out;
+  args.out_dtype = p.out_dtype;
+  args.consensus = is_consensus(p.method);
+  args.normalize = p.normalize;
+  args.lam = p.lam;
+  args.divisor = (weight_total < sparse::kNormEps && weight_total > -sparse::kNormEps) ? 1.0 : weight_total;
   cpu::parallel_for(tasks.count, threads, [&](int64_t t) {
     std::vector<int64_t> seen(2 * K);
-    for (int64_t k = 0; k < K; ++k) {
-      seen[2 * k] = masks[k].keep.before.empty() ? 0 : masks[k].keep.before[t];
-      seen[2 * k + 1] = masks[k].drop.before.empty() ? 0 : masks[k].drop.before[t];
-    }
-    std::vector<double> terms(static_cast<size_t>(K) * kBlock);
-    double b[kBlock], d[kBlock];
-    for (int64_t i = tasks.begin(t); i < tasks.end(t); i += kBlock) {
-      const int64_t cnt = std::min(kBlock, tasks.end(t) - i);
-      for (int64_t k = 0; k < K; ++k) {
-        const ModelMask& mk = masks[k];
-        double* tk = terms.data() + k * kBlock;
-        deltas(p, k, i, cnt, b, d);
-        kept_block(mk, d, i, cnt, seen.data() + 2 * k, tk);
-        if (mk.scale == Rescale::kDensity) {
-          for (int64_t j = 0; j < cnt; ++j) tk[j] = fs_div(tk[j], mk.divisor);
-        } else if (mk.scale == Rescale::kL1) {
-          for (int64_t j = 0; j < cnt; ++j) tk[j] = fs_mul(tk[j], mk.factor);
-        }
-        const double w = p.weights[k];
-        for (int64_t j = 0; j < cnt; ++j) tk[j] = fs_mul(tk[j], w);
-      }
-      // sparse.h's combines, model by model over the block (the same operations in the same order
-      // for every element, so they vectorize): a select adds +0.0, which changes no partial sum
-      // here (num and den start at +0.0 and only gain nonzero terms, so they are never -0.0).
-      double s[kBlock], num[kBlock], den[kBlock], res[kBlock];
-      for (int64_t j = 0; j < cnt; ++j) s[j] = 0.0;
-      for (int64_t k = 0; k < K; ++k) {
-        const double* tk = terms.data() + k * kBlock;
-        for (int64_t j = 0; j < cnt; ++j) s[j] = fs_add(s[j], tk[j]);
-      }
-      if (consensus) {
-        for (int64_t j = 0; j < cnt; ++j) num[j] = den[j] = 0.0;
-        for (int64_t k = 0; k < K; ++k) {
-          const double* tk = terms.data() + k * kBlock;
-          const double w = p.weights[k];
-          for (int64_t j = 0; j < cnt; ++j) {
-            const bool plus = s[j] >= 0;  // NaN: minus, as the reference
-            const bool agree = (plus & (tk[j] > 0)) | (!plus & (tk[j] < 0));
-            const uint64_t mask = uint64_t(0) - static_cast<uint64_t>(agree);  // no branch: it vectorizes
-            num[j] = fs_add(num[j], masked(tk[j], mask));
-            den[j] = fs_add(den[j], masked(w, mask));
-          }
-        }
-        if (p.normalize) {
-          for (int64_t j = 0; j < cnt; ++j) res[j] = fs_div(num[j], den[j] == 0 ? 1.0 : den[j]);
-        } else {
-          for (int64_t j = 0; j < cnt; ++j) res[j] = num[j];
-        }
-      } else if (p.normalize) {
-        const double div = (weight_total < sparse::kNormEps && weight_total > -sparse::kNormEps) ? 1.0 : weight_total;
-        for (int64_t j = 0; j < cnt; ++j) res[j] = fs_div(s[j], div);
-      } else {
-        for (int64_t j = 0; j < cnt; ++j) res[j] = s[j];
-      }
-      for (int64_t j = 0; j < cnt; ++j) res[j] = fs_add(b[j], fs_mul(p.lam, res[j]));
-      store_block(p.out, p.out_dtype, i, cnt, res);
-    }
+    for (int64_t k = 0; k < K; ++k) seen_of(k, t, seen.data() + 2 * k);
+    std::vector<double> terms(static_cast<size_t>(K * cpu::kSparseBlock));
+    op.combine(args, tasks.begin(t), tasks.end(t), seen.data(), terms.data());
   });
   return Status::Ok();
 }

@@ -14,8 +14,10 @@ TIES, DARE and breadcrumbs (and breadcrumbs with TIES) run per tensor on the nat
 tensor is merged from the mapped inputs straight into an in-memory output, or into one reused host
 scratch of that tensor's output bytes, then written into its shard at its offset (``os.pwrite``).
 Their memory: one output tensor's bytes (file outputs) plus the kernel's (``csrc/cpu/sparse.cpp``):
-2·2^16 histogram counters per parallel task and 4 KiB of float64 terms per model per task, whatever
-the tensor's size; nothing that holds K tensors. Non-float tensors are copied from the base.
+for tensors of 2^18+ elements the one-pass selection's candidate keys, at most one uint32 per element
+(one fp32 tensor; about 4 % of the elements per TIES model in practice) and 256 KiB of sampled keys per
+model, else 2·2^16 histogram counters per parallel task; and 2 KiB of float64 terms per model per task;
+nothing that holds K tensors. Non-float tensors are copied from the base.
 """
 
 from __future__ import annotations

@@ -63,6 +63,15 @@ struct SparseMergeParams {
 Status sparse_merge_cpu(const SparseMergeParams& p);
 Status check_sparse_merge(const SparseMergeParams& p);
 
+// How the selection cuts of this process's sparse_merge calls were found (cumulative): by the sampled
+// one-pass selection (window_cuts) or by the exact two histogram passes (exact_cuts, small tensors and
+// missed windows). Either gives the same cut.
+struct SparseCounters {
+  int64_t window_cuts = 0;
+  int64_t exact_cuts = 0;
+};
+SparseCounters sparse_counters();
+
 // FNV-1a 64 of bytes (methods/rng.py's fnv1a64 of a name's UTF-8 bytes).
 uint64_t fnv1a64(const char* data, size_t size);
 
