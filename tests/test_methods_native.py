@@ -108,8 +108,17 @@ def test_zero_deltas_and_lambda(method, normalize):
     _check(method, base, models, [1.0, -1.0, 1e-9], torch.float32, normalize=normalize, **kw)
 
 
+@pytest.fixture(params=_core.supported_isas())
+def each_isa(request):
+    """Runs the test under each instruction set the CPU has (the L1 sums have AVX-512 code of their own)."""
+    before = _core.isa()
+    _core.set_isa(request.param)
+    yield request.param
+    _core.set_isa(before)
+
+
 @pytest.mark.parametrize("method", METHODS[1:])
-def test_l1_rescale_exact(method):
+def test_l1_rescale_exact(method, each_isa):
     # magnitudes over 2^-100 .. 2^100 (float32): a plain float64 sum of |delta| is not exact
     g = torch.Generator().manual_seed(11)
     n = 2049
@@ -121,6 +130,42 @@ def test_l1_rescale_exact(method):
     models[1][::3] = 1.0 + torch.arange(0, n, 3).float() * 2.0 ** -23
     for dout in (torch.float32, torch.float16):
         _check(method, base, models, [1.0, 0.5, -2.0], dout, **_kwargs(method, 0.37, 0.01, "l1"))
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs", "dare_linear", "dare_ties"])
+@pytest.mark.parametrize("dtype", ["f16", "bf16", "f32"])
+def test_l1_rescale_blocks_of_few_bits_and_mixed(method, dtype, each_isa):
+    # The L1 sums add a block of 256 values at once when they are integers in one unit (float16 and
+    # bfloat16 deltas), value by value otherwise: blocks of each kind in one tensor, blocks whose sum
+    # carries (the same large value 256 times), a block with values far below its largest (the
+    # value-by-value path), and the largest float16 deltas.
+    dt = DTYPES[dtype]
+    g = torch.Generator().manual_seed(5)
+    n = 256 * 12 + 77
+    base = (torch.randn(n, generator=g) * 0.02).to(dt)
+    models = []
+    for j in range(3):
+        m = (base.float() + torch.randn(n, generator=g) * (0.01 * (j + 1))).to(dt)
+        m[256:512] = 1000.0  # one large value, 256 times
+        m[1024:1280] = (torch.randn(256, generator=g) * torch.exp2(torch.randint(-60, 10, (256,), generator=g)
+                                                                 .float())).to(dt)
+        models.append(m)
+    if dtype == "f16":
+        base[2048:2100] = -65504.0
+        models[0][2048:2100] = 65504.0
+    _check(method, base, models, [1.0, -0.5, 2.0], dt, **_kwargs(method, 0.3, 0.02, "l1"))
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_linear"])
+def test_l1_sum_keeps_the_bits_below_a_blocks_largest_value(method, each_isa):
+    # One block: 1.0 and 255 values of 2^-60. The exact sum, 1 + 255 * 2^-60, rounds to 1 + 2^-52, and
+    # the factor |delta|_1 / |kept|_1 shows it in a float64 output; a block sum that dropped the
+    # values below its unit would give 1.0.
+    base = torch.zeros(256, dtype=torch.float64)
+    m0 = torch.full((256,), 2.0 ** -60, dtype=torch.float64)
+    m0[0] = 1.0
+    m1 = torch.linspace(-1, 1, 256, dtype=torch.float64)
+    _check(method, base, [m0, m1], [1.0, 1.0], torch.float64, **_kwargs(method, 0.5, 0.0, "l1"))
 
 
 def test_l1_small_norms_unscaled():

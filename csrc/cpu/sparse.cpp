@@ -53,14 +53,18 @@ void ExactSum::add(double x) {
   const uint64_t e = (bits >> 52) & 0x7FF;
   const uint64_t frac = bits & ((uint64_t(1) << 52) - 1);
   const uint64_t mant = e == 0 ? frac : (frac | (uint64_t(1) << 52));
-  if (mant == 0) return;
-  const int pos = e == 0 ? 0 : static_cast<int>(e) - 1;  // value = mant * 2^(pos - 1074)
+  add_units(mant, e == 0 ? 0 : static_cast<int>(e) - 1);  // value = mant * 2^(pos - 1074)
+}
+
+void ExactSum::add_units(uint64_t v, int pos) {
+  if (v == 0) return;
   const int idx = pos >> 6, sh = pos & 63;
-  const unsigned __int128 v = static_cast<unsigned __int128>(mant) << sh;
-  const uint64_t lo = static_cast<uint64_t>(v), hi = static_cast<uint64_t>(v >> 64);
+  const unsigned __int128 w = static_cast<unsigned __int128>(v) << sh;
+  const uint64_t lo = static_cast<uint64_t>(w), hi = static_cast<uint64_t>(w >> 64);
   uint64_t s = limb[idx] + lo;
   uint64_t carry = s < lo;
   limb[idx] = s;
+  if (idx + 1 >= kLimbs) return;  // (unreachable for pos <= 2046: hi fits limb 32)
   s = limb[idx + 1] + hi;
   uint64_t c2 = s < hi;
   s += carry;

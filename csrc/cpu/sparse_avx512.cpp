@@ -59,6 +59,38 @@ inline void scan_window(const uint32_t* keys, int64_t cnt, WindowCut& c) {
   c.overflow = overflow;
 }
 
+// The L1 sums' block code (sparse_generic.h's exact_add_block), 8 lanes at a time; a masked tail.
+#define FS_SPARSE_BLOCK_UNITS 1
+inline int64_t block_top(const uint64_t* bits, int64_t cnt) {
+  __m512i top = _mm512_setzero_si512();
+  for (int64_t j = 0; j < cnt; j += 8) {
+    const __mmask8 m = cnt - j >= 8 ? static_cast<__mmask8>(0xFF) : static_cast<__mmask8>((1u << (cnt - j)) - 1);
+    top = _mm512_max_epi64(top, _mm512_maskz_loadu_epi64(m, bits + j));
+  }
+  return _mm512_reduce_max_epi64(top);
+}
+
+inline void block_units(const uint64_t* bits, int64_t cnt, int64_t B, uint64_t& sum, uint64_t& lost) {
+  const __m512i zero = _mm512_setzero_si512(), one = _mm512_set1_epi64(1), c63 = _mm512_set1_epi64(63);
+  const __m512i frac = _mm512_set1_epi64((int64_t(1) << 52) - 1), hidden = _mm512_set1_epi64(int64_t(1) << 52);
+  const __m512i vb = _mm512_set1_epi64(B);
+  __m512i acc = zero, lo = zero;
+  for (int64_t j = 0; j < cnt; j += 8) {
+    const __mmask8 m = cnt - j >= 8 ? static_cast<__mmask8>(0xFF) : static_cast<__mmask8>((1u << (cnt - j)) - 1);
+    const __m512i b = _mm512_maskz_loadu_epi64(m, bits + j);  // lanes past cnt: +0.0, adding nothing
+    const __m512i e = _mm512_srli_epi64(b, 52);
+    const __mmask8 normal = _mm512_cmpneq_epi64_mask(e, zero);
+    const __m512i mant = _mm512_mask_or_epi64(_mm512_and_si512(b, frac), normal, _mm512_and_si512(b, frac), hidden);
+    const __m512i d = _mm512_sub_epi64(_mm512_mask_sub_epi64(e, normal, e, one), vb);  // pos - B
+    const __m512i ls = _mm512_max_epi64(d, zero);
+    const __m512i rs = _mm512_min_epi64(_mm512_max_epi64(_mm512_sub_epi64(zero, d), zero), c63);
+    acc = _mm512_add_epi64(acc, _mm512_srlv_epi64(_mm512_sllv_epi64(mant, ls), rs));
+    lo = _mm512_or_si512(lo, _mm512_and_si512(mant, _mm512_sub_epi64(_mm512_sllv_epi64(one, rs), one)));
+  }
+  sum += static_cast<uint64_t>(_mm512_reduce_add_epi64(acc));
+  lost |= static_cast<uint64_t>(_mm512_reduce_or_epi64(lo));
+}
+
 #include "sparse_generic.h"
 
 // The window pass fused for binary32-exact inputs and base (fp16, bf16, fp32): 16 keys at a time

@@ -340,6 +340,65 @@ void combine_impl(const CombineArgs& a, int64_t begin, int64_t end, int64_t* see
   }
 }
 
+// Adds the values a[0, cnt) (each >= 0, cnt <= 512) to s exactly, as s.add of each would: when the
+// block holds no inf or NaN and every value is a multiple of 2^(B - 1074), B = pos(max) - 2 (pos as
+// in ExactSum::add), the values are integers q < 2^55 in that unit and their sum, < 2^64, is added
+// once (float16 and bfloat16 deltas always are: few significant bits); otherwise value by value.
+// The integer work is branch-free, so it vectorizes.
+#ifndef FS_SPARSE_BLOCK_UNITS
+// The largest of bits[0, cnt) (bit patterns of doubles >= 0: as signed integers, in the same order).
+inline int64_t block_top(const uint64_t* bits, int64_t cnt) {
+  int64_t top = 0;
+  for (int64_t j = 0; j < cnt; ++j) {
+    const int64_t u = static_cast<int64_t>(bits[j]);
+    top = u > top ? u : top;
+  }
+  return top;
+}
+
+// sum of the values bits[0, cnt) in units of 2^(B - 1074) (each below 2^55: pos <= B + 2), and in
+// `lost` the bits below that unit (none: the sum is exact).
+inline void block_units(const uint64_t* bits, int64_t cnt, int64_t B, uint64_t& sum, uint64_t& lost) {
+  for (int64_t j = 0; j < cnt; ++j) {
+    const int64_t e = static_cast<int64_t>(bits[j] >> 52);
+    const int64_t normal = e != 0;
+    const uint64_t mant = (bits[j] & ((uint64_t(1) << 52) - 1)) | (static_cast<uint64_t>(normal) << 52);
+    const int64_t d = e - normal - B;  // pos - B <= 2
+    const int64_t ls = d > 0 ? d : 0;
+    int64_t rs = -d;
+    rs = rs < 0 ? 0 : rs;
+    rs = rs > 63 ? 63 : rs;  // mant < 2^53: a shift of 63 drops every bit
+    sum += (mant << ls) >> rs;
+    lost |= mant & ((uint64_t(1) << rs) - 1);
+  }
+}
+#endif
+
+// Adds the values a[0, cnt) (each >= 0, cnt <= 512) to s exactly, as s.add of each would: when the
+// block holds no inf or NaN and every value is a multiple of 2^(B - 1074), B = pos(max) - 2 (pos as
+// in ExactSum::add), the values are integers q < 2^55 in that unit and their sum, < 2^64, is added
+// once (float16 and bfloat16 deltas always are: few significant bits); otherwise value by value.
+// block_top and block_units are plain loops here, AVX-512 code in sparse_avx512.cpp.
+inline void exact_add_block(ExactSum& s, const double* a, int64_t cnt) {
+  static_assert(kSB <= 512, "the block sum of q < 2^55 must stay below 2^64");
+  alignas(64) uint64_t bits[kSB];
+  std::memcpy(bits, a, static_cast<size_t>(cnt) * sizeof(double));
+  const int64_t top = block_top(bits, cnt);
+  const int64_t e_top = top >> 52;
+  const int64_t B = (e_top == 0 ? 0 : e_top - 1) - 2;
+  if (top >= (int64_t(0x7FF) << 52) || B < 0) {  // inf or NaN (flags), or values near the subnormals
+    for (int64_t j = 0; j < cnt; ++j) s.add(a[j]);
+    return;
+  }
+  uint64_t sum = 0, lost = 0;
+  block_units(bits, cnt, B, sum, lost);
+  if (lost == 0) {
+    s.add_units(sum, static_cast<int>(B));
+  } else {
+    for (int64_t j = 0; j < cnt; ++j) s.add(a[j]);
+  }
+}
+
 void l1_impl(const SparseBase& b, const SparseModel& m, int64_t begin, int64_t end, int64_t* seen, ExactSum& before,
              ExactSum& after) {
   alignas(64) double bd[kSB], d[kSB];
@@ -354,11 +413,13 @@ void l1_impl(const SparseBase& b, const SparseModel& m, int64_t begin, int64_t e
     } else {
       for (int64_t j = 0; j < cnt; ++j) mk[j] = ~uint64_t(0);
     }
+    alignas(64) double av[kSB], kv[kSB];
     for (int64_t j = 0; j < cnt; ++j) {
-      const double a = __builtin_fabs(d[j]);
-      before.add(a);
-      after.add(dmask(a, mk[j]));
+      av[j] = __builtin_fabs(d[j]);
+      kv[j] = dmask(av[j], mk[j]);
     }
+    exact_add_block(before, av, cnt);
+    exact_add_block(after, kv, cnt);
   }
 }
 

@@ -164,6 +164,7 @@ struct ExactSum {
   bool nan = false;
 
   void add(double x);  // x >= 0 (or +inf / NaN)
+  void add_units(uint64_t v, int pos);  // v * 2^(pos - 1074), 0 <= pos <= 2046 (any 64-bit v)
   void merge(const ExactSum& o);
   double value() const;
 };
