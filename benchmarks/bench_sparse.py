@@ -31,6 +31,9 @@ KW = {
     "ties": {"density": 0.5},
     "dare_ties": {"density": 0.5, "seed": 1, "name": "model.layers.0.mlp.up_proj.weight"},
     "breadcrumbs": {"density": 0.5, "gamma": 0.01},
+    # with mergekit's L1-norm rescale (its default for DARE configs): --methods ties_l1 dare_ties_l1
+    "ties_l1": {"density": 0.5, "rescale": "l1"},
+    "dare_ties_l1": {"density": 0.5, "seed": 1, "name": "model.layers.0.mlp.up_proj.weight", "rescale": "l1"},
 }
 
 
@@ -73,7 +76,7 @@ def one_round(sizes, k, methods, threads, isa, rounds_in_process=1):
                 _core.weighted_sum(addrs, [code] * k, [1.0] * k, n, out.data_ptr(), code, threads=threads,
                                    divisor=float(k))
             else:
-                sparse_merge(method, base, models, out, threads=threads, **KW[method])
+                sparse_merge(method.removesuffix("_l1"), base, models, out, threads=threads, **KW[method])
 
         hashes[n] = {}
         for method in methods:  # warm-up (page faults of the output, thread pool start), and the output's hash
