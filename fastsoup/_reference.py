@@ -426,7 +426,8 @@ def top_k_mask(delta: torch.Tensor, k: int) -> torch.Tensor:
 def ties_trim_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
     """TIES's trim (Yadav et al. 2023, step 1): the top ``floor(density * numel)`` entries by |delta|
     (the float64 product rounded, then floor: mergekit's ``int(density * numel)``); density 1 keeps
-    every entry, density 0 none (mergekit asserts k > 0 instead)."""
+    every entry, density 0 none (mergekit 0.1.5 keeps ``max(1, int(density * numel))``: one entry where
+    density * numel < 1, e.g. a 1-element tensor at density 0.5; kept as floor here)."""
     n = delta.numel()
     return top_k_mask(delta, min(n, math.floor(_fraction(density, "density") * n)))
 
@@ -435,7 +436,8 @@ def breadcrumbs_mask(delta: torch.Tensor, density: float, gamma: float) -> torch
     """Model breadcrumbs' mask (Davari and Belilovsky 2024): drop the ``n_top = floor(gamma * numel)``
     largest entries and keep the next ``n_keep = floor(density * numel)``; n_top shrinks to
     ``numel - n_keep`` when the two overlap the end (mergekit's rule). When n_top = 0 (gamma * numel < 1)
-    the top n_keep are kept: mergekit's slice ``indices[n_bot:-0]`` is empty there and keeps nothing."""
+    the top n_keep are kept (the issue's rule; older mergekit slices ``indices[n_bot:-0]`` keep nothing
+    there, 0.1.5 does not)."""
     n = delta.numel()
     n_keep = min(n, math.floor(_fraction(density, "density") * n))
     n_top = min(n - n_keep, math.floor(_fraction(gamma, "gamma") * n))
