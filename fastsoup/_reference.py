@@ -436,8 +436,8 @@ def breadcrumbs_mask(delta: torch.Tensor, density: float, gamma: float) -> torch
     """Model breadcrumbs' mask (Davari and Belilovsky 2024): drop the ``n_top = floor(gamma * numel)``
     largest entries and keep the next ``n_keep = floor(density * numel)``; n_top shrinks to
     ``numel - n_keep`` when the two overlap the end (mergekit's rule). When n_top = 0 (gamma * numel < 1)
-    the top n_keep are kept (the issue's rule; older mergekit slices ``indices[n_bot:-0]`` keep nothing
-    there, 0.1.5 does not)."""
+    the top n_keep are kept (issue 22's rule, which reports mergekit's slice as empty there; 0.1.5's
+    source, read by benchmarks/bench_mergekit.py's author, is not)."""
     n = delta.numel()
     n_keep = min(n, math.floor(_fraction(density, "density") * n))
     n_top = min(n - n_keep, math.floor(_fraction(gamma, "gamma") * n))
