@@ -84,6 +84,10 @@ class DistributedError(FastsoupError):
         self.error_type = error_type
 
 
+class MatplotlibMissing(FastsoupError):
+    """A figure needs matplotlib, which is not installed (the message has the pip command)."""
+
+
 class InterruptedAfterInstall(KeyboardInterrupt):
     """Ctrl-C (or SIGTERM/SIGHUP) arrived after the output was installed, while the output it
     replaced was being removed: the new output is complete at its path. The message says where the

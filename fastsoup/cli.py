@@ -380,7 +380,8 @@ def _analyze(args) -> int:
 
     from .analysis import Analyzer
     from .analysis.core import check_output
-    from .analysis.plots import INSTALL, available
+    from ._plotting import HINT as INSTALL
+    from .analysis.plots import available
     from .report import load_callable
 
     evals = _evals(args.eval)

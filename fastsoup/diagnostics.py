@@ -70,15 +70,9 @@ class Similarity:
 
     def plot(self, out: str, what: str = "cosine") -> str:
         """A heatmap PNG of the matrix (needs matplotlib)."""
-        from ._errors import FastsoupError
+        from ._plotting import Figures
 
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            raise FastsoupError("the heatmap needs matplotlib: pip install matplotlib") from None
+        plt = Figures("the heatmap")
         m = self.cosine if what == "cosine" else self.angles
         k = len(self.names)
         fig, ax = plt.subplots(figsize=(1.0 + 0.45 * k, 0.8 + 0.45 * k))
@@ -91,7 +85,6 @@ class Similarity:
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
         fig.tight_layout()
         fig.savefig(out, dpi=150)
-        plt.close(fig)
         return out
 
 

@@ -14,7 +14,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ._errors import ArgumentError, FastsoupError, OutputExistsError, UnsafeOutputError
+from ._errors import ArgumentError, FastsoupError, MatplotlibMissing, OutputExistsError, UnsafeOutputError
+from ._plotting import HINT as MATPLOTLIB_HINT
+from ._plotting import figure_class
 from .distributed import comm as _comm
 from .io import _tempfiles
 
@@ -291,7 +293,6 @@ def _write_rows(results: str, rows: list[dict], merge: bool = True) -> None:
             f.write(json.dumps(r) + "\n")
 
 
-MATPLOTLIB_HINT = "pip install matplotlib"  # the one that works with any install of fastsoup (extras: [plot], [demo])
 
 # How each kind of row is drawn: marker, colour, size, legend label (in the order they are drawn: the
 # greedy soup on top).
@@ -308,17 +309,11 @@ _OTHER_MARK = ("v", "black", 50, None)  # a kind fastsoup does not know: its nam
 _SET_NAMES = {"heldout": "held-out"}
 
 
-class MatplotlibMissing(FastsoupError):
-    """The figure needs matplotlib, which is not installed."""
-
-
 def _matplotlib():
     """``(Figure, FigureCanvasAgg)``, imported on first use (no pyplot: no global state, no GUI backend)."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise MatplotlibMissing(f"the figure needs matplotlib: {MATPLOTLIB_HINT}") from None
+    Figure = figure_class("the figure")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
     return Figure, FigureCanvasAgg
 
 

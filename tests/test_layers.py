@@ -23,7 +23,8 @@ _spec.loader.exec_module(import_graph)
 # launch with the command line.
 LAYERS = [
     ("base", ["fastsoup._version", "fastsoup._errors", "fastsoup._dtypes", "fastsoup._native", "fastsoup._core",
-              "fastsoup._reference", "fastsoup._torch", "fastsoup.distributed", "fastsoup.distributed.comm"]),
+              "fastsoup._reference", "fastsoup._torch", "fastsoup._plotting", "fastsoup.distributed",
+              "fastsoup.distributed.comm"]),
     ("methods", ["fastsoup.methods", "fastsoup.methods.*"]),  # merge methods: specs, configs, RNG, selection
     ("io", ["fastsoup.io", "fastsoup.io.*"]),
     ("engine", ["fastsoup.engine", "fastsoup.engine.*", "fastsoup.diagnostics"]),

@@ -97,8 +97,9 @@ class AnalysisResult:
         return path
 
     def plot(self, png: str | os.PathLike, *, overwrite: bool = True) -> str:
-        """Writes the analysis's figure as a PNG (needs matplotlib: a :class:`~fastsoup.FastsoupError`
-        naming the pip command when it is missing). Returns the path."""
+        """Writes the analysis's figure as a PNG (needs matplotlib: a
+        :class:`~fastsoup.MatplotlibMissing`, a ``FastsoupError``, naming the pip command when it is
+        missing). Returns the path."""
         from .plots import plot
 
         png = os.fspath(png)

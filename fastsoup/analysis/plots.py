@@ -7,45 +7,24 @@ import math
 import os
 from typing import Any
 
-from .._errors import FastsoupError
+from .. import _plotting
 from ..io import _tempfiles
-
-INSTALL = 'pip install matplotlib (or pip install "fastsoup[plot]")'
-
 
 def available() -> bool:
     """Whether matplotlib can be imported (the figures need it)."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _pyplot():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise FastsoupError(f"the analysis figures need matplotlib: {INSTALL}") from None
-    return plt
+    return _plotting.available()
 
 
 def plot(result: Any, png: str) -> str:
     """Draws ``result`` (an :class:`~fastsoup.analysis.AnalysisResult`) into ``png``; returns the path."""
-    plt = _pyplot()
+    plt = _plotting.Figures("the analysis figures")
     draw = {"landscape": _landscape, "interpolate": _interpolate, "pairs": _pairs,
             "ensemble_vs_soup": _ensemble_vs_soup, "count": _count}[result.analysis]
     fig = draw(plt, result)
-    try:
-        folder = os.path.dirname(os.path.abspath(png))
-        os.makedirs(folder, exist_ok=True)
-        with _tempfiles.replacing(png) as f:  # whole or not at all
-            fig.savefig(f, format="png", dpi=150)
-    finally:
-        plt.close(fig)
+    folder = os.path.dirname(os.path.abspath(png))
+    os.makedirs(folder, exist_ok=True)
+    with _tempfiles.replacing(png) as f:  # whole or not at all
+        fig.savefig(f, format="png", dpi=150)
     return png
 
 
@@ -182,4 +161,4 @@ def _count(plt, r):
     return fig
 
 
-__all__ = ["INSTALL", "available", "plot"]
+__all__ = ["available", "plot"]
