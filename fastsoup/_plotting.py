@@ -3,6 +3,7 @@ backend): the one place that imports it. Nothing else of fastsoup needs matplotl
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from ._errors import MatplotlibMissing
@@ -31,6 +32,15 @@ def figure_class(what: str = "the figure") -> Any:
     except ImportError:
         raise MatplotlibMissing(f"{what} needs matplotlib: {HINT}") from None
     return Figure
+
+
+def label(name: str) -> str:
+    """A checkpoint's label in a figure: its file name without the extension (``zoo/ft-05.safetensors``: ft-05)."""
+    base = os.path.basename(name.rstrip("/" + os.sep)) or name
+    for ext in (".safetensors", ".pth.tar", ".pt", ".pth", ".bin", ".ckpt"):
+        if base.endswith(ext) and len(base) > len(ext):
+            return base[: -len(ext)]
+    return base
 
 
 class Figures:

@@ -17,6 +17,7 @@ from typing import Any, Callable
 from ._errors import ArgumentError, FastsoupError, MatplotlibMissing, OutputExistsError, UnsafeOutputError
 from ._plotting import HINT as MATPLOTLIB_HINT
 from ._plotting import figure_class
+from ._plotting import label as _short
 from .distributed import comm as _comm
 from .io import _tempfiles
 
@@ -315,15 +316,6 @@ def _matplotlib():
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     return Figure, FigureCanvasAgg
-
-
-def _short(name: str) -> str:
-    """A checkpoint's label in the figure: its file name without the extension (``zoo/ft-05.safetensors``: ft-05)."""
-    base = os.path.basename(name.rstrip("/" + os.sep)) or name
-    for ext in (".safetensors", ".pth.tar", ".pt", ".pth", ".bin", ".ckpt"):
-        if base.endswith(ext) and len(base) > len(ext):
-            return base[: -len(ext)]
-    return base
 
 
 def _zoom(individual: Sequence[float], values: Sequence[float]) -> tuple[float, float]:

@@ -8,7 +8,9 @@ import os
 from typing import Any
 
 from .. import _plotting
+from .._plotting import label as _short
 from ..io import _tempfiles
+
 
 def available() -> bool:
     """Whether matplotlib can be imported (the figures need it)."""
@@ -26,10 +28,6 @@ def plot(result: Any, png: str) -> str:
     with _tempfiles.replacing(png) as f:  # whole or not at all
         fig.savefig(f, format="png", dpi=150)
     return png
-
-
-def _short(name: str) -> str:
-    return os.path.basename(name.rstrip("/")) or name
 
 
 def _landscape(plt, r):
