@@ -179,7 +179,7 @@ def main(argv=None) -> int:
         print(f"| {name} | {cache} | {s:.3f} | {smin:.3f} | {gbps:.1f} | {xb:.2f} | {sp:.1f}× | {'' if rss is None else f'{rss:.0f}'} |")
     if "rss" in results:
         r = results["rss"]
-        print(f"\npeak RSS of fastsoup.average by K (MB): " + ", ".join(f"K={k}: {r[f'k{k}_mb']:.0f}" for k in args.rss_k)
+        print("\npeak RSS of fastsoup.average by K (MB): " + ", ".join(f"K={k}: {r[f'k{k}_mb']:.0f}" for k in args.rss_k)
               + f"; budget (import {r['import_fastsoup_mb']:.0f} + 0.25 × {r['one_ingredient_mb']:.0f} + 256) = {r['budget_mb']:.0f}")
     if "kernel" in results:
         k = results["kernel"]

@@ -203,7 +203,6 @@ def _tensors(folder):
 def agreement(fs_out, mk_out):
     """Tensor by tensor: max |fastsoup - mergekit| (float64), max ulp, entries more than 1 ulp apart
     (count and fraction), entries that differ at all (fraction), and tensors whose names differ."""
-    import torch
 
     from fastsoup._reference import ulp_distance
 
@@ -449,10 +448,9 @@ def main(argv=None) -> int:
         shutil.rmtree(out, ignore_errors=True)
 
     # Report.
-    med = {n: v["seconds"] for n, v in table.items()}
     log()
-    log(f"| method | mergekit s | **fastsoup s** | **vs mergekit** | fastsoup linear, same inputs, s | "
-        f"fastsoup / its linear | peak RSS MB: mergekit / fastsoup | agreement with mergekit |")
+    log("| method | mergekit s | **fastsoup s** | **vs mergekit** | fastsoup linear, same inputs, s | "
+        "fastsoup / its linear | peak RSS MB: mergekit / fastsoup | agreement with mergekit |")
     log("|---|---:|---:|---:|---:|---:|---:|---|")
     rows = []
     for m in args.methods:

@@ -14,8 +14,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ._errors import ArgumentError, FastsoupError, MatplotlibMissing, OutputExistsError, UnsafeOutputError
-from ._plotting import HINT as MATPLOTLIB_HINT
+from ._errors import ArgumentError, FastsoupError, OutputExistsError, UnsafeOutputError
+from ._errors import MatplotlibMissing  # noqa: F401  (re-exported: the demo and callers catch it here)
+from ._plotting import HINT as MATPLOTLIB_HINT  # noqa: F401  (re-exported)
 from ._plotting import figure_class
 from ._plotting import label as _short
 from .distributed import comm as _comm

@@ -14,7 +14,6 @@ here); the references are also asked with the native Gram entries and then agree
 from __future__ import annotations
 
 import json
-import math
 import os
 
 import pytest

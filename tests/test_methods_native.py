@@ -265,7 +265,6 @@ def test_large_tensors_one_pass_selection(kind):
     # windows (one key at the threshold) and its fallback to the exact two passes must all give the
     # reference's bits, for any cut into tasks
     n = (1 << 18) + 1237
-    g = torch.Generator().manual_seed(21)
     dts = [torch.float16, torch.bfloat16, torch.float32]
     base, models = _data(n, 3, torch.float32, seed=4, ties=kind == "ties", in_dtypes=dts)
     if kind == "zeros":  # most deltas exactly zero: the threshold falls among them
