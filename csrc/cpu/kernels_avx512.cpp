@@ -22,29 +22,7 @@ constexpr int64_t sizeof_dtype() { return D == DType::kFloat32 ? 4 : 2; }
 
 inline __mmask16 tail_mask(int64_t r) { return static_cast<__mmask16>((1u << r) - 1u); }
 
-template <DType D>
-inline __m512 load16(const void* p, int64_t j) {
-  if constexpr (D == DType::kFloat16) {
-    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(p) + j)));
-  } else if constexpr (D == DType::kBFloat16) {
-    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(p) + j));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-  } else {
-    return _mm512_loadu_ps(static_cast<const float*>(p) + j);
-  }
-}
-
-template <DType D>
-inline __m512 load16(const void* p, int64_t j, __mmask16 m) {
-  if constexpr (D == DType::kFloat16) {
-    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(p) + j));
-  } else if constexpr (D == DType::kBFloat16) {
-    const __m256i h = _mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(p) + j);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-  } else {
-    return _mm512_maskz_loadu_ps(m, static_cast<const float*>(p) + j);
-  }
-}
+#include "loads_avx512.h"
 
 #include "kernel_generic.h"
 

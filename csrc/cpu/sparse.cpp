@@ -39,43 +39,6 @@ uint64_t fnv1a64(const char* data, size_t size) {
 // ---------------------------------------------------------------------------------------------
 // ExactSum
 
-void ExactSum::add(double x) {
-  if (x != x) {
-    nan = true;
-    return;
-  }
-  if (x == std::numeric_limits<double>::infinity()) {
-    inf = true;
-    return;
-  }
-  uint64_t bits;
-  std::memcpy(&bits, &x, sizeof bits);
-  const uint64_t e = (bits >> 52) & 0x7FF;
-  const uint64_t frac = bits & ((uint64_t(1) << 52) - 1);
-  const uint64_t mant = e == 0 ? frac : (frac | (uint64_t(1) << 52));
-  add_units(mant, e == 0 ? 0 : static_cast<int>(e) - 1);  // value = mant * 2^(pos - 1074)
-}
-
-void ExactSum::add_units(uint64_t v, int pos) {
-  if (v == 0) return;
-  const int idx = pos >> 6, sh = pos & 63;
-  const unsigned __int128 w = static_cast<unsigned __int128>(v) << sh;
-  const uint64_t lo = static_cast<uint64_t>(w), hi = static_cast<uint64_t>(w >> 64);
-  uint64_t s = limb[idx] + lo;
-  uint64_t carry = s < lo;
-  limb[idx] = s;
-  if (idx + 1 >= kLimbs) return;  // (unreachable for pos <= 2046: hi fits limb 32)
-  s = limb[idx + 1] + hi;
-  uint64_t c2 = s < hi;
-  s += carry;
-  c2 += s < carry;
-  limb[idx + 1] = s;
-  for (int j = idx + 2; c2 && j < kLimbs; ++j) {
-    limb[j] += 1;
-    c2 = limb[j] == 0;
-  }
-}
-
 void ExactSum::merge(const ExactSum& o) {
   nan |= o.nan;
   inf |= o.inf;
@@ -120,12 +83,11 @@ using sparse::kNothing;
 constexpr int kBins = 1 << 16;
 std::atomic<int64_t> g_window_cuts{0}, g_exact_cuts{0};
 
-bool is_dare(SparseMethod m) { return m == SparseMethod::kDareLinear || m == SparseMethod::kDareTies; }
-bool is_band(SparseMethod m) { return m == SparseMethod::kBreadcrumbs || m == SparseMethod::kBreadcrumbsTies; }
-bool is_consensus(SparseMethod m) {
-  return m == SparseMethod::kTies || m == SparseMethod::kBreadcrumbsTies || m == SparseMethod::kDareTies;
-}
-bool uses_density(SparseMethod m) { return m != SparseMethod::kTaskArithmetic; }
+using sparse::is_band;
+using sparse::is_consensus;
+using sparse::is_dare;
+using sparse::trim_count;
+using sparse::uses_density;
 
 // The block code of the ISA set_isa chose (AVX-512 also needs DQ here: DARE's 64-bit multiplies).
 const cpu::SparseOps& ops() {
@@ -414,10 +376,6 @@ void select_all(const SparseMergeParams& p, const cpu::SparseOps& op, const Task
   for (char d : done) g_window_cuts += d;
 }
 
-int64_t trim_count(int64_t n, double density) {
-  return std::min<int64_t>(n, static_cast<int64_t>(std::floor(density * static_cast<double>(n))));
-}
-
 bool overlaps(const void* a, size_t na, const void* b, size_t nb) {
   const uintptr_t x = reinterpret_cast<uintptr_t>(a), y = reinterpret_cast<uintptr_t>(b);
   return na > 0 && nb > 0 && x < y + nb && y < x + na;
@@ -520,8 +478,8 @@ Status sparse_merge_cpu(const SparseMergeParams& p) {
       case SparseMethod::kBreadcrumbs:
       case SparseMethod::kBreadcrumbsTies: {
         m.kind = cpu::SparseModel::kTop;
-        const int64_t n_keep = trim_count(p.n, p.density[k]);
-        const int64_t n_top = std::min(p.n - n_keep, trim_count(p.n, p.gamma[k]));
+        int64_t n_top, n_keep;
+        sparse::band_counts(p.n, p.density[k], p.gamma[k], n_top, n_keep);
         want(k, n_top + n_keep, keep[k]);
         want(k, n_top, drop[k]);
         break;

@@ -47,16 +47,7 @@ inline void scan_window(const uint32_t* keys, int64_t cnt, WindowCut& c) {
       in &= in - 1;
     }
   }
-  for (; j < cnt; ++j) {
-    const uint32_t key = keys[j];
-    if (key > c.H) {
-      ++above;
-    } else if (key >= c.L) {
-      if (!c.store) ++len;
-      else if (overflow || len >= c.cap) overflow = true;
-      else c.buf[len++] = key;
-    }
-  }
+  scan_window_keys(keys, j, cnt, c, above, len, overflow);
   c.above += above;
   c.len = len;
   c.overflow = overflow;

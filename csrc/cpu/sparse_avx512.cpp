@@ -44,16 +44,7 @@ inline void scan_window(const uint32_t* keys, int64_t cnt, WindowCut& c) {
     _mm512_mask_compressstoreu_epi32(c.buf + len, in, v);
     len += n_in;
   }
-  for (; j < cnt; ++j) {
-    const uint32_t key = keys[j];
-    if (key > c.H) {
-      ++above;
-    } else if (key >= c.L) {
-      if (!c.store) ++len;
-      else if (overflow || len >= c.cap) overflow = true;
-      else c.buf[len++] = key;
-    }
-  }
+  scan_window_keys(keys, j, cnt, c, above, len, overflow);
   c.above += above;
   c.len = len;
   c.overflow = overflow;
@@ -61,6 +52,10 @@ inline void scan_window(const uint32_t* keys, int64_t cnt, WindowCut& c) {
 
 // The L1 sums' block code (sparse_generic.h's exact_add_block), 8 lanes at a time; a masked tail.
 #define FS_SPARSE_BLOCK_UNITS 1
+// GCC 12 flags the "undefined" vector its own _mm512_reduce_* intrinsics start from (-Wuninitialized,
+// inside avx512fintrin.h, once inlined here): silenced for these two functions only.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
 inline int64_t block_top(const uint64_t* bits, int64_t cnt) {
   __m512i top = _mm512_setzero_si512();
   for (int64_t j = 0; j < cnt; j += 8) {
@@ -90,23 +85,13 @@ inline void block_units(const uint64_t* bits, int64_t cnt, int64_t B, uint64_t& 
   sum += static_cast<uint64_t>(_mm512_reduce_add_epi64(acc));
   lost |= static_cast<uint64_t>(_mm512_reduce_or_epi64(lo));
 }
+#pragma GCC diagnostic pop
 
 #include "sparse_generic.h"
+#include "loads_avx512.h"
 
 // The window pass fused for binary32-exact inputs and base (fp16, bf16, fp32): 16 keys at a time
 // from the loads to the counts and the compressed candidates, in registers (keys_of_f32's keys).
-template <DType D>
-inline __m512 load16x(const void* p, int64_t j, __mmask16 m) {
-  if constexpr (D == DType::kFloat16) {
-    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(p) + j));
-  } else if constexpr (D == DType::kBFloat16) {
-    const __m256i h = _mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(p) + j);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-  } else {
-    return _mm512_maskz_loadu_ps(m, static_cast<const float*>(p) + j);
-  }
-}
-
 template <DType D>
 void window_model(const WindowModel& m, const float* bf, int64_t i, int64_t cnt) {
   const __m512i abs_mask = _mm512_set1_epi32(0x7FFFFFFF), inf = _mm512_set1_epi32(0x7F800000);
@@ -120,7 +105,7 @@ void window_model(const WindowModel& m, const float* bf, int64_t i, int64_t cnt)
     const bool store = wc.store;
     for (int64_t j = 0; j < cnt; j += 16) {
       const __mmask16 lanes = cnt - j >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (cnt - j)) - 1u);
-      const __m512 x = load16x<D>(m.x, i + j, lanes);
+      const __m512 x = load16<D>(m.x, i + j, lanes);
       const __m512 b = _mm512_maskz_loadu_ps(lanes, bf + j);
       const __m512i u = _mm512_and_si512(_mm512_castps_si512(_mm512_sub_ps(x, b)), abs_mask);
       const __m512i key = _mm512_mask_blend_epi32(_mm512_cmpgt_epi32_mask(u, inf), u, nan_key);
@@ -211,7 +196,7 @@ inline __mmask16 dare_lanes(const SparseModel& m, uint64_t idx0) {
 
 template <DType D>
 inline __m512 load_x16(const SparseModel& m, int64_t idx, __mmask16 lanes) {
-  return load16x<D>(m.x, idx, lanes);
+  return load16<D>(m.x, idx, lanes);
 }
 
 void combine_avx512(const CombineArgs& a, int64_t begin, int64_t end, int64_t* seen, double* terms) {

@@ -57,6 +57,22 @@ struct WindowCut {
   bool store = true;  // false (L == H): only count the window's keys
 };
 
+// The candidate scan of keys[j, cnt), key by key: the scalar build's whole scan and every ISA's tail.
+// above, len and overflow are the scan's running counts (WindowCut's, written back by the caller).
+inline void scan_window_keys(const uint32_t* keys, int64_t j, int64_t cnt, const WindowCut& c, int64_t& above,
+                             int64_t& len, bool& overflow) {
+  for (; j < cnt; ++j) {
+    const uint32_t key = keys[j];
+    if (key > c.H) {
+      ++above;
+    } else if (key >= c.L) {
+      if (!c.store) ++len;
+      else if (overflow || len >= c.cap) overflow = true;
+      else c.buf[len++] = key;
+    }
+  }
+}
+
 struct WindowModel {
   const void* x = nullptr;
   DType dtype = DType::kFloat32;

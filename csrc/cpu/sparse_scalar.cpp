@@ -14,16 +14,7 @@ const KernelTable& kt() { return scalar_table(); }
 inline void scan_window(const uint32_t* keys, int64_t cnt, WindowCut& c) {
   int64_t above = 0, len = c.len;
   bool overflow = c.overflow;
-  for (int64_t j = 0; j < cnt; ++j) {
-    const uint32_t key = keys[j];
-    if (key > c.H) {
-      ++above;
-    } else if (key >= c.L) {
-      if (!c.store) ++len;
-      else if (overflow || len >= c.cap) overflow = true;
-      else c.buf[len++] = key;
-    }
-  }
+  scan_window_keys(keys, 0, cnt, c, above, len, overflow);
   c.above += above;
   c.len = len;
   c.overflow = overflow;

@@ -146,38 +146,6 @@ __device__ __forceinline__ void limb_add(unsigned long long* limbs, int j, unsig
   }
 }
 
-// ExactSum::add of x >= 0 (or inf, NaN: flags 1 inf, 2 NaN) into a thread's own limbs.
-__device__ __forceinline__ void exact_add(unsigned long long* limb, int& flags, double x) {
-  if (x != x) {
-    flags |= 2;
-    return;
-  }
-  if (isinf(x)) {
-    flags |= 1;
-    return;
-  }
-  const unsigned long long bits = static_cast<unsigned long long>(__double_as_longlong(x));
-  const unsigned long long e = (bits >> 52) & 0x7FF;
-  const unsigned long long frac = bits & ((1ull << 52) - 1);
-  const unsigned long long mant = e == 0 ? frac : (frac | (1ull << 52));
-  if (mant == 0) return;
-  const int pos = e == 0 ? 0 : static_cast<int>(e) - 1;  // x = mant * 2^(pos - 1074)
-  const int idx = pos >> 6, sh = pos & 63;
-  const unsigned long long lo = mant << sh, hi = sh == 0 ? 0ull : mant >> (64 - sh);
-  unsigned long long s = limb[idx] + lo;
-  unsigned long long carry = s < lo;
-  limb[idx] = s;
-  s = limb[idx + 1] + hi;
-  unsigned long long c2 = s < hi;
-  s += carry;
-  c2 += s < carry;
-  limb[idx + 1] = s;
-  for (int j = idx + 2; c2 && j < kLimbs; ++j) {
-    limb[j] += 1;
-    c2 = limb[j] == 0;
-  }
-}
-
 // The L1 sums of one model: sum |d| into sums[0..kLimbs), sum |kept| into sums[kLimbs..2 kLimbs),
 // flags[0], flags[1] their inf/NaN bits.
 __global__ void l1_kernel(ModelArgs a, unsigned long long* sums, int* flags) {
@@ -190,19 +158,18 @@ __global__ void l1_kernel(ModelArgs a, unsigned long long* sums, int* flags) {
   const int64_t end = begin < a.n ? (begin + kItems < a.n ? begin + kItems : a.n) : begin;
   int64_t s0, s1;
   thread_ranks(a, begin, end, tmp, s0, s1);
-  unsigned long long la[kLimbs], lb[kLimbs];
-  for (int j = 0; j < kLimbs; ++j) la[j] = lb[j] = 0;
-  int fa = 0, fb = 0;
+  ExactSum la, lb;  // this thread's sums (ExactSum::add, the CPU's code)
   for (int64_t i = begin; i < end; ++i) {
     const double d = delta_at(a, i);
     const double kept = kept_at(a, i, d, s0, s1);
-    exact_add(la, fa, fabs(d));
-    exact_add(lb, fb, fabs(kept));
+    la.add(fabs(d));
+    lb.add(fabs(kept));
   }
+  const int fa = (la.inf ? 1 : 0) | (la.nan ? 2 : 0), fb = (lb.inf ? 1 : 0) | (lb.nan ? 2 : 0);
   __syncthreads();  // block[] is zeroed
   for (int j = 0; j < kLimbs; ++j) {
-    limb_add(block, j, la[j]);
-    limb_add(block + kLimbs, j, lb[j]);
+    limb_add(block, j, la.limb[j]);
+    limb_add(block + kLimbs, j, lb.limb[j]);
   }
   if (fa) atomicOr(&bflags[0], fa);
   if (fb) atomicOr(&bflags[1], fb);
@@ -284,14 +251,6 @@ struct DeviceBuffer {
   }
 };
 
-bool is_consensus(SparseMethod m) {
-  return m == SparseMethod::kTies || m == SparseMethod::kBreadcrumbsTies || m == SparseMethod::kDareTies;
-}
-
-int64_t trim_count(int64_t n, double density) {
-  return std::min<int64_t>(n, static_cast<int64_t>(std::floor(density * static_cast<double>(n))));
-}
-
 class Merger {
  public:
   Merger(const SparseMergeParams& p, int device, cudaStream_t stream)
@@ -315,7 +274,7 @@ class Merger {
     slot_ = DeviceBuffer(slot_bytes);
     hist_ = DeviceBuffer(kBins * sizeof(unsigned long long));
     counts_ = DeviceBuffer(tiles_ * sizeof(long long));
-    const bool consensus = is_consensus(p_.method);
+    const bool consensus = sparse::is_consensus(p_.method);
     DeviceBuffer s(n * sizeof(double));
     DeviceBuffer num(consensus ? n * sizeof(double) : 0), den(consensus ? n * sizeof(double) : 0);
     FS_CUDA_CHECK(cudaMemsetAsync(s.ptr, 0, n * sizeof(double), stream_));  // +0.0
@@ -449,14 +408,14 @@ class Merger {
         return;
       case SparseMethod::kTies:
         a.kind = 1;
-        a.keep = cut(a, trim_count(p_.n, p_.density[k]));
+        a.keep = cut(a, sparse::trim_count(p_.n, p_.density[k]));
         return;
       case SparseMethod::kBreadcrumbs:
       case SparseMethod::kBreadcrumbsTies: {
         a.kind = 1;
         a.band = true;
-        const int64_t n_keep = trim_count(p_.n, p_.density[k]);
-        const int64_t n_top = std::min(p_.n - n_keep, trim_count(p_.n, p_.gamma[k]));
+        int64_t n_top, n_keep;
+        sparse::band_counts(p_.n, p_.density[k], p_.gamma[k], n_top, n_keep);
         a.keep = cut(a, n_top + n_keep);
         a.drop = cut(a, n_top);
         return;

@@ -19,7 +19,9 @@
 // counter-based RNG (fastsoup/methods/rng.py); task arithmetic: every entry.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <string>
 
 #include "fastsoup/dtype.h"
@@ -103,6 +105,29 @@ FS_HD uint64_t mix64(uint64_t z) {
 }
 FS_HD uint64_t splitmix64(uint64_t x) { return mix64(x + kGamma); }
 
+// The methods' families (host code: the CPU and the CUDA drivers).
+inline bool is_dare(SparseMethod m) { return m == SparseMethod::kDareLinear || m == SparseMethod::kDareTies; }
+inline bool is_band(SparseMethod m) {
+  return m == SparseMethod::kBreadcrumbs || m == SparseMethod::kBreadcrumbsTies;
+}
+inline bool is_consensus(SparseMethod m) {
+  return m == SparseMethod::kTies || m == SparseMethod::kBreadcrumbsTies || m == SparseMethod::kDareTies;
+}
+inline bool uses_density(SparseMethod m) { return m != SparseMethod::kTaskArithmetic; }
+
+// Entries a trim keeps: floor(density * n) (the float64 product rounded, then floor), at most n.
+inline int64_t trim_count(int64_t n, double density) {
+  const int64_t k = static_cast<int64_t>(std::floor(density * static_cast<double>(n)));
+  return k < n ? k : n;
+}
+
+// Breadcrumbs' band: drop the top n_top, keep the next n_keep (select.py's band).
+inline void band_counts(int64_t n, double density, double gamma, int64_t& n_top, int64_t& n_keep) {
+  n_keep = trim_count(n, density);
+  const int64_t top = trim_count(n, gamma);
+  n_top = top < n - n_keep ? top : n - n_keep;
+}
+
 // The key of model `model`'s stream for one tensor (rng.py's stream_key).
 FS_HD uint64_t stream_key(uint64_t seed, uint64_t model, uint64_t name_hash) {
   return splitmix64(splitmix64(splitmix64(seed) ^ model) ^ name_hash);
@@ -163,8 +188,49 @@ struct ExactSum {
   bool inf = false;
   bool nan = false;
 
-  void add(double x);  // x >= 0 (or +inf / NaN)
-  void add_units(uint64_t v, int pos);  // v * 2^(pos - 1074), 0 <= pos <= 2046 (any 64-bit v)
+  // x >= 0 (or +inf / NaN). Host and device code (the CUDA L1 sums add into a thread's own).
+  FS_HD void add(double x) {
+    if (x != x) {
+      nan = true;
+      return;
+    }
+#if defined(__CUDA_ARCH__)
+    const uint64_t bits = static_cast<uint64_t>(__double_as_longlong(x));
+#else
+    uint64_t bits;
+    std::memcpy(&bits, &x, sizeof bits);
+#endif
+    const uint64_t e = (bits >> 52) & 0x7FF;
+    if (e == 0x7FF) {  // +inf (x >= 0, not NaN)
+      inf = true;
+      return;
+    }
+    const uint64_t frac = bits & ((uint64_t(1) << 52) - 1);
+    const uint64_t mant = e == 0 ? frac : (frac | (uint64_t(1) << 52));
+    add_units(mant, e == 0 ? 0 : static_cast<int>(e) - 1);  // x = mant * 2^(pos - 1074)
+  }
+
+  // v * 2^(pos - 1074), 0 <= pos <= 2046 (any 64-bit v).
+  FS_HD void add_units(uint64_t v, int pos) {
+    if (v == 0) return;
+    const int idx = pos >> 6, sh = pos & 63;
+    const unsigned __int128 w = static_cast<unsigned __int128>(v) << sh;
+    const uint64_t lo = static_cast<uint64_t>(w), hi = static_cast<uint64_t>(w >> 64);
+    uint64_t s = limb[idx] + lo;
+    const uint64_t carry = s < lo;
+    limb[idx] = s;
+    if (idx + 1 >= kLimbs) return;  // (unreachable for pos <= 2046: hi fits limb 32)
+    s = limb[idx + 1] + hi;
+    uint64_t c2 = s < hi;
+    s += carry;
+    c2 += s < carry;
+    limb[idx + 1] = s;
+    for (int j = idx + 2; c2 && j < kLimbs; ++j) {
+      limb[j] += 1;
+      c2 = limb[j] == 0;
+    }
+  }
+
   void merge(const ExactSum& o);
   double value() const;
 };
